@@ -1,0 +1,14 @@
+"""Shared test fixtures and the skip predicate for CUDA-only tests."""
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+# Devices every op test runs on: CPU always, CUDA where there is one (those ids carry the gpu mark).
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, requires_cuda])]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,20 @@
+"""torchsample: which transitions a deep-RL agent learns from.
+
+LaBER (Large Batch Experience Replay, Lahire et al., ICML 2022) for TorchRL: draw a large batch
+uniformly, score each transition with a cheap surrogate of its gradient norm, and down-sample the
+training batch in proportion to it, with importance weights.
+"""
+from .ops import LaBERSample, laber_downsample, laber_select
+from .surrogates import categorical_priority, td_priority
+from .weights import WEIGHTINGS, importance_weights
+
+__all__ = [
+    "LaBERSample",
+    "laber_downsample",
+    "laber_select",
+    "td_priority",
+    "categorical_priority",
+    "importance_weights",
+    "WEIGHTINGS",
+]
+__version__ = "0.1.0"
