@@ -1,0 +1,51 @@
+"""Float32 plain-torch reference of :mod:`torchsample.kernels.laber`, step for step.
+
+Given the uniforms ``u`` the kernel would draw, it returns exactly what the kernel computes (up to
+float rounding in the prefix sum), so the kernel tests can hold the kernel to it: priorities exactly,
+the sampling distribution statistically.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from torchsample.surrogates import categorical_priority, td_priority
+from torchsample.weights import WEIGHTINGS, importance_weights
+
+SURROGATE_CODES = {0: "priorities", 1: "l2", 2: "huber", 3: "categorical"}
+
+
+def laber_naive(pred: Tensor, target: Tensor, u: Tensor, surrogate: int, weighting: int, eps: float,
+                huber_delta: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """The kernel's algorithm on ``[C, N, K]`` inputs and ``[C, B]`` uniforms in ``[0, 1)``.
+
+    ``p = surrogate + eps``; ``index = min(#{i: cdf_i <= u * sum(p)}, last i with p_i > 0)``, and the
+    last positive item if rounding lands on a zero; all-zero rows draw ``floor(u * N)`` with weight 1.
+
+    Examples:
+        >>> import torch
+        >>> p = torch.tensor([[[0.0], [1.0], [3.0]]])
+        >>> index, weight, priority = laber_naive(p, p, torch.tensor([[0.0, 0.3, 0.9]]), 0, 0, 0.0)
+        >>> index.tolist(), priority.tolist()
+        ([[1, 2, 2]], [[0.0, 1.0, 3.0]])
+    """
+    name = SURROGATE_CODES[surrogate]
+    if name == "priorities":
+        p = pred[..., 0].float()
+    elif name == "categorical":
+        p = categorical_priority(pred, target)
+    else:
+        p = td_priority(pred[..., 0], target[..., 0], loss=name, huber_delta=huber_delta)
+    p = p + eps
+    C, N = p.shape
+    cdf = p.cumsum(-1)
+    total = cdf[:, -1:]
+    positions = torch.arange(N, device=p.device).expand(C, N)
+    last_positive = torch.where(p > 0, positions, 0).amax(-1, keepdim=True)
+    index = torch.searchsorted(cdf, u.float() * total, right=True).clamp(max=N - 1)
+    index = torch.minimum(index, last_positive)
+    index = torch.where(p.gather(-1, index) > 0, index, last_positive)
+    empty = total <= 0
+    index = torch.where(empty, (u * N).long().clamp(max=N - 1), index)
+    weight = torch.where(empty, 1.0, importance_weights(p, index, WEIGHTINGS[weighting]))
+    return index, weight, p
