@@ -86,19 +86,23 @@ def build_update(model: str, sampler: str, compile: bool, device):
     return one_update
 
 
-def time_updates(fn, iterations: int, warmup: int, device) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iterations):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def interleaved_medians(fns: dict, iterations: int, warmup: int, device, chunk: int = 10) -> dict:
+    """Median seconds per update of each function, timed in alternating chunks of ``chunk``
+    updates so that drifts of the machine (other load, frequency) hit every sampler alike."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(max(iterations // chunk, 1)):
+        for name, fn in fns.items():
+            for _ in range(chunk):
+                sync()
+                start = time.perf_counter()
+                fn()
+                sync()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -121,13 +125,18 @@ def main() -> None:
     print(f"{where}, torch {torch.__version__}, median of {iterations} updates after warm-up, m = {M}\n")
     print("| model | mode | sampler | median (ms) | vs uniform B | vs PER | vs large batch |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    rows, medians = [], {}
-    for model, sampler, compiled in cases:
+    medians = {}
+    groups = {}
+    for model, sampler, compiled in cases:  # one group per model and mode, timed interleaved
+        groups.setdefault((model, compiled), []).append(sampler)
+    for (model, compiled), samplers in groups.items():
         torch._dynamo.reset()
         torch.manual_seed(0)
-        fn = build_update(model, sampler, compiled, device)
-        warmup = 30 if compiled else 20
-        medians[model, compiled, sampler] = time_updates(fn, iterations, warmup, device)
+        fns = {s: build_update(model, s, compiled, device) for s in samplers}
+        for s, t in interleaved_medians(fns, iterations, 30 if compiled else 20, device).items():
+            medians[model, compiled, s] = t
+    rows = []
+    for model, sampler, compiled in cases:
         ms = medians[model, compiled, sampler] * 1e3
         ratio = {peer: medians[model, compiled, sampler] / medians[model, compiled, peer]
                  for peer in ("uniform", "per", "large-batch") if (model, compiled, peer) in medians}
