@@ -9,7 +9,7 @@ import os
 import pickle
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -20,6 +20,30 @@ from tensordict import TensorDict
 from torchrl.data import LazyTensorStorage, PrioritizedSampler, RandomSampler, TensorDictReplayBuffer
 
 SAMPLERS = ("uniform", "per", "laber-mean", "laber-lazy", "laber-max", "large-batch")
+
+
+@dataclass
+class RunOptions:
+    """How a run is executed, the same for every agent (each agent's Config adds its own fields)."""
+
+    seed: int = 0
+    """seeds python, numpy, torch and the environment"""
+    device: str = "auto"
+    """auto (CUDA when present), cpu or cuda"""
+    compile: bool = False
+    """torch.compile the update (two fullgraph graphs, see torchsample.make_update)"""
+    cudagraphs: bool = False
+    """capture the update in a CUDA graph (CUDA only)"""
+    threads: int = 1
+    """torch CPU threads (1 lets agents.compare run one process per core)"""
+    checkpoint_every: int = 0
+    """steps between checkpoints (0: only at the end)"""
+    stop_after: int = 0
+    """stop (after writing a checkpoint) at this step, as a preempted job would (0: run to the end)"""
+    resume: bool = False
+    """continue from <out>/checkpoint exactly where it stopped (buffer, optimizer, sampler, RNGs)"""
+    progress: bool = True
+    """show a progress bar"""
 
 
 def resolve_device(name: str) -> torch.device:

@@ -22,14 +22,14 @@ from torchrl.objectives import DQNLoss, HardUpdate
 from tqdm import tqdm
 
 from agents.common import (
-    Logger, StepTimer, anneal_per_beta, evaluate, load_checkpoint, make_buffer, make_env, resolve_device,
+    Logger, RunOptions, StepTimer, anneal_per_beta, evaluate, load_checkpoint, make_buffer, make_env, resolve_device,
     save_checkpoint, seed_everything, to_tensordict,
 )
 from torchsample import LaBER, LaBERLoss, make_update
 
 
 @dataclass
-class Config:
+class Config(RunOptions):
     env_id: str = "CartPole-v1"
     """gymnasium id: CartPole-v1, Acrobot-v1, or MinAtar/{Breakout,Asterix,Freeway,Seaquest,SpaceInvaders}-v1"""
     sampler: Literal["uniform", "per", "laber-mean", "laber-lazy", "laber-max", "large-batch"] = "laber-mean"
@@ -74,26 +74,8 @@ class Config:
     """steps between deterministic (greedy) evaluations"""
     eval_episodes: int = 10
     """episodes per evaluation"""
-    seed: int = 0
-    """seeds python, numpy, torch and the environment"""
-    device: str = "auto"
-    """auto (CUDA when present), cpu or cuda"""
-    compile: bool = False
-    """torch.compile the update step"""
-    cudagraphs: bool = False
-    """capture the compiled update in a CUDA graph (CUDA only)"""
-    threads: int = 1
-    """torch CPU threads (1 lets agents.compare run one process per core)"""
     out: Path = Path("runs/dqn")
     """run folder: eval.csv, train.csv, config.txt, checkpoint/"""
-    checkpoint_every: int = 0
-    """steps between checkpoints (0: only at the end)"""
-    stop_after: int = 0
-    """stop (after writing a checkpoint) at this step, as a preempted job would (0: run to the end)"""
-    resume: bool = False
-    """continue from <out>/checkpoint exactly where it stopped (buffer, optimizer, sampler, RNGs)"""
-    progress: bool = True
-    """show a progress bar"""
 
 
 def with_env_defaults(cfg: Config) -> Config:

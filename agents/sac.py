@@ -27,14 +27,14 @@ from torchrl.objectives import SACLoss, SoftUpdate
 from tqdm import tqdm
 
 from agents.common import (
-    Logger, StepTimer, anneal_per_beta, evaluate, load_checkpoint, make_buffer, make_env, resolve_device,
+    Logger, RunOptions, StepTimer, anneal_per_beta, evaluate, load_checkpoint, make_buffer, make_env, resolve_device,
     save_checkpoint, seed_everything, to_tensordict,
 )
 from torchsample import LaBER, LaBERLoss, make_update
 
 
 @dataclass
-class Config:
+class Config(RunOptions):
     env_id: str = "Pendulum-v1"
     """gymnasium id with a Box action space: Pendulum-v1, HalfCheetah-v5, Hopper-v5, ..."""
     sampler: Literal["uniform", "per", "laber-mean", "laber-lazy", "laber-max", "large-batch"] = "laber-mean"
@@ -67,26 +67,8 @@ class Config:
     """steps between deterministic evaluations"""
     eval_episodes: int = 5
     """episodes per evaluation"""
-    seed: int = 0
-    """seeds python, numpy, torch and the environment"""
-    device: str = "auto"
-    """auto (CUDA when present), cpu or cuda"""
-    compile: bool = False
-    """torch.compile the update step"""
-    cudagraphs: bool = False
-    """capture the update in a CUDA graph (CUDA only)"""
-    threads: int = 1
-    """torch CPU threads (1 lets agents.compare run one process per core)"""
     out: Path = Path("runs/sac")
     """run folder: eval.csv, train.csv, config.txt, checkpoint/"""
-    checkpoint_every: int = 0
-    """steps between checkpoints (0: only at the end)"""
-    stop_after: int = 0
-    """stop (after writing a checkpoint) at this step, as a preempted job would (0: run to the end)"""
-    resume: bool = False
-    """continue from <out>/checkpoint exactly where it stopped (buffer, optimizer, sampler, RNGs)"""
-    progress: bool = True
-    """show a progress bar"""
 
 
 def with_env_defaults(cfg):
