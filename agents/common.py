@@ -219,6 +219,49 @@ def load_checkpoint(path: Path, *, modules: dict, buffer: TensorDictReplayBuffer
     return state["step"], env, state["loop"]
 
 
+class Checkpointer:
+    """Resume, periodic checkpoints and a simulated preemption, the same for every agent's loop.
+
+    The loop's own position (``obs``, ``episode_return``, ``episode_returns``) travels with the
+    checkpoint, so ``--resume`` continues the episode in progress where the env pickles.
+
+    Examples:
+        >>> import tempfile, torch
+        >>> net = torch.nn.Linear(4, 2)
+        >>> buffer = make_buffer("uniform", buffer_size=10, batch_size=2, m=1, device=torch.device("cpu"))
+        >>> ckpt = Checkpointer(RunOptions(stop_after=3), Path(tempfile.mkdtemp()), {"net": net}, buffer, total_steps=5)
+        >>> step, env, loop = ckpt.resume(make_env("CartPole-v1", 0), seed=0)
+        >>> step, sorted(loop)
+        (0, ['episode_return', 'episode_returns', 'obs'])
+        >>> obs, loop["obs"] = loop["obs"], env.step(0)[0]
+        >>> _ = buffer.add(to_tensordict(obs, 0, 1.0, loop["obs"], False, False, torch.device("cpu")))
+        >>> ckpt.after_step(3, env, **loop), (ckpt.path / "state.pt").exists()
+        (True, True)
+    """
+
+    def __init__(self, opts: RunOptions, out: Path, modules: dict, buffer: TensorDictReplayBuffer, total_steps: int) -> None:
+        self.opts, self.path, self.total_steps = opts, Path(out) / "checkpoint", total_steps
+        self.modules, self.buffer = modules, buffer
+
+    def resume(self, env: gym.Env, seed: int) -> tuple[int, gym.Env, dict]:
+        """``(start step, env, loop state)``: the checkpoint's with ``--resume``, else a fresh start."""
+        loop = {"obs": env.reset(seed=seed)[0], "episode_return": 0.0, "episode_returns": []}
+        if not (self.opts.resume and self.path.exists()):
+            return 0, env, loop
+        step, saved_env, saved = load_checkpoint(self.path, modules=self.modules, buffer=self.buffer)
+        if saved_env is None:  # MuJoCo envs do not pickle: the resumed run starts a new episode
+            return step, env, {**saved, "obs": env.reset()[0], "episode_return": 0.0}
+        return step, saved_env, saved
+
+    def after_step(self, step: int, env: gym.Env, **loop_state) -> bool:
+        """Checkpoint when one is due after ``step`` env steps; True when the run stops here (``--stop-after``)."""
+        stopping = bool(self.opts.stop_after) and step == self.opts.stop_after
+        due = self.opts.checkpoint_every and step % self.opts.checkpoint_every == 0
+        if stopping or due or step == self.total_steps:
+            save_checkpoint(self.path, step=step, modules=self.modules, buffer=self.buffer, env=env, loop_state=loop_state)
+        return stopping
+
+
 class StepTimer:
     """Steps per second after a burn-in, so compilation and warm-up do not count."""
 

@@ -27,8 +27,8 @@ from torchrl.objectives import SACLoss, SoftUpdate
 from tqdm import tqdm
 
 from agents.common import (
-    Logger, RunOptions, StepTimer, anneal_per_beta, evaluate, load_checkpoint, make_buffer, make_env, resolve_device,
-    save_checkpoint, seed_everything, to_tensordict,
+    Checkpointer, Logger, RunOptions, StepTimer, anneal_per_beta, evaluate, make_buffer, make_env, resolve_device,
+    seed_everything, to_tensordict,
 )
 from torchsample import LaBER, LaBERLoss, make_update
 
@@ -131,7 +131,8 @@ def main(cfg: Config, build=build_sac, name: str = "sac", actor_every: int = 1, 
             total = total + losses["loss_actor"] + losses.get("loss_alpha", torch.zeros((), device=device))
         return total, data
 
-    update = make_update(objective, optimizer, target_updater, compile=cfg.compile)
+    # SAC moves its target critics every step; TD3 with its actor, every policy_delay steps (Fujimoto et al., Alg. 1).
+    update = make_update(objective, optimizer, target_updater if actor_every == 1 else None, compile=cfg.compile)
     if cfg.cudagraphs:
         from tensordict.nn import CudaGraphModule
 
@@ -150,15 +151,10 @@ def main(cfg: Config, build=build_sac, name: str = "sac", actor_every: int = 1, 
         return np.clip(action, low, high).astype(np.float32)
 
     logger = Logger(cfg.out, cfg)
-    modules = {"loss": loss_module, "optimizer": optimizer, "target_updater": target_updater}
-    start_step, obs, episode_return, episode_returns = 0, env.reset(seed=cfg.seed)[0], 0.0, []
-    if cfg.resume and (cfg.out / "checkpoint").exists():
-        start_step, saved_env, loop = load_checkpoint(cfg.out / "checkpoint", modules=modules, buffer=buffer)
-        if saved_env is not None:
-            env, obs, episode_return = saved_env, loop["obs"], loop["episode_return"]
-        else:  # MuJoCo envs do not pickle: the resumed run starts a new episode
-            obs = env.reset()[0]
-        episode_returns = loop["episode_returns"]
+    checkpoints = Checkpointer(cfg, cfg.out, {"loss": loss_module, "optimizer": optimizer, "target_updater": target_updater},
+                               buffer, cfg.total_steps)
+    start_step, env, loop = checkpoints.resume(env, cfg.seed)
+    obs, episode_return, episode_returns = loop["obs"], loop["episode_return"], loop["episode_returns"]
 
     timer, t_start, last_eval = StepTimer(burn_in=cfg.learning_starts + 200), time.time(), float("nan")
     bar = tqdm(range(start_step, cfg.total_steps), initial=start_step, total=cfg.total_steps, disable=not cfg.progress,
@@ -177,25 +173,22 @@ def main(cfg: Config, build=build_sac, name: str = "sac", actor_every: int = 1, 
 
         if step >= cfg.learning_starts:
             anneal_per_beta(buffer, step / cfg.total_steps)
-            _, data = update(buffer.sample(), step % actor_every == 0)
+            with_actor = step % actor_every == 0
+            _, data = update(buffer.sample(), with_actor)
+            if with_actor and actor_every > 1:
+                target_updater.step()
             if cfg.sampler == "per":
                 buffer.update_priority(data["index"], data["td_error"])  # |TD| of the most wrong critic
 
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.total_steps:
             last_eval = evaluate(cfg.env_id, policy, cfg.eval_episodes, seed=10_000 + cfg.seed)
             logger.log("eval", step + 1, eval_return=last_eval, wall_time=time.time() - t_start, steps_per_s=timer.rate(step))
-        stopping = cfg.stop_after and step + 1 == cfg.stop_after
-        if stopping or (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0):
-            save_checkpoint(cfg.out / "checkpoint", step=step + 1, modules=modules, buffer=buffer, env=env,
-                            loop_state={"obs": obs, "episode_return": episode_return, "episode_returns": episode_returns})
-        if stopping:
+        if checkpoints.after_step(step + 1, env, obs=obs, episode_return=episode_return, episode_returns=episode_returns):
             return {"final_eval": last_eval, "wall_time": time.time() - t_start, "stopped_at": step + 1}
         if step % 500 == 0:
             recent = np.mean(episode_returns[-5:]) if episode_returns else float("nan")
             bar.set_postfix(ret=f"{recent:.1f}", eval=f"{last_eval:.1f}", sps=f"{timer.rate(step):.0f}")
         timer.rate(step)
-    save_checkpoint(cfg.out / "checkpoint", step=cfg.total_steps, modules=modules, buffer=buffer, env=env,
-                    loop_state={"obs": obs, "episode_return": episode_return, "episode_returns": episode_returns})
     env.close()
     return {"final_eval": last_eval, "wall_time": time.time() - t_start}
 

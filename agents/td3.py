@@ -1,8 +1,8 @@
 """TD3 (Fujimoto et al., 2018) with a choice of replay sampler: the SAC agent's loop with TD3's pieces.
 
 A deterministic tanh actor with Gaussian exploration noise, TorchRL's ``TD3Loss`` (twin critics,
-target-policy smoothing with clipped noise) and an actor updated every ``policy_delay`` critic
-updates, with the paper's Table 5 (400-300 networks, batch 100, Adam 1e-3). The loop, the samplers
+target-policy smoothing with clipped noise) and an actor and target networks updated every
+``policy_delay`` critic updates, with the paper's Table 5 (400-300 networks, batch 100, Adam 1e-3). The loop, the samplers
 and LaBER's twin-critic handling are ``agents/sac.py``'s.
 
     python -m agents.td3 --env-id Pendulum-v1 --sampler laber-mean
@@ -37,7 +37,7 @@ class Config(sac.Config):
     exploration_noise: float = 0.1
     """std of the Gaussian exploration noise, in units of the action bound"""
     policy_delay: int = 2
-    """critic updates per actor update"""
+    """critic updates per actor and target-network update"""
     out: Path = Path("runs/td3")
     """run folder: eval.csv, train.csv, config.txt, checkpoint/"""
 
