@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(PY) -m agents.compare --algo dqn --env-id CartPole-v1 \
 		--samplers laber-mean uniform per --seeds 0 1 --out runs/demo
 
-# The longer comparison README.md reports (about 90 minutes on 2 cores): laber-mean against uniform,
+# The longer comparison README.md reports (about 105 minutes on 2 cores): laber-mean against uniform,
 # large-batch and per, 3 seeds each. MinAtar and Pendulum are cut to what a 2-core machine allows.
 COMPARE := $(PY) -m agents.compare --samplers laber-mean uniform large-batch per --seeds 0 1 2
 compare: $(STAMP)
