@@ -99,7 +99,18 @@ def make_buffer(sampler: str, *, buffer_size: int, batch_size: int, m: int, devi
 
 
 def anneal_per_beta(buffer: TensorDictReplayBuffer, progress: float, start: float = 0.4) -> None:
-    """PER's importance-sampling exponent, annealed linearly from ``start`` to 1 (Schaul et al.)."""
+    """PER's importance-sampling exponent, annealed linearly from ``start`` to 1 (Schaul et al.).
+
+    ``beta = start + (1 - start) * clamp(progress, 0, 1)``; buffers without a ``PrioritizedSampler``
+    are left alone.
+
+    Examples:
+        >>> buffer = make_buffer("per", buffer_size=10, batch_size=2, m=1, device=torch.device("cpu"))
+        >>> anneal_per_beta(buffer, 0.5); round(buffer.sampler.beta, 6)
+        0.7
+        >>> anneal_per_beta(buffer, 2.0); buffer.sampler.beta
+        1.0
+    """
     if isinstance(buffer.sampler, PrioritizedSampler):
         buffer.sampler.beta = start + (1.0 - start) * min(max(progress, 0.0), 1.0)
 

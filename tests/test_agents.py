@@ -45,6 +45,28 @@ def test_agent_runs_with_each_sampler(algo, sampler, tmp_path):
     assert (tmp_path / "checkpoint" / "state.pt").exists()
 
 
+# The paper's own settings: MinAtar's network (DQN, C51) and a MuJoCo body (SAC, TD3), and the compiled update.
+PAPER_SETTINGS = {
+    "dqn-minatar": ("dqn", ["--env-id", "MinAtar/Breakout-v1", *DISCRETE[2:]]),
+    "c51-minatar": ("c51", ["--env-id", "MinAtar/Breakout-v1", *DISCRETE[2:]]),
+    "sac-halfcheetah": ("sac", ["--env-id", "HalfCheetah-v5", *CONTINUOUS[2:]]),
+    "td3-hopper": ("td3", ["--env-id", "Hopper-v5", *CONTINUOUS[2:]]),
+    "dqn-compiled": ("dqn", [*DISCRETE, "--compile"]),
+    "sac-compiled": ("sac", [*CONTINUOUS, "--compile"]),
+}
+
+
+@pytest.mark.parametrize("setting", list(PAPER_SETTINGS))
+def test_agent_runs_in_the_papers_settings(setting, tmp_path):
+    algo, args = PAPER_SETTINGS[setting]
+    run_agent(algo, *args, "--sampler", "laber-mean", "--out", str(tmp_path))
+    evals = read_csv(tmp_path / "eval.csv")
+    assert len(evals) == 1 and evals[0]["step"] == "300"
+    config = (tmp_path / "config.txt").read_text()
+    assert f"env_id={args[args.index('--env-id') + 1]}" in config
+    assert ("compile=True" in config) == ("--compile" in args)
+
+
 @pytest.mark.parametrize("algo, sampler", [("dqn", "laber-mean"), ("dqn", "per"), ("sac", "laber-mean")])
 def test_resume_reproduces_the_uninterrupted_run(algo, sampler, tmp_path):
     args = [*AGENT_ARGS[algo], "--total-steps", "400", "--eval-every", "200", "--sampler", sampler,
