@@ -45,8 +45,9 @@ def test_agent_runs_with_each_sampler(algo, sampler, tmp_path):
     assert (tmp_path / "checkpoint" / "state.pt").exists()
 
 
-# The paper's own settings: MinAtar's network (DQN, C51) and a MuJoCo body (SAC, TD3), and the compiled update.
-PAPER_SETTINGS = {
+# Beyond classic control: MinAtar's network (DQN, C51, the paper's Table 3), MuJoCo bodies (SAC, TD3,
+# Tables 4-5), and the compiled update.
+SETTINGS = {
     "dqn-minatar": ("dqn", ["--env-id", "MinAtar/Breakout-v1", *DISCRETE[2:]]),
     "c51-minatar": ("c51", ["--env-id", "MinAtar/Breakout-v1", *DISCRETE[2:]]),
     "sac-halfcheetah": ("sac", ["--env-id", "HalfCheetah-v5", *CONTINUOUS[2:]]),
@@ -56,9 +57,9 @@ PAPER_SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("setting", list(PAPER_SETTINGS))
-def test_agent_runs_in_the_papers_settings(setting, tmp_path):
-    algo, args = PAPER_SETTINGS[setting]
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_agent_runs_on_minatar_mujoco_and_compiled(setting, tmp_path):
+    algo, args = SETTINGS[setting]
     run_agent(algo, *args, "--sampler", "laber-mean", "--out", str(tmp_path))
     evals = read_csv(tmp_path / "eval.csv")
     assert len(evals) == 1 and evals[0]["step"] == "300"
