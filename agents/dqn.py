@@ -224,7 +224,7 @@ def main(cfg: Config, build=build_dqn, name: str = "dqn") -> dict:
             logger.log("eval", step + 1, eval_return=last_eval, wall_time=time.time() - t_start, steps_per_s=timer.rate(step))
         if checkpoints.after_step(step + 1, env, obs=obs, episode_return=episode_return, episode_returns=episode_returns):
             return {"final_eval": last_eval, "wall_time": time.time() - t_start, "stopped_at": step + 1}
-        if step % 1000 == 0:
+        if step % 1000 == 0 or step + 1 == cfg.total_steps:  # the final bar shows the final figures
             recent = np.mean(episode_returns[-10:]) if episode_returns else float("nan")
             bar.set_postfix(ret=f"{recent:.1f}", eval=f"{last_eval:.1f}", sps=f"{timer.rate(step):.0f}")
         timer.rate(step)

@@ -1,7 +1,9 @@
 """The training scripts: each agent runs a few hundred steps with each sampler in a subprocess,
 ``--resume`` reproduces the uninterrupted run, and ``agents.compare`` writes its table and plot."""
+import ast
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -9,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.conftest import requires_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLERS = ["uniform", "per", "laber-mean", "laber-lazy", "laber-max", "large-batch"]
@@ -109,3 +113,45 @@ def test_help_documents_every_option(algo):
     for option in ["--sampler", "--m", "--batch-size", "--compile", "--cudagraphs", "--resume", "--device", "--env-id"]:
         assert option in proc.stdout
     assert "laber-mean" in proc.stdout and "large-batch" in proc.stdout
+
+
+@pytest.mark.parametrize("module", ["common", "dqn", "c51", "sac", "td3", "compare"])
+def test_every_config_field_has_a_docstring(module):
+    """tyro turns the string under a field into its --help text: a field without one is undocumented."""
+    tree = ast.parse((ROOT / "agents" / f"{module}.py").read_text())
+    configs = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name in ("Config", "RunOptions")]
+    assert configs
+    for config in configs:
+        body = config.body
+        fields = [i for i, node in enumerate(body) if isinstance(node, ast.AnnAssign)]
+        assert fields, config.name
+        for i in fields:
+            following = body[i + 1] if i + 1 < len(body) else None
+            documented = (isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                          and isinstance(following.value.value, str) and following.value.value.strip())
+            assert documented, f"agents/{module}.py {config.name}.{body[i].target.id} has no docstring"
+
+
+@pytest.mark.parametrize("algo", ["dqn", "sac"])
+def test_progress_bar_shows_steps_return_and_steps_per_second(algo, tmp_path):
+    # 800 steps: past the steps/s burn-in (learning starts + 500 for DQN, + 200 for SAC).
+    args = [*AGENT_ARGS[algo], "--total-steps", "800", "--eval-every", "800", "--learning-starts", "100"]
+    cmd = [sys.executable, "-m", f"agents.{algo}", *args, "--sampler", "laber-mean", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = proc.stderr.replace("\r", "\n").strip().splitlines()[-1]
+    assert "800/800" in final, final
+    figures = dict(re.findall(r"(ret|eval|sps)=(-?[0-9.]+)", final))
+    assert set(figures) == {"ret", "eval", "sps"}, final
+    assert float(figures["sps"]) > 0
+    assert float(figures["eval"]) == pytest.approx(float(read_csv(tmp_path / "eval.csv")[-1]["eval_return"]), abs=0.05)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("algo", ["dqn", "sac"])
+def test_agent_runs_with_cudagraphs_on_cuda(algo, tmp_path):
+    run_agent(algo, *AGENT_ARGS[algo], "--sampler", "laber-mean", "--device", "cuda", "--cudagraphs",
+              "--out", str(tmp_path))
+    assert read_csv(tmp_path / "eval.csv")[0]["step"] == "300"
