@@ -22,6 +22,15 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
+from torchsample.codes import Surrogate, Weighting
+
+# The codes as constexprs: a jitted function may read only constexpr globals.
+PRIORITY = tl.constexpr(int(Surrogate.PRIORITY))
+HUBER = tl.constexpr(int(Surrogate.HUBER))
+CATEGORICAL = tl.constexpr(int(Surrogate.CATEGORICAL))
+MEAN = tl.constexpr(int(Weighting.MEAN))
+LAZY = tl.constexpr(int(Weighting.LAZY))
+
 __all__ = ["laber_fused", "launch_laber", "rng_state"]
 
 
@@ -47,8 +56,8 @@ def laber_fused_kernel(
     stride_tc,
     stride_tn,
     stride_tk,
-    SURROGATE: tl.constexpr,  # 0 ready priorities, 1 l2, 2 huber, 3 categorical
-    WEIGHTING: tl.constexpr,  # 0 mean, 1 lazy, 2 max
+    SURROGATE: tl.constexpr,  # a torchsample.codes.Surrogate
+    WEIGHTING: tl.constexpr,  # a torchsample.codes.Weighting
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -67,7 +76,7 @@ def laber_fused_kernel(
     for start in range(0, N, BLOCK_N):
         offs = start + tl.arange(0, BLOCK_N).to(tl.int64)
         mask = offs < N
-        if SURROGATE == 3:
+        if SURROGATE == CATEGORICAL:
             offs_k = tl.arange(0, BLOCK_K)
             mask_nk = mask[:, None] & (offs_k[None, :] < K)
             z = tl.load(pred_row + offs[:, None] * stride_pn + offs_k[None, :] * stride_pk, mask=mask_nk,
@@ -82,12 +91,12 @@ def laber_fused_kernel(
             p = tl.sqrt(tl.sum(diff * diff, axis=1))
         else:
             x = tl.load(pred_row + offs * stride_pn, mask=mask, other=0.0).to(tl.float32)
-            if SURROGATE == 0:
+            if SURROGATE == PRIORITY:
                 p = x
             else:
                 y = tl.load(target_row + offs * stride_tn, mask=mask, other=0.0).to(tl.float32)
                 p = tl.abs(x - y)
-                if SURROGATE == 2:
+                if SURROGATE == HUBER:
                     p = tl.minimum(p, huber_delta)
         p = tl.where(mask, p + eps, 0.0)
         tl.store(priority_row + offs, p, mask=mask)
@@ -127,9 +136,9 @@ def laber_fused_kernel(
         index = tl.load(index_ptr + c * B + offs_b, mask=mask_b, other=0)
         picked = tl.load(priority_row + index, mask=mask_b, other=1.0)
         picked = tl.where(empty, 1.0, picked)  # an all-zero row gets weight 1, not 0/0
-        if WEIGHTING == 0:
+        if WEIGHTING == MEAN:
             weight = (total / N) / picked
-        elif WEIGHTING == 1:
+        elif WEIGHTING == LAZY:
             weight = 1.0 / picked
         else:
             weight = smallest / picked
@@ -146,7 +155,7 @@ def block_sizes(N: int, K: int, B: int, surrogate: int) -> dict:
     """``BLOCK_N`` caps the ``[BLOCK_N, BLOCK_K]`` tile at 8192 elements (4096 for K > 1: softmax
     keeps a few tiles live); ``BLOCK_B`` at 1024 draws per chunk."""
     block_k = triton.next_power_of_2(K)
-    budget = 4096 if surrogate == 3 else 8192
+    budget = 4096 if surrogate == Surrogate.CATEGORICAL else 8192
     block_n = max(16, min(triton.next_power_of_2(N), budget // block_k))
     return {"BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_B": max(16, min(triton.next_power_of_2(B), 1024))}
 
@@ -170,7 +179,7 @@ def launch_laber(pred: Tensor, target: Tensor, state: Tensor, batch_size: int, s
         pred, target, priority, cdf, index, weight, state,
         C, N, K, batch_size, eps, huber_delta, N.bit_length(),
         pred.stride(0), pred.stride(1), pred.stride(2), target.stride(0), target.stride(1), target.stride(2),
-        SURROGATE=surrogate, WEIGHTING=weighting, num_warps=4 if blocks["BLOCK_N"] * blocks["BLOCK_K"] <= 2048 else 8,
+        SURROGATE=int(surrogate), WEIGHTING=int(weighting), num_warps=4 if blocks["BLOCK_N"] * blocks["BLOCK_K"] <= 2048 else 8,
         **blocks,
     )
     return index, weight, priority
@@ -182,10 +191,10 @@ def laber_fused(pred: Tensor, target: Tensor, rng_state: Tensor, batch_size: int
     """``torch.ops.torchsample.laber_fused``: the fused LaBER op on CUDA tensors.
 
     Args:
-        pred, target: ``[C, N, K]`` (K = 1 but for ``surrogate == 3``), fp32/fp16/bf16/fp64.
+        pred, target: ``[C, N, K]``, fp32/fp16/bf16/fp64.
         rng_state: int64 ``[3]`` on the same device, from :func:`rng_state`; advanced in place.
-        batch_size: ``B``; surrogate: 0 ready priorities, 1 l2, 2 huber, 3 categorical;
-        weighting: 0 mean, 1 lazy, 2 max; eps, huber_delta: floats.
+        batch_size: ``B``; surrogate: a :class:`torchsample.codes.Surrogate` (K > 1 only for
+        ``CATEGORICAL``); weighting: a :class:`torchsample.codes.Weighting`; eps, huber_delta: floats.
 
     Returns:
         ``index`` int64 ``[C, B]``, ``weight`` float32 ``[C, B]``, ``priority`` float32 ``[C, N]``.
@@ -194,7 +203,7 @@ def laber_fused(pred: Tensor, target: Tensor, rng_state: Tensor, batch_size: int
         >>> # needs a GPU, hence the SKIP
         >>> q = torch.rand(2, 128, 1, device="cuda")  # doctest: +SKIP
         >>> index, weight, priority = torch.ops.torchsample.laber_fused(  # doctest: +SKIP
-        ...     q, q, rng_state(q.device), 32, 0, 0, 1e-6, 1.0)
+        ...     q, q, rng_state(q.device), 32, Surrogate.PRIORITY, Weighting.MEAN, 1e-6, 1.0)
     """
     return launch_laber(pred, target, rng_state, batch_size, surrogate, weighting, eps, huber_delta)
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from torchsample.codes import Surrogate, Weighting
 from torchsample.surrogates import categorical_priority, td_priority
-from torchsample.weights import WEIGHTINGS, importance_weights
-
-SURROGATE_CODES = {0: "priorities", 1: "l2", 2: "huber", 3: "categorical"}
+from torchsample.weights import importance_weights
 
 
 def laber_naive(pred: Tensor, target: Tensor, u: Tensor, surrogate: int, weighting: int, eps: float,
@@ -24,18 +23,19 @@ def laber_naive(pred: Tensor, target: Tensor, u: Tensor, surrogate: int, weighti
 
     Examples:
         >>> import torch
+        >>> from torchsample.codes import Surrogate, Weighting
         >>> p = torch.tensor([[[0.0], [1.0], [3.0]]])
-        >>> index, weight, priority = laber_naive(p, p, torch.tensor([[0.0, 0.3, 0.9]]), 0, 0, 0.0)
+        >>> index, weight, priority = laber_naive(p, p, torch.tensor([[0.0, 0.3, 0.9]]), Surrogate.PRIORITY, Weighting.MEAN, 0.0)
         >>> index.tolist(), priority.tolist()
         ([[1, 2, 2]], [[0.0, 1.0, 3.0]])
     """
-    name = SURROGATE_CODES[surrogate]
-    if name == "priorities":
+    surrogate = Surrogate(surrogate)
+    if surrogate is Surrogate.PRIORITY:
         p = pred[..., 0].float()
-    elif name == "categorical":
+    elif surrogate is Surrogate.CATEGORICAL:
         p = categorical_priority(pred, target)
     else:
-        p = td_priority(pred[..., 0], target[..., 0], loss=name, huber_delta=huber_delta)
+        p = td_priority(pred[..., 0], target[..., 0], loss=surrogate.label, huber_delta=huber_delta)
     p = p + eps
     C, N = p.shape
     cdf = p.cumsum(-1)
@@ -47,5 +47,5 @@ def laber_naive(pred: Tensor, target: Tensor, u: Tensor, surrogate: int, weighti
     index = torch.where(p.gather(-1, index) > 0, index, last_positive)
     empty = total <= 0
     index = torch.where(empty, (u * N).long().clamp(max=N - 1), index)
-    weight = torch.where(empty, 1.0, importance_weights(p, index, WEIGHTINGS[weighting]))
+    weight = torch.where(empty, 1.0, importance_weights(p, index, Weighting(weighting).label))
     return index, weight, p

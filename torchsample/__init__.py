@@ -9,7 +9,8 @@ from .ops import LaBERSample, laber_downsample, laber_select
 from .transform import LaBER
 from .update import make_update
 from .surrogates import categorical_priority, td_priority
-from .weights import WEIGHTINGS, importance_weights
+from .codes import SURROGATES, WEIGHTINGS, Surrogate, Weighting
+from .weights import importance_weights
 
 __all__ = [
     "LaBER",
@@ -25,5 +26,8 @@ __all__ = [
     "categorical_priority",
     "importance_weights",
     "WEIGHTINGS",
+    "SURROGATES",
+    "Surrogate",
+    "Weighting",
 ]
 __version__ = "0.1.0"

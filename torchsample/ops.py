@@ -29,8 +29,9 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .surrogates import SURROGATES, _check_pair, categorical_priority, td_priority
-from .weights import WEIGHTINGS, importance_weights
+from .codes import SURROGATES, WEIGHTINGS, Surrogate, Weighting
+from .surrogates import _check_pair, categorical_priority, td_priority
+from .weights import importance_weights
 
 __all__ = ["LaBERSample", "laber_downsample", "laber_select"]
 
@@ -103,7 +104,7 @@ def laber_downsample(
     if priorities.is_cuda:
         if CHECK_VALUES_ON_CUDA:
             _check_values(priorities.float(), "priorities")
-        return _fused(priorities.unsqueeze(-1), priorities.unsqueeze(-1), batch_size, 0, weighting, eps, 1.0, generator)
+        return _fused(priorities.unsqueeze(-1), priorities.unsqueeze(-1), batch_size, Surrogate.PRIORITY, weighting, eps, 1.0, generator)
     p = priorities if dtype is torch.float32 else priorities.float()
     # A cached 0-dim eps tensor: adding a Python float costs ~1.5 us more a call on CPU (measured).
     return _downsample(p + _scalar(eps), batch_size, weighting, generator, "priorities")
@@ -169,8 +170,7 @@ def laber_select(
         if CHECK_VALUES_ON_CUDA:
             _check_values(torch.stack([pred.float(), target.float()]).abs(), "pred and target")
         pred3, target3 = (pred, target) if categorical else (pred.unsqueeze(-1), target.unsqueeze(-1))
-        code = SURROGATES.index(surrogate) + 1  # 0 is "ready priorities"
-        return _fused(pred3, target3, batch_size, code, weighting, eps, huber_delta, generator)
+        return _fused(pred3, target3, batch_size, Surrogate.of(surrogate), weighting, eps, huber_delta, generator)
     if categorical:
         p = categorical_priority(pred, target)
     else:
@@ -246,8 +246,8 @@ def _fused(pred3, target3, batch_size, surrogate_code, weighting, eps, huber_del
         target3,
         rng_state(pred3.device, generator),
         batch_size,
-        surrogate_code,
-        WEIGHTINGS.index(weighting),
+        int(surrogate_code),
+        int(Weighting.of(weighting)),
         float(eps),
         float(huber_delta),
     )

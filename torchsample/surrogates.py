@@ -21,9 +21,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .codes import SURROGATES
+
 __all__ = ["td_priority", "categorical_priority", "SURROGATES"]
 
-SURROGATES = ("l2", "huber", "categorical")
 
 
 def td_priority(pred: Tensor, target: Tensor, *, loss: str = "l2", huber_delta: float = 1.0) -> Tensor:

@@ -16,8 +16,8 @@ from torchrl.envs.transforms import Transform
 
 from .losses import CRITIC_ROWS, TARGET, pred_and_target, surrogate_of
 from .ops import laber_downsample, laber_select
-from .surrogates import SURROGATES, td_priority
-from .weights import WEIGHTINGS
+from .codes import SURROGATES, WEIGHTINGS
+from .surrogates import td_priority
 
 __all__ = ["LaBER"]
 

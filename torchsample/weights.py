@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from .codes import WEIGHTINGS
+
 __all__ = ["importance_weights", "WEIGHTINGS"]
 
-WEIGHTINGS = ("mean", "lazy", "max")
 
 
 def importance_weights(priority: Tensor, index: Tensor, weighting: str = "mean") -> Tensor:

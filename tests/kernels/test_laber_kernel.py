@@ -19,6 +19,8 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from torchsample.codes import Surrogate as S  # noqa: E402
+from torchsample.codes import Weighting as W  # noqa: E402
 from torchsample.kernels.laber import block_sizes, laber_fused_kernel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,10 +58,10 @@ SIGNATURE = {
 }
 # Every branch of both constexprs at least once, and low-precision inputs on two of them.
 VARIANTS = [
-    pytest.param(0, 0, 1, "fp32", id="priorities-mean-fp32"),
-    pytest.param(1, 1, 1, "fp16", id="l2-lazy-fp16"),
-    pytest.param(2, 2, 1, "fp32", id="huber-max-fp32"),
-    pytest.param(3, 0, 51, "bf16", id="categorical-mean-K51-bf16"),
+    pytest.param(S.PRIORITY, W.MEAN, 1, "fp32", id="priority-mean-fp32"),
+    pytest.param(S.L2, W.LAZY, 1, "fp16", id="l2-lazy-fp16"),
+    pytest.param(S.HUBER, W.MAX, 1, "fp32", id="huber-max-fp32"),
+    pytest.param(S.CATEGORICAL, W.MEAN, 51, "bf16", id="categorical-mean-K51-bf16"),
 ]
 
 
@@ -70,7 +72,7 @@ def test_kernel_compiles_ahead_of_time(arch, surrogate, weighting, K, dtype):
     if not isinstance(laber_fused_kernel, triton.runtime.JITFunction):
         pytest.skip("TRITON_INTERPRET is set in this process")
     signature = {**SIGNATURE, "pred_ptr": f"*{dtype}", "target_ptr": f"*{dtype}"}
-    constexprs = {"SURROGATE": surrogate, "WEIGHTING": weighting, **block_sizes(1000, K, 32, surrogate)}
+    constexprs = {"SURROGATE": int(surrogate), "WEIGHTING": int(weighting), **block_sizes(1000, K, 32, surrogate)}
     compiled = triton.compile(ASTSource(fn=laber_fused_kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", arch, 32))
     assert f".target sm_{arch}" in compiled.asm["ptx"]
