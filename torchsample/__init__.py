@@ -3,21 +3,40 @@
 LaBER (Large Batch Experience Replay, Lahire et al., ICML 2022) for TorchRL: draw a large batch
 uniformly, score each transition with a cheap surrogate of its gradient norm, and down-sample the
 training batch in proportion to it, with importance weights.
+
+The ops (:func:`laber_downsample`, :func:`laber_select`, the surrogates and weights) need torch
+alone (and triton on CUDA); the TorchRL parts (:class:`LaBER`, :class:`LaBERSampler`,
+:class:`LaBERLoss`, :class:`C51Loss`, :func:`make_update`) import torchrl when first used.
 """
-from .losses import C51Loss, LaBERLoss, categorical_projection, pred_and_target
-from .ops import LaBERSample, laber_downsample, laber_select
-from .transform import LaBER
-from .update import make_update
-from .surrogates import categorical_priority, td_priority
+from __future__ import annotations
+
+import importlib
+
 from .codes import SURROGATES, WEIGHTINGS, Surrogate, Weighting
+from .ops import LaBERSample, laber_downsample, laber_select
+from .surrogates import categorical_priority, td_priority
 from .weights import importance_weights
+
+# name -> module, imported on first access (PEP 562): these need torchrl and tensordict.
+_TORCHRL_PARTS = {
+    "LaBER": "transform",
+    "LaBERSampler": "sampler",
+    "LaBERLoss": "losses",
+    "C51Loss": "c51",
+    "categorical_projection": "c51",
+    "pred_and_target": "targets",
+    "critic_of": "targets",
+    "make_update": "update",
+}
 
 __all__ = [
     "LaBER",
+    "LaBERSampler",
     "LaBERLoss",
     "C51Loss",
     "categorical_projection",
     "pred_and_target",
+    "critic_of",
     "make_update",
     "LaBERSample",
     "laber_downsample",
@@ -25,9 +44,22 @@ __all__ = [
     "td_priority",
     "categorical_priority",
     "importance_weights",
-    "WEIGHTINGS",
-    "SURROGATES",
     "Surrogate",
     "Weighting",
+    "SURROGATES",
+    "WEIGHTINGS",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    module = _TORCHRL_PARTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'torchsample' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

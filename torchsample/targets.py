@@ -1,0 +1,264 @@
+"""What each TorchRL loss predicts and is regressed on: one registration per loss family.
+
+LaBER reads a loss twice: :class:`torchsample.LaBER` scores the large batch with the loss's own
+networks, target parameters and value estimator (no gradient), and :class:`torchsample.LaBERLoss`
+trains on the kept rows, reusing the targets LaBER computed. Both go through the :class:`Critic`
+view of the loss that :func:`critic_of` returns, so the two passes cannot disagree:
+
+=============================  ==============================  ===================================
+loss                           ``prediction(td)``              ``target(td)``
+=============================  ==============================  ===================================
+``DQNLoss`` (Double DQN too)   ``q(s, a)``, ``[N]``            ``r + gamma * q'(s', a')``, ``[N]``
+``DistributionalDQNLoss``      ``log p(s, a)``, ``[N, K]``     projected ``m``, ``[N, K]`` (C51)
+``SACLoss`` / ``TD3Loss``      ``q_c(s, a)``, ``[C, N]``       soft / clipped twin-min, ``[N]``
+=============================  ==============================  ===================================
+
+A family is one :class:`Critic` subclass registered with ``@critic_of.register(LossClass)``;
+C51's lives in :mod:`torchsample.c51`, which registers itself, so this module never imports it.
+A user's own loss gets LaBER the same way, or through ``LaBER(loss, B, surrogate=fn)``.
+
+This module alone reads TorchRL's private members: ``SACLoss._version``, ``SACLoss._compute_target_v2``,
+``SACLoss._alpha_loss``, ``TD3Loss._vmap_qvalue_network00`` and ``torchrl.objectives.utils._vmap_func``.
+Checked against the TorchRL versions in :data:`TORCHRL_CHECKED`.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from tensordict import TensorDictBase
+from torch import Tensor, nn
+from torchrl.envs.utils import step_mdp
+from torchrl.objectives import DQNLoss, SACLoss, TD3Loss
+from torchrl.objectives.utils import _vmap_func, distance_loss
+
+__all__ = ["Critic", "critic_of", "pred_and_target", "TORCHRL_CHECKED", "TARGET"]
+
+TORCHRL_CHECKED = ("0.14.1",)
+TARGET = "target_value"  # the TD target LaBER computed for its surrogate, reused by the update
+
+
+class Critic:
+    """How LaBER reads one family of TorchRL losses: what the critic predicts, what it is regressed
+    on, its per-sample loss and the priority it hands to a ``PrioritizedSampler``.
+
+    Attributes:
+        loss: the wrapped TorchRL loss module.
+        surrogate: the output-gradient surrogate of :mod:`torchsample.surrogates` that matches the
+            loss (``"l2"``, ``"huber"`` or ``"categorical"``).
+        num_critics: ``C``, the critics trained on the rows (1, or 2 for SAC/TD3's twins).
+        loss_keys: the keys :class:`torchsample.LaBERLoss` returns for this family.
+        forwards: the ``forward`` methods whose critic loss this view reproduces; a subclass of the
+            loss with another ``forward`` is refused by :class:`torchsample.LaBERLoss`.
+    """
+
+    loss_keys: tuple[str, ...] = ("loss",)
+    forwards: tuple = ()
+
+    def __init__(self, loss: nn.Module) -> None:
+        self.loss = loss
+
+    @property
+    def surrogate(self) -> str:
+        name = self.loss.loss_function
+        if name == "l2":
+            return "l2"
+        if name == "smooth_l1":
+            return "huber"
+        raise ValueError(f"no LaBER surrogate for loss_function={name!r}; use 'l2' or 'smooth_l1', or pass surrogate=")
+
+    @property
+    def num_critics(self) -> int:
+        return 1
+
+    def prediction(self, td: TensorDictBase) -> Tensor:
+        """The critic's output on the rows of ``td``, with its graph."""
+        raise NotImplementedError
+
+    def target(self, td: TensorDictBase) -> Tensor:
+        """What the critic is regressed on, without a graph."""
+        raise NotImplementedError
+
+    def per_sample_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        return distance_loss(pred, target, loss_function=self.loss.loss_function)
+
+    def td_error(self, pred: Tensor, target: Tensor, per_sample: Tensor) -> Tensor:
+        """PER's priority: ``|TD|`` (TorchRL's ``DQNLoss`` writes ``TD^2``; the PER paper uses ``|TD|``)."""
+        return (pred - target).detach().abs()
+
+
+@functools.singledispatch
+def critic_of(loss: nn.Module) -> Critic:
+    """The :class:`Critic` view of a TorchRL loss, by its class (the nearest registered base class).
+
+    Examples:
+        >>> import torch
+        >>> from torchrl.modules import QValueActor
+        >>> from torchrl.objectives import DQNLoss
+        >>> actor = QValueActor(torch.nn.Linear(4, 2), in_keys=["observation"], action_space="categorical")
+        >>> critic = critic_of(DQNLoss(actor, loss_function="smooth_l1", action_space="categorical"))
+        >>> type(critic).__name__, critic.surrogate, critic.num_critics
+        ('DQNCritic', 'huber', 1)
+    """
+    raise TypeError(
+        f"no built-in LaBER support for {type(loss).__name__}: pass surrogate=callable(td) -> (pred, target) to LaBER, "
+        "or register a torchsample.targets.Critic for it with @critic_of.register"
+    )
+
+
+def pred_and_target(loss: nn.Module, td: TensorDictBase) -> tuple[Tensor, Tensor]:
+    """``(prediction, target)`` of ``loss`` on the rows of ``td`` (see the module's table).
+
+    The prediction keeps its graph, the target has none. Wrap in ``torch.no_grad()`` for the
+    surrogate alone.
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from torchrl.modules import QValueActor
+        >>> from torchrl.objectives import DQNLoss
+        >>> loss = DQNLoss(QValueActor(torch.nn.Linear(4, 2), in_keys=["observation"],
+        ...                action_space="categorical"), delay_value=True, action_space="categorical")
+        >>> loss.make_value_estimator(gamma=0.99)
+        >>> td = TensorDict({"observation": torch.randn(8, 4), "action": torch.randint(2, (8,)),
+        ...     ("next", "observation"): torch.randn(8, 4), ("next", "reward"): torch.randn(8, 1),
+        ...     ("next", "done"): torch.zeros(8, 1, dtype=torch.bool),
+        ...     ("next", "terminated"): torch.zeros(8, 1, dtype=torch.bool)}, [8])
+        >>> q, y = pred_and_target(loss, td)
+        >>> q.shape, y.shape
+        (torch.Size([8]), torch.Size([8]))
+    """
+    critic = critic_of(loss)
+    return critic.prediction(td), critic.target(td)
+
+
+def gather_action(values: Tensor, action: Tensor, action_space) -> Tensor:
+    """``values[..., a]`` for categorical actions, ``(values * one_hot).sum(-1)`` otherwise."""
+    if action_space == "categorical":
+        if action.ndim != values.ndim:
+            action = action.unsqueeze(-1)
+        return values.gather(-1, action).squeeze(-1)
+    return (values * action.to(values.dtype)).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# DQN
+
+
+@critic_of.register(DQNLoss)
+class DQNCritic(Critic):
+    """``DQNLoss``: ``q(s, a)`` against the value estimator's target with the target parameters;
+    with ``double_dqn=True`` the online network picks the next action."""
+
+    forwards = (DQNLoss.forward,)
+
+    def prediction(self, td: TensorDictBase) -> Tensor:
+        loss = self.loss
+        td_copy = td.clone(False)
+        with loss.value_network_params.to_module(loss.value_network, preserve_module_state=False):
+            loss.value_network(td_copy)
+        return gather_action(td_copy.get(loss.tensor_keys.action_value), td.get(loss.tensor_keys.action),
+                             loss.action_space)
+
+    @torch.no_grad()
+    def target(self, td: TensorDictBase) -> Tensor:
+        loss = self.loss
+        keys = loss.tensor_keys
+        td_copy = td.clone(False)
+        next_value = None
+        if loss.double_dqn:
+            next_td = step_mdp(td_copy, keep_other=False)
+            next_td_target = next_td.clone(False)
+            with loss.value_network_params.data.to_module(loss.value_network, preserve_module_state=False):
+                loss.value_network(next_td)
+            with loss.target_value_network_params.to_module(loss.value_network, preserve_module_state=False):
+                loss.value_network(next_td_target)
+            next_value = gather_action(
+                next_td_target.get(keys.action_value), next_td.get(keys.action), loss.action_space
+            ).unsqueeze(-1)
+        return loss.value_estimator.value_estimate(
+            td_copy, target_params=loss.target_value_network_params, next_value=next_value
+        ).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Twin critics: SAC and TD3
+
+
+class TwinCritics(Critic):
+    """``C`` critics (``num_qvalue_nets``) regressed on one shared target; an actor trained against
+    them. :meth:`prediction` runs every critic on the same rows, :meth:`rows_prediction` critic
+    ``c`` on its own rows ``rows[c]`` (LaBER's independent down-samples)."""
+
+    loss_keys = ("loss_qvalue", "loss_actor")
+
+    @property
+    def num_critics(self) -> int:
+        return self.loss.num_qvalue_nets
+
+    def prediction(self, td: TensorDictBase) -> Tensor:
+        """``[C, N]``: every critic on the rows of ``td``."""
+        rows = td.select(*self.loss.qvalue_network.in_keys, strict=False).expand(self.num_critics, *td.batch_size)
+        return self.rows_prediction(rows)
+
+    def rows_prediction(self, rows: TensorDictBase) -> Tensor:
+        """``[C, B]``: critic ``c`` on ``rows[c]`` (vmapped over the critics' parameters and rows)."""
+        loss = self.loss
+        vmapped = loss.__dict__.get("_laber_vmap_qvalue_00")
+        if vmapped is None:
+            vmapped = _vmap_func(loss.qvalue_network, (0, 0), randomness=loss.vmap_randomness)
+            loss.__dict__["_laber_vmap_qvalue_00"] = vmapped
+        out = vmapped(rows.select(*loss.qvalue_network.in_keys, strict=False), loss.qvalue_network_params)
+        return out.get(loss.tensor_keys.state_action_value).squeeze(-1)
+
+    def actor_losses(self, td: TensorDictBase) -> dict[str, Tensor]:
+        """The actor's (and SAC's temperature's) losses on the rows of ``td``, unweighted means."""
+        loss_actor, _ = self.loss.actor_loss(td)
+        return {"loss_actor": loss_actor.mean()}
+
+
+@critic_of.register(SACLoss)
+class SACCritics(TwinCritics):
+    """``SACLoss`` without a value network (SAC v2): the soft twin-min target."""
+
+    loss_keys = ("loss_qvalue", "loss_actor", "loss_alpha")
+    forwards = (SACLoss.forward,)
+
+    def __init__(self, loss: SACLoss) -> None:
+        if loss._version != 2:
+            raise ValueError("LaBER composes with SACLoss without a value network (SAC v2)")
+        super().__init__(loss)
+
+    @torch.no_grad()
+    def target(self, td: TensorDictBase) -> Tensor:
+        return self.loss._compute_target_v2(td)
+
+    def actor_losses(self, td: TensorDictBase) -> dict[str, Tensor]:
+        loss_actor, metadata = self.loss.actor_loss(td)
+        return {"loss_actor": loss_actor.mean(),
+                "loss_alpha": self.loss._alpha_loss(log_prob=metadata["log_prob"]).mean()}
+
+
+@critic_of.register(TD3Loss)
+class TD3Critics(TwinCritics):
+    """``TD3Loss``: the target actor's action with clipped noise, twin-min target critics."""
+
+    forwards = (TD3Loss.forward,)
+
+    @torch.no_grad()
+    def target(self, td: TensorDictBase) -> Tensor:
+        # TD3Loss.value_loss's target, step for step.
+        loss = self.loss
+        keys = loss.tensor_keys
+        td = td.clone(False)
+        next_td = step_mdp(td).select(*loss.actor_network.in_keys, strict=False)
+        with loss.target_actor_network_params.to_module(loss.actor_network, preserve_module_state=False):
+            next_td = loss.actor_network(next_td)
+        next_action = next_td.get(keys.action)
+        noise = (torch.randn_like(next_action) * loss.policy_noise).clamp(-loss.noise_clip, loss.noise_clip)
+        next_td.set(keys.action, (next_action + noise).clamp(loss.min_action, loss.max_action))
+        rows = next_td.select(*loss.qvalue_network.in_keys, strict=False).expand(loss.num_qvalue_nets, *next_td.batch_size)
+        next_q = loss._vmap_qvalue_network00(rows, loss.target_qvalue_network_params)
+        next_q = next_q.get(keys.state_action_value).squeeze(-1).min(0)[0]
+        td.set(("next", keys.state_action_value), next_q.unsqueeze(-1))
+        return loss.value_estimator.value_estimate(td).squeeze(-1)
