@@ -171,7 +171,9 @@ def test_custom_surrogate_callable():
         calls.append(td.batch_size)
         return td["next", "reward"].squeeze(-1), torch.zeros(td.batch_size)
 
-    out = LaBER(loss, batch_size=8, surrogate=surrogate, eps=0.0)(batch(40))
+    large = batch(40)
+    large["next", "reward"][::2] = 0.0  # no mass: with eps=0 these rows are never kept
+    out = LaBER(loss, batch_size=8, surrogate=surrogate, eps=0.0)(large)
     assert calls == [torch.Size([40])] and out.batch_size == (8,)
     assert (out["next", "reward"] != 0).all()
     with pytest.raises(ValueError, match="empty large batch"):
