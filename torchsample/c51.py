@@ -16,7 +16,7 @@ from torch import Tensor
 from torchrl.envs.utils import step_mdp
 from torchrl.objectives import DistributionalDQNLoss
 
-from .targets import Critic, critic_of
+from .targets import Critic, critic_of, swap_params
 
 __all__ = ["categorical_projection", "C51Critic", "C51Loss"]
 
@@ -70,7 +70,7 @@ def _log_probs(loss: DistributionalDQNLoss, td: TensorDictBase, params) -> Tenso
     whose input check (``(log_softmax_values > 0).any()``) is a data-dependent branch: a graph break.
     """
     *layers, _ = loss.value_network.module
-    with params.to_module(loss.value_network, preserve_module_state=False):
+    with swap_params(params, loss.value_network):
         for layer in layers:
             td = layer(td)
     return td.get(loss.tensor_keys.action_value)

@@ -24,6 +24,7 @@ Checked against the TorchRL versions in :data:`TORCHRL_CHECKED`.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 from tensordict import TensorDictBase
@@ -32,10 +33,21 @@ from torchrl.envs.utils import step_mdp
 from torchrl.objectives import DQNLoss, SACLoss, TD3Loss
 from torchrl.objectives.utils import _vmap_func, distance_loss
 
-__all__ = ["Critic", "critic_of", "pred_and_target", "TORCHRL_CHECKED", "TARGET"]
+__all__ = ["Critic", "critic_of", "pred_and_target", "swap_params", "TORCHRL_CHECKED", "TARGET"]
 
 TORCHRL_CHECKED = ("0.14.1",)
 TARGET = "target_value"  # the TD target LaBER computed for its surrogate, reused by the update
+
+# Swapping parameters in without saving the module's state: with the state saved, dynamo breaks
+# C51's objective graph into 7 ("Unexpected type of data placeholder op", torch 2.14, measured).
+# tensordict 0.11 (the one that pairs with torch 2.11) has no such option.
+_SWAP_OPTIONS = ({"preserve_module_state": False}
+                 if "preserve_module_state" in inspect.signature(TensorDictBase.to_module).parameters else {})
+
+
+def swap_params(params: TensorDictBase, module: nn.Module):
+    """``params.to_module(module)`` as a context manager: ``module`` runs with ``params``."""
+    return params.to_module(module, **_SWAP_OPTIONS)
 
 
 class Critic:
@@ -155,7 +167,7 @@ class DQNCritic(Critic):
     def prediction(self, td: TensorDictBase) -> Tensor:
         loss = self.loss
         td_copy = td.clone(False)
-        with loss.value_network_params.to_module(loss.value_network, preserve_module_state=False):
+        with swap_params(loss.value_network_params, loss.value_network):
             loss.value_network(td_copy)
         return gather_action(td_copy.get(loss.tensor_keys.action_value), td.get(loss.tensor_keys.action),
                              loss.action_space)
@@ -169,9 +181,9 @@ class DQNCritic(Critic):
         if loss.double_dqn:
             next_td = step_mdp(td_copy, keep_other=False)
             next_td_target = next_td.clone(False)
-            with loss.value_network_params.data.to_module(loss.value_network, preserve_module_state=False):
+            with swap_params(loss.value_network_params.data, loss.value_network):
                 loss.value_network(next_td)
-            with loss.target_value_network_params.to_module(loss.value_network, preserve_module_state=False):
+            with swap_params(loss.target_value_network_params, loss.value_network):
                 loss.value_network(next_td_target)
             next_value = gather_action(
                 next_td_target.get(keys.action_value), next_td.get(keys.action), loss.action_space
@@ -252,7 +264,7 @@ class TD3Critics(TwinCritics):
         keys = loss.tensor_keys
         td = td.clone(False)
         next_td = step_mdp(td).select(*loss.actor_network.in_keys, strict=False)
-        with loss.target_actor_network_params.to_module(loss.actor_network, preserve_module_state=False):
+        with swap_params(loss.target_actor_network_params, loss.actor_network):
             next_td = loss.actor_network(next_td)
         next_action = next_td.get(keys.action)
         noise = (torch.randn_like(next_action) * loss.policy_noise).clamp(-loss.noise_clip, loss.noise_clip)
