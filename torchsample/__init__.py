@@ -27,6 +27,9 @@ _TORCHRL_PARTS = {
     "pred_and_target": "targets",
     "critic_of": "targets",
     "make_update": "update",
+    "LFIW": "lfiw",
+    "FastSlowReplay": "lfiw",
+    "RatioNetwork": "lfiw",
 }
 
 __all__ = [
@@ -38,6 +41,9 @@ __all__ = [
     "pred_and_target",
     "critic_of",
     "make_update",
+    "LFIW",
+    "FastSlowReplay",
+    "RatioNetwork",
     "LaBERSample",
     "laber_downsample",
     "laber_select",
