@@ -1,25 +1,61 @@
-"""The fused LaBER kernel: surrogate, ``+eps``, prefix sum, Philox draws, search, weights; one launch.
+"""The fused LaBER kernel: surrogate, ``+eps``, prefix sums, Philox draws, search, weights; one launch.
 
-One program per critic row ``c`` of ``[C, N, K]`` predictions and targets:
+Each critic row ``c`` of ``[C, N, K]`` predictions and targets is cut into ``T = ceil(N / BLOCK_N)``
+tiles, one program per ``(c, tile)``, all in one launch (grid ``C * T``):
 
-1. ``p_i = surrogate(pred_i, target_i) + eps`` (ready priorities, ``|q - y|``, ``min(|q - y|, delta)``
-   or ``||softmax(z_i) - m_i||_2``), written to ``priority[c]``; the inclusive prefix sum to a scratch
-   row, in chunks of ``BLOCK_N`` so that any ``N`` fits one program;
-2. ``B`` uniforms ``u = tl.rand(seed, counter + c*B + b) * sum(p)``, and for each the smallest ``i``
-   with ``cdf_i > u`` (binary search, ``ceil(log2(N+1))`` steps), never an item with ``p_i = 0``;
-3. weights: ``mean(p)/p_i``, ``1/p_i`` or ``min_minibatch(p)/p_i``; an all-zero row draws uniformly
-   with weight 1.
+1. **Tiles, in parallel.** ``p_i = surrogate(pred_i, target_i) + eps`` (ready priorities,
+   ``|q - y|``, ``min(|q - y|, delta)`` or ``||softmax(z_i) - m_i||_2``), written to
+   ``priority[c]`` in float32. In float64, the tile's chunks of ``CHUNK`` items are summed and
+   their inclusive prefix within the tile is written, ``chunk_j = sum_{j' <= j} sum_{i in j'} p_i``
+   (the last is the tile's mass), with the tile's last item with ``p_i > 0``.
+2. **Arrival.** Each program takes a ticket (an ``acq_rel`` atomic on the row's slot of the state,
+   after a barrier so that every thread's stores precede it); the one that completes the row, and
+   only it, reads the other tiles' results (after the acquire and a barrier) and goes on to 3 and 4.
+   A row of one tile skips the ticket. With more rows than slots, rows ``c = s, s + S, ...`` share
+   slot ``s`` and its last arrival handles them all.
+3. **Tile prefix.** ``tile_t = sum_{t' <= t} mass_t'`` in float64, and ``total = tile_{T-1}``.
+4. **Draws.** ``B`` uniforms on the grid ``k * 2^-52`` from two Philox words each,
+   ``u = u01 * total < total``, and for each a three-level search for the smallest ``i`` with
+   ``cdf_i > u``, ``cdf`` in float64: the tile (binary search over ``tile``), the chunk in it
+   (binary search over ``tile_{t-1} + chunk``), the item in it (a float64 prefix of the chunk's
+   ``CHUNK`` priorities, in registers). Weights from the picked ``p_i``, in registers:
+   ``mean(p)/p_i`` or ``1/p_i``; ``min_minibatch(p)/p_i`` takes a second pass after a barrier,
+   as it needs every draw first. An all-zero row draws ``floor(u01 * N)`` with weight 1.
 
-The Philox state ``(seed, counter, ticket)`` lives on the device: the programs read it, and the last
-one to finish advances ``counter`` by ``C*B``, so consecutive calls draw fresh numbers without a
-host sync and the op can sit inside a captured CUDA graph. ``float32`` reference: ``laber_naive.py``.
+**Accuracy.** Every boundary ``cdf_i`` is a float64 sum of float32 ``p``, at most ~30 roundings of
+``2^-53 * total`` deep, and ``u`` has 52 bits: the probability of each item is within ``2^-47`` of
+``p_i / sum(p)`` (plus one step of the uniforms' grid, ``2^-52``), 3e-8 relative for an item of
+average mass at ``N = 4M``, where one float32 prefix sum with float32 uniforms is off by about
+``1.2e-7 * N`` relative (12% at 1M). Measured at ``N = 2^22`` from the search's own arithmetic
+(``tests/kernels``): within 0.96 of a grid step, 1.3e-9 relative for items of average mass. A
+rounding gap that would land on ``p_i = 0`` falls back to the row's last positive item, so
+zero-priority items are never drawn.
+
+**Cost.** The tiles read the inputs once and write ``priority`` plus ``8 / CHUNK`` bytes an item;
+the draws of a row run in the one program that completed it, ``ceil(B / BLOCK_B)`` rounds of about
+``log2(T) + log2(BLOCK_N / CHUNK) + 2`` dependent loads from L2. Spreading the draws of one row
+over programs would need them to wait, in the same launch, for the last tile: a spin-wait, whose
+forward progress rests on the order in which the GPU starts programs and which the interpreter
+(one program after another) cannot exercise; so the draws stay with the last arrival, and a very
+large ``B`` is latency-bound there (not yet measured on a GPU).
+
+**State.** ``state`` (int64 ``[3 + S]``) holds the Philox ``seed``, ``counter``, a ticket of rows
+done, and ``S`` arrival tickets. The program that finishes the last row advances ``counter`` by
+``C * B`` and resets the tickets it used, so consecutive calls draw fresh numbers with no host
+sync, and the op can sit inside a captured CUDA graph. Two launches must not share a state at the
+same time (two streams, two graphs replayed concurrently): give each caller its own
+(:func:`new_rng_state`). ``float32`` reference: ``laber_naive.py``.
 """
 from __future__ import annotations
+
+import contextlib
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
 from torchsample.codes import Surrogate, Weighting
@@ -30,8 +66,165 @@ HUBER = tl.constexpr(int(Surrogate.HUBER))
 CATEGORICAL = tl.constexpr(int(Surrogate.CATEGORICAL))
 MEAN = tl.constexpr(int(Weighting.MEAN))
 LAZY = tl.constexpr(int(Weighting.LAZY))
+MAX = tl.constexpr(int(Weighting.MAX))
 
-__all__ = ["laber_fused", "launch_laber", "rng_state"]
+RNG_SLOTS = 64  # arrival tickets in a state: up to 64 rows of several tiles complete independently
+
+__all__ = ["laber_fused", "launch_laber", "allocate_buffers", "new_rng_state", "rng_state", "RNG_SLOTS"]
+
+
+@triton.jit
+def uniform52(seed, offsets):
+    """Uniforms ``k * 2^-52``, ``0 <= k < 2^52``, as float64: 26 bits from each of two Philox words.
+
+    ``u01 * total`` then rounds to less than ``total``, so every draw lands in the row.
+    """
+    r0, r1, _, _ = tl.randint4x(seed, offsets)
+    high = (r0 >> 6).to(tl.float64)
+    low = (r1 >> 6).to(tl.float64)
+    return (high * 67108864.0 + low) * 2.220446049250313e-16  # (high * 2^26 + low) * 2^-52
+
+
+@triton.jit
+def search(u, mask, priority_row, chunk_row, tile_row, N, n_tiles, tile_steps, last_positive,
+           BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """For ``u`` in ``[0, total)``: the smallest ``i`` with ``cdf_i > u`` and its ``p_i`` (step 4).
+
+    ``tile_row`` holds the tile prefix (step 3), ``chunk_row`` the chunk prefixes within each tile,
+    ``priority_row`` the float32 priorities. Never returns an item with ``p_i = 0`` when the row has
+    mass: a gap left by rounding returns the chunk's last positive item, else ``last_positive``.
+    """
+    CHUNKS: tl.constexpr = BLOCK_N // CHUNK
+    # The tile: the smallest t with tile_t > u, by binary search (lo == hi after tile_steps
+    # halvings); start = tile_{t-1}, 0 for t = 0. Written out twice, not a helper: each nested jit
+    # call costs the interpreter milliseconds.
+    lo = tl.zeros(u.shape, dtype=tl.int32)
+    hi = lo + n_tiles
+    start = tl.zeros(u.shape, dtype=tl.float64)
+    for _ in range(tile_steps):
+        mid = (lo + hi) // 2
+        value = tl.load(tile_row + mid, mask=mask & (mid < n_tiles), other=float("inf"))
+        below = value <= u
+        lo = tl.where(below, mid + 1, lo)
+        hi = tl.where(below, hi, mid)
+        start = tl.where(below, value, start)
+    tile = tl.minimum(lo, n_tiles - 1).to(tl.int64)
+    # The chunk: the smallest j with start + chunk_j > u. Comparing sums (not u - start with chunk_j)
+    # keeps each level's boundaries monotone and consistent with the level above.
+    tile_start = start
+    chunk_prefix = chunk_row + tile * CHUNKS
+    lo = tl.zeros(u.shape, dtype=tl.int32)
+    hi = lo + CHUNKS
+    for _ in tl.static_range(CHUNKS.bit_length()):
+        mid = (lo + hi) // 2
+        value = tile_start + tl.load(chunk_prefix + mid, mask=mask & (mid < CHUNKS), other=float("inf"))
+        below = value <= u
+        lo = tl.where(below, mid + 1, lo)
+        hi = tl.where(below, hi, mid)
+        start = tl.where(below, value, start)
+    # The item: a float64 prefix of the chunk's priorities, in registers.
+    first = tile * BLOCK_N + tl.minimum(lo, CHUNKS - 1) * CHUNK
+    offs_k = tl.arange(0, CHUNK)
+    items = first[:, None] + offs_k[None, :]
+    p = tl.load(priority_row + items, mask=mask[:, None] & (items < N), other=0.0)
+    ends = start[:, None] + tl.cumsum(p.to(tl.float64), axis=1)
+    k = tl.sum((ends <= u[:, None]).to(tl.int32), axis=1)
+    # u past the chunk's last end (rounding) takes its last positive item.
+    k = tl.where(k < CHUNK, k, tl.max(tl.where(p > 0, offs_k[None, :], -1), axis=1))
+    picked = tl.sum(tl.where(offs_k[None, :] == k[:, None], p, 0.0), axis=1)
+    index = tl.where(picked > 0, first + k, last_positive)
+    # Predicated off but for those gaps (no extra load); draws outside mask get 1, not 0.
+    fallback = picked <= 0
+    picked = tl.where(fallback, tl.load(priority_row + index, mask=mask & fallback, other=1.0), picked)
+    return index, picked
+
+
+@triton.jit
+def tile_priorities(pred_row, target_row, offs, mask, K, eps, huber_delta, stride_pn, stride_pk, stride_tn,
+                    stride_tk, SURROGATE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``p + eps`` in float32 of the items ``offs`` (``[CHUNKS, CHUNK]``), 0 outside ``mask`` (step 1)."""
+    if SURROGATE == CATEGORICAL:
+        offs_k = tl.arange(0, BLOCK_K)[None, None, :]
+        mask_nk = mask[:, :, None] & (offs_k < K)
+        z = tl.load(pred_row + offs[:, :, None] * stride_pn + offs_k * stride_pk, mask=mask_nk,
+                    other=0.0).to(tl.float32)
+        # A large finite fill (not -inf, and after the cast: fp16 has no 1e30) keeps padded rows
+        # free of inf - inf.
+        z = tl.where(mask_nk, z, -1e30)
+        m = tl.load(target_row + offs[:, :, None] * stride_tn + offs_k * stride_tk, mask=mask_nk,
+                    other=0.0).to(tl.float32)
+        e = tl.exp(z - tl.max(z, axis=2)[:, :, None])
+        diff = tl.where(mask_nk, e / tl.sum(e, axis=2)[:, :, None] - m, 0.0)
+        p = tl.sqrt(tl.sum(diff * diff, axis=2))
+    else:
+        x = tl.load(pred_row + offs * stride_pn, mask=mask, other=0.0).to(tl.float32)
+        if SURROGATE == PRIORITY:
+            p = x
+        else:
+            y = tl.load(target_row + offs * stride_tn, mask=mask, other=0.0).to(tl.float32)
+            p = tl.abs(x - y)
+            if SURROGATE == HUBER:
+                p = tl.minimum(p, huber_delta)
+    return tl.where(mask, p + eps, 0.0)
+
+
+@triton.jit
+def draw_row(row, seed, counter, priority_ptr, scratch_ptr, index_ptr, weight_ptr, N, B, n_tiles, tile_steps,
+             WEIGHTING: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, BLOCK_B: tl.constexpr,
+             BLOCK_T: tl.constexpr):
+    """Steps 3 and 4 for one complete row."""
+    CHUNKS: tl.constexpr = BLOCK_N // CHUNK
+    priority_row = priority_ptr + row * N
+    chunk_row = scratch_ptr + row * n_tiles * (CHUNKS + 2)
+    tile_row = chunk_row + n_tiles * CHUNKS
+    tile_last_row = tile_row + n_tiles
+
+    # 3. The tile prefix, from each tile's mass (its last chunk prefix); total is its last entry,
+    # bit for bit.
+    total = tl.zeros((), dtype=tl.float64)
+    last_positive = tl.full((), -1.0, dtype=tl.float64)
+    for t_start in range(0, n_tiles, BLOCK_T):
+        offs_t = t_start + tl.arange(0, BLOCK_T)
+        mask_t = offs_t < n_tiles
+        mass = tl.load(chunk_row + offs_t * CHUNKS + CHUNKS - 1, mask=mask_t, other=0.0)
+        last_positive = tl.maximum(last_positive, tl.max(tl.load(tile_last_row + offs_t, mask=mask_t, other=-1.0)))
+        prefix = total + tl.cumsum(mass, axis=0)
+        tl.store(tile_row + offs_t, prefix, mask=mask_t)
+        total = tl.sum(tl.where(offs_t == tl.minimum(t_start + BLOCK_T, n_tiles) - 1, prefix, 0.0), axis=0)
+    last_positive = tl.maximum(last_positive, 0.0).to(tl.int64)
+    empty = total <= 0.0
+    mean = (total / N).to(tl.float32)
+    # Other threads wrote the prefix that the searches read (Triton places barriers for shared
+    # memory only).
+    tl.debug_barrier()
+
+    # 4. Draws and, but for "max", their weights.
+    smallest = tl.full((), float("inf"), dtype=tl.float32)
+    for b_start in range(0, B, BLOCK_B):
+        offs_b = b_start + tl.arange(0, BLOCK_B).to(tl.int64)
+        mask_b = offs_b < B
+        u01 = uniform52(seed, counter + row * B + offs_b)
+        index, picked = search(u01 * total, mask_b, priority_row, chunk_row, tile_row, N, n_tiles, tile_steps,
+                               last_positive, BLOCK_N, CHUNK)
+        index = tl.where(empty, tl.minimum((u01 * N).to(tl.int64), N - 1), index)
+        tl.store(index_ptr + row * B + offs_b, index, mask=mask_b)
+        picked = tl.where(empty, 1.0, picked)  # an all-zero row gets weight 1, not 0/0
+        if WEIGHTING == MEAN:
+            weight = mean / picked
+        elif WEIGHTING == LAZY:
+            weight = 1.0 / picked
+        else:
+            weight = picked  # until the minimum is known
+            smallest = tl.minimum(smallest, tl.min(tl.where(mask_b, picked, float("inf")), axis=0))
+        tl.store(weight_ptr + row * B + offs_b, tl.where(empty, 1.0, weight), mask=mask_b)
+    if WEIGHTING == MAX:
+        # The picked p stored above by other threads is read back.
+        tl.debug_barrier()
+        for b_start in range(0, B, BLOCK_B):
+            offs_b = b_start + tl.arange(0, BLOCK_B).to(tl.int64)
+            mask_b = offs_b < B
+            picked = tl.load(weight_ptr + row * B + offs_b, mask=mask_b, other=1.0)
+            tl.store(weight_ptr + row * B + offs_b, tl.where(empty, 1.0, smallest / picked), mask=mask_b)
 
 
 @triton.jit
@@ -39,17 +232,20 @@ def laber_fused_kernel(
     pred_ptr,  # [C, N, K] predictions, logits or ready priorities (K == 1)
     target_ptr,  # [C, N, K] targets or target distributions (unused for ready priorities)
     priority_ptr,  # [C, N] float32 out: p + eps
-    cdf_ptr,  # [C, N] float32 scratch: inclusive prefix sum of p
+    scratch_ptr,  # [C, T * (CHUNKS + 2)] float64: per row, chunk prefixes [T, CHUNKS] | tile prefix [T]
+    #                (step 3) | last item with p > 0 of each tile [T] (-1: none; exact in float64)
     index_ptr,  # [C, B] int64 out
     weight_ptr,  # [C, B] float32 out
-    state_ptr,  # [3] int64: Philox seed, counter, ticket
+    state_ptr,  # [3 + S] int64: Philox seed, counter, rows-done ticket, S arrival tickets
     C,
     N,
     K,
     B,
+    n_tiles,  # T = ceil(N / BLOCK_N)
+    n_slots,  # S
     eps,
     huber_delta,
-    search_steps,
+    tile_steps,  # T.bit_length()
     stride_pc,
     stride_pn,
     stride_pk,
@@ -58,130 +254,133 @@ def laber_fused_kernel(
     stride_tk,
     SURROGATE: tl.constexpr,  # a torchsample.codes.Surrogate
     WEIGHTING: tl.constexpr,  # a torchsample.codes.Weighting
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # items of a tile
     BLOCK_K: tl.constexpr,
+    CHUNK: tl.constexpr,  # items of a chunk, the last level of the search
     BLOCK_B: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
-    c = tl.program_id(0).to(tl.int64)
-    seed = tl.load(state_ptr)
-    counter = tl.load(state_ptr + 1)
-    pred_row = pred_ptr + c * stride_pc
-    target_row = target_ptr + c * stride_tc
-    priority_row = priority_ptr + c * N
-    cdf_row = cdf_ptr + c * N
+    CHUNKS: tl.constexpr = BLOCK_N // CHUNK
+    pid = tl.program_id(0).to(tl.int64)
+    c = pid // n_tiles
+    tile = pid % n_tiles
 
-    # 1. Priorities and their prefix sum, chunk by chunk.
-    total = tl.zeros((), dtype=tl.float32)
-    last_positive = tl.full((), -1, dtype=tl.int64)
-    for start in range(0, N, BLOCK_N):
-        offs = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        mask = offs < N
-        if SURROGATE == CATEGORICAL:
-            offs_k = tl.arange(0, BLOCK_K)
-            mask_nk = mask[:, None] & (offs_k[None, :] < K)
-            z = tl.load(pred_row + offs[:, None] * stride_pn + offs_k[None, :] * stride_pk, mask=mask_nk,
-                        other=0.0).to(tl.float32)
-            # A large finite fill (not -inf, and after the cast: fp16 has no 1e30) keeps padded
-            # rows free of inf - inf.
-            z = tl.where(mask_nk, z, -1e30)
-            m = tl.load(target_row + offs[:, None] * stride_tn + offs_k[None, :] * stride_tk, mask=mask_nk,
-                        other=0.0).to(tl.float32)
-            e = tl.exp(z - tl.max(z, axis=1)[:, None])
-            diff = tl.where(mask_nk, e / tl.sum(e, axis=1)[:, None] - m, 0.0)
-            p = tl.sqrt(tl.sum(diff * diff, axis=1))
-        else:
-            x = tl.load(pred_row + offs * stride_pn, mask=mask, other=0.0).to(tl.float32)
-            if SURROGATE == PRIORITY:
-                p = x
-            else:
-                y = tl.load(target_row + offs * stride_tn, mask=mask, other=0.0).to(tl.float32)
-                p = tl.abs(x - y)
-                if SURROGATE == HUBER:
-                    p = tl.minimum(p, huber_delta)
-        p = tl.where(mask, p + eps, 0.0)
-        tl.store(priority_row + offs, p, mask=mask)
-        tl.store(cdf_row + offs, tl.cumsum(p, axis=0) + total, mask=mask)
-        total += tl.sum(p, axis=0)
-        last_positive = tl.maximum(last_positive, tl.max(tl.where(mask & (p > 0), offs, -1), axis=0))
-    empty = total <= 0.0
-    last_positive = tl.maximum(last_positive, 0)
+    # 1. This tile's priorities (as [CHUNKS, CHUNK]), chunk prefixes and last positive item.
+    offs = tile * BLOCK_N + (tl.arange(0, CHUNKS)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]).to(tl.int64)
+    mask = offs < N
+    p = tile_priorities(pred_ptr + c * stride_pc, target_ptr + c * stride_tc, offs, mask, K, eps, huber_delta,
+                        stride_pn, stride_pk, stride_tn, stride_tk, SURROGATE, BLOCK_K)
+    tl.store(priority_ptr + c * N + offs, p, mask=mask)
+    chunks = tl.cumsum(tl.sum(p.to(tl.float64), axis=1), axis=0)
+    chunk_row = scratch_ptr + c * n_tiles * (CHUNKS + 2)
+    tl.store(chunk_row + tile * CHUNKS + tl.arange(0, CHUNKS), chunks)
+    tl.store(chunk_row + n_tiles * (CHUNKS + 1) + tile, tl.max(tl.where(p > 0, offs, -1)).to(tl.float64))
+    # Every thread's stores above happen before the ticket below (its release) and before this
+    # program's own search reads them back.
+    tl.debug_barrier()
 
-    # 2. Draws: the smallest i with cdf_i > u, by binary search over the prefix sum.
-    smallest = tl.full((), float("inf"), dtype=tl.float32)
-    for b_start in range(0, B, BLOCK_B):
-        offs_b = b_start + tl.arange(0, BLOCK_B).to(tl.int64)
-        mask_b = offs_b < B
-        u01 = tl.rand(seed, counter + c * B + offs_b)
-        u = u01 * total
-        lo = tl.zeros((BLOCK_B,), dtype=tl.int64)
-        hi = tl.zeros((BLOCK_B,), dtype=tl.int64) + N
-        for _ in range(search_steps):
-            mid = (lo + hi) // 2
-            below = tl.load(cdf_row + mid, mask=mask_b & (mid < N), other=float("inf")) <= u
-            lo = tl.where(below, mid + 1, lo)
-            hi = tl.where(below, hi, mid)
-        index = tl.minimum(lo, last_positive)
-        # A zero-width gap left by rounding in the parallel prefix sum must not return p == 0.
-        picked = tl.load(priority_row + index, mask=mask_b, other=1.0)
-        index = tl.where(picked > 0, index, last_positive)
-        index = tl.where(empty, tl.minimum((u01 * N).to(tl.int64), N - 1), index)
-        tl.store(index_ptr + c * B + offs_b, index, mask=mask_b)
-        picked = tl.load(priority_row + index, mask=mask_b, other=float("inf"))
-        smallest = tl.minimum(smallest, tl.min(tl.where(mask_b, picked, float("inf")), axis=0))
-
-    # 3. Weights (the max variant needs the minibatch minimum of step 2).
-    for b_start in range(0, B, BLOCK_B):
-        offs_b = b_start + tl.arange(0, BLOCK_B).to(tl.int64)
-        mask_b = offs_b < B
-        index = tl.load(index_ptr + c * B + offs_b, mask=mask_b, other=0)
-        picked = tl.load(priority_row + index, mask=mask_b, other=1.0)
-        picked = tl.where(empty, 1.0, picked)  # an all-zero row gets weight 1, not 0/0
-        if WEIGHTING == MEAN:
-            weight = (total / N) / picked
-        elif WEIGHTING == LAZY:
-            weight = 1.0 / picked
-        else:
-            weight = smallest / picked
-        tl.store(weight_ptr + c * B + offs_b, tl.where(empty, 1.0, weight), mask=mask_b)
-
-    # Advance the counter once every program has read it (atomics are acq_rel).
-    ticket = tl.atomic_add(state_ptr + 2, 1)
-    if ticket == C - 1:
-        tl.store(state_ptr + 1, counter + C * B)
-        tl.store(state_ptr + 2, 0)
+    # 2. Arrival: a row of one tile is complete now; else the last of its slot's tickets completes it.
+    slot = c % n_slots
+    first_row = c
+    row_step = C  # range(c, C, C) is the row c alone
+    rows = tl.full((), 1, dtype=tl.int64)
+    done = n_tiles == 1
+    if n_tiles > 1:
+        rows = (C - 1 - slot) // n_slots + 1
+        arrived = tl.atomic_add(state_ptr + 3 + slot, 1, sem="acq_rel", scope="gpu")
+        done = arrived == n_tiles * rows - 1
+        first_row = slot
+        row_step = n_slots
+    if done:
+        # The other tiles' stores were released before their tickets and acquired by this one; the
+        # barrier orders every thread's loads below after it.
+        tl.debug_barrier()
+        if n_tiles > 1:
+            tl.store(state_ptr + 3 + slot, 0)  # every ticket of this slot is in: reset for the next call
+        seed = tl.load(state_ptr)
+        counter = tl.load(state_ptr + 1)
+        for row in range(first_row, C, row_step):
+            draw_row(row, seed, counter, priority_ptr, scratch_ptr, index_ptr, weight_ptr, N, B, n_tiles, tile_steps,
+                     WEIGHTING, BLOCK_N, CHUNK, BLOCK_B, BLOCK_T)
+        # The counter advances once every row has read it (atomics are acq_rel).
+        rows_done = tl.atomic_add(state_ptr + 2, rows, sem="acq_rel", scope="gpu")
+        if rows_done + rows == C:
+            tl.store(state_ptr + 1, counter + B.to(tl.int64) * C)
+            tl.store(state_ptr + 2, 0)
 
 
 def block_sizes(N: int, K: int, B: int, surrogate: int) -> dict:
-    """``BLOCK_N`` caps the ``[BLOCK_N, BLOCK_K]`` tile at 8192 elements (4096 for K > 1: softmax
-    keeps a few tiles live); ``BLOCK_B`` at 1024 draws per chunk."""
+    """The constexprs and ``num_warps`` of a launch, from register counts of the sm_90 build (ptxas -v).
+
+    A tile holds up to 4096 items (2048 elements ``[BLOCK_N, BLOCK_K]`` for K > 1, whose softmax keeps
+    several tiles live), chunks hold 8 items, a round of draws ``32 * num_warps``; 8 warps for a
+    full tile or ``B >= 256``, 4 for K > 1. These run in 80-102 registers with no spills; 8192-item
+    tiles, 16-item chunks or 64 draws a warp need 128-255 registers, spill, or move the last
+    level's ``[BLOCK_B, CHUNK]`` float64 through 64 KB of shared memory.
+    """
     block_k = triton.next_power_of_2(K)
-    budget = 4096 if surrogate == Surrogate.CATEGORICAL else 8192
-    block_n = max(16, min(triton.next_power_of_2(N), budget // block_k))
-    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_B": max(16, min(triton.next_power_of_2(B), 1024))}
+    if surrogate == Surrogate.CATEGORICAL:
+        block_n = max(8, min(triton.next_power_of_2(N), 2048 // block_k))
+        num_warps = 4
+    else:
+        block_n = max(16, min(triton.next_power_of_2(N), 4096))
+        num_warps = 8 if block_n == 4096 or B >= 256 else 4
+    n_tiles = triton.cdiv(N, block_n)
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "CHUNK": 8,
+            "BLOCK_B": max(16, min(triton.next_power_of_2(B), 32 * num_warps)),
+            "BLOCK_T": max(16, min(triton.next_power_of_2(n_tiles), 1024)), "num_warps": num_warps}
+
+
+class Buffers(NamedTuple):
+    """What one launch writes: the three outputs and the float64 scratch of step 1."""
+
+    index: Tensor  # [C, B] int64
+    weight: Tensor  # [C, B] float32
+    priority: Tensor  # [C, N] float32
+    scratch: Tensor  # [C, T * (BLOCK_N // CHUNK + 2)] float64
+
+
+def allocate_buffers(pred: Tensor, batch_size: int, surrogate: int) -> Buffers:
+    """Fresh (uninitialised) buffers for :func:`launch_laber` on ``pred``'s device."""
+    C, N, K = pred.shape
+    blocks = block_sizes(N, K, batch_size, surrogate)
+    n_tiles = triton.cdiv(N, blocks["BLOCK_N"])
+    per_tile = blocks["BLOCK_N"] // blocks["CHUNK"] + 2
+    device = pred.device
+    return Buffers(torch.empty(C, batch_size, device=device, dtype=torch.int64),
+                   torch.empty(C, batch_size, device=device, dtype=torch.float32),
+                   torch.empty(C, N, device=device, dtype=torch.float32),
+                   torch.empty(C, n_tiles * per_tile, device=device, dtype=torch.float64))
 
 
 def launch_laber(pred: Tensor, target: Tensor, state: Tensor, batch_size: int, surrogate: int, weighting: int,
-                 eps: float, huber_delta: float, *, kernel=None) -> tuple[Tensor, Tensor, Tensor]:
-    """Allocate the outputs and launch the kernel once, with no host sync.
+                 eps: float, huber_delta: float, *, buffers: Buffers | None = None, kernel=None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the kernel once, with no host sync; returns ``(index, weight, priority)``.
 
-    ``kernel`` defaults to the jitted kernel wrapped by ``wrap_triton`` (so ``torch.compile`` sees
-    the launch); the tests pass the interpreter's version, which ``wrap_triton`` does not accept.
+    ``buffers`` (from :func:`allocate_buffers`) lets the tests fill outputs and scratch with poison
+    first, so that anything left unwritten shows. ``kernel`` defaults to the jitted kernel wrapped
+    by ``wrap_triton`` (so ``torch.compile`` sees the launch); the tests pass a recorder of the grid.
     """
     C, N, K = pred.shape
-    device = pred.device
-    priority = torch.empty(C, N, device=device, dtype=torch.float32)
-    cdf = torch.empty(C, N, device=device, dtype=torch.float32)
-    index = torch.empty(C, batch_size, device=device, dtype=torch.int64)
-    weight = torch.empty(C, batch_size, device=device, dtype=torch.float32)
+    if not isinstance(state, Tensor) or state.dtype != torch.int64 or state.dim() != 1 or state.numel() < 4:
+        raise TypeError(f"rng_state must be an int64 [3 + S] tensor from new_rng_state, got {state!r:.80}")
+    if state.device != pred.device:
+        raise ValueError(f"rng_state is on {state.device}, the inputs on {pred.device}")
     blocks = block_sizes(N, K, batch_size, surrogate)
+    n_tiles = triton.cdiv(N, blocks["BLOCK_N"])
+    index, weight, priority, scratch = buffers if buffers is not None else allocate_buffers(pred, batch_size, surrogate)
     launcher = kernel if kernel is not None else wrap_triton(laber_fused_kernel)
-    launcher[(C,)](
-        pred, target, priority, cdf, index, weight, state,
-        C, N, K, batch_size, eps, huber_delta, N.bit_length(),
-        pred.stride(0), pred.stride(1), pred.stride(2), target.stride(0), target.stride(1), target.stride(2),
-        SURROGATE=int(surrogate), WEIGHTING=int(weighting), num_warps=4 if blocks["BLOCK_N"] * blocks["BLOCK_K"] <= 2048 else 8,
-        **blocks,
-    )
+    # Triton launches on the current device: tensors on another GPU need their own current. Not
+    # while tracing (fake tensors: no device to switch to, and Inductor guards the device itself).
+    on_device = torch.cuda.device(pred.device) if pred.is_cuda and not is_fake(pred) else contextlib.nullcontext()
+    with on_device:
+        launcher[(C * n_tiles,)](
+            pred, target, priority, scratch, index, weight, state,
+            C, N, K, batch_size, n_tiles, state.numel() - 3, eps, huber_delta, n_tiles.bit_length(),
+            pred.stride(0), pred.stride(1), pred.stride(2), target.stride(0), target.stride(1), target.stride(2),
+            SURROGATE=int(surrogate), WEIGHTING=int(weighting), **blocks,
+        )
     return index, weight, priority
 
 
@@ -192,7 +391,8 @@ def laber_fused(pred: Tensor, target: Tensor, rng_state: Tensor, batch_size: int
 
     Args:
         pred, target: ``[C, N, K]``, fp32/fp16/bf16/fp64.
-        rng_state: int64 ``[3]`` on the same device, from :func:`rng_state`; advanced in place.
+        rng_state: int64 ``[3 + S]`` on the same device, from :func:`new_rng_state` (owned by the
+            caller) or :func:`rng_state` (the device's default); advanced in place.
         batch_size: ``B``; surrogate: a :class:`torchsample.codes.Surrogate` (K > 1 only for
         ``CATEGORICAL``); weighting: a :class:`torchsample.codes.Weighting`; eps, huber_delta: floats.
 
@@ -203,28 +403,41 @@ def laber_fused(pred: Tensor, target: Tensor, rng_state: Tensor, batch_size: int
         >>> # needs a GPU, hence the SKIP
         >>> q = torch.rand(2, 128, 1, device="cuda")  # doctest: +SKIP
         >>> index, weight, priority = torch.ops.torchsample.laber_fused(  # doctest: +SKIP
-        ...     q, q, rng_state(q.device), 32, Surrogate.PRIORITY, Weighting.MEAN, 1e-6, 1.0)
+        ...     q, q, new_rng_state(q.device), 32, Surrogate.PRIORITY, Weighting.MEAN, 1e-6, 1.0)
     """
     return launch_laber(pred, target, rng_state, batch_size, surrogate, weighting, eps, huber_delta)
+
+
+def new_rng_state(device: torch.device | str, generator: torch.Generator | None = None,
+                  slots: int = RNG_SLOTS) -> Tensor:
+    """A fresh state for the kernel: int64 ``[3 + slots]``, ``(seed, 0, 0, ...)`` on ``device``.
+
+    The seed comes from ``generator`` (on any device), or from torch's default CPU generator, so
+    ``torch.manual_seed`` reproduces it. A caller that owns its state (a module buffer, created
+    before any capture or compile) draws independently of every other caller; the kernel advances
+    it in place. ``slots`` arrival tickets let that many rows of several tiles finish in parallel.
+
+    Examples:
+        >>> state = new_rng_state("cpu", torch.Generator().manual_seed(0))
+        >>> state.shape, state[1:].abs().sum().item()
+        (torch.Size([67]), 0)
+    """
+    on = generator.device if generator is not None else "cpu"
+    seed = torch.randint(0, 2**62, (1,), generator=generator, device=on)
+    return torch.cat([seed.cpu(), torch.zeros(2 + slots, dtype=torch.int64)]).to(device)
 
 
 _STATES: dict = {}
 
 
 def rng_state(device: torch.device, generator: torch.Generator | None = None) -> Tensor:
-    """The Philox state ``(seed, counter, ticket)`` the kernel reads, an int64 ``[3]`` device tensor.
-
-    Without ``generator``: one persistent state per device, seeded from torch's default CPU
-    generator when first used (so ``torch.manual_seed`` before the first call reproduces a run)
-    and advanced by the kernel itself. With ``generator``: a fresh state drawn from it, so a seeded
-    generator reproduces the draw.
-    """
+    """The state a plain op call uses: one persistent :func:`new_rng_state` per device, created
+    when first used and advanced by the kernel itself; with ``generator``, a fresh one drawn from
+    it, so a seeded generator reproduces the draw."""
     if generator is not None:
-        seed = torch.randint(0, 2**62, (1,), device=generator.device, generator=generator).to(device)
-        return torch.cat([seed, torch.zeros(2, dtype=torch.int64, device=device)])
+        return new_rng_state(device, generator)
     key = torch.device(device)
     state = _STATES.get(key)
     if state is None:
-        seed = torch.randint(0, 2**62, (1,))
-        state = _STATES[key] = torch.cat([seed, torch.zeros(2, dtype=torch.int64)]).to(key)
+        state = _STATES[key] = new_rng_state(key)
     return state

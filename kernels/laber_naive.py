@@ -1,8 +1,9 @@
 """Float32 plain-torch reference of :mod:`torchsample.kernels.laber`, step for step.
 
-Given the uniforms ``u`` the kernel would draw, it returns exactly what the kernel computes (up to
-float rounding in the prefix sum), so the kernel tests can hold the kernel to it: priorities exactly,
-the sampling distribution statistically.
+Given the uniforms ``u`` the kernel would draw, it returns what the kernel computes: the same float32
+priorities, and the same draws up to where ``u * sum(p)`` lies within float64 rounding of a boundary
+of the cumulative sum (the kernel sums in another order: tiles, chunks, items), so the kernel tests
+can hold the kernel to it draw for draw.
 """
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ def laber_naive(pred: Tensor, target: Tensor, u: Tensor, surrogate: int, weighti
                 huber_delta: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """The kernel's algorithm on ``[C, N, K]`` inputs and ``[C, B]`` uniforms in ``[0, 1)``.
 
-    ``p = surrogate + eps``; ``index = min(#{i: cdf_i <= u * sum(p)}, last i with p_i > 0)``, and the
-    last positive item if rounding lands on a zero; all-zero rows draw ``floor(u * N)`` with weight 1.
+    ``p = surrogate + eps`` in float32; ``cdf`` its float64 cumulative sum;
+    ``index = min(#{i: cdf_i <= u * cdf_N}, last i with p_i > 0)``, and the last positive item if
+    rounding lands on a zero; all-zero rows draw ``floor(u * N)`` with weight 1. ``u`` is used in
+    float64 (the kernel's uniforms have 52 bits).
 
     Examples:
         >>> import torch
@@ -38,14 +41,14 @@ def laber_naive(pred: Tensor, target: Tensor, u: Tensor, surrogate: int, weighti
         p = td_priority(pred[..., 0], target[..., 0], loss=surrogate.label, huber_delta=huber_delta)
     p = p + eps
     C, N = p.shape
-    cdf = p.cumsum(-1)
+    cdf = p.double().cumsum(-1)
     total = cdf[:, -1:]
     positions = torch.arange(N, device=p.device).expand(C, N)
     last_positive = torch.where(p > 0, positions, 0).amax(-1, keepdim=True)
-    index = torch.searchsorted(cdf, u.float() * total, right=True).clamp(max=N - 1)
+    index = torch.searchsorted(cdf, u.double() * total, right=True).clamp(max=N - 1)
     index = torch.minimum(index, last_positive)
     index = torch.where(p.gather(-1, index) > 0, index, last_positive)
     empty = total <= 0
-    index = torch.where(empty, (u * N).long().clamp(max=N - 1), index)
+    index = torch.where(empty, (u.double() * N).long().clamp(max=N - 1), index)
     weight = torch.where(empty, 1.0, importance_weights(p, index, Weighting(weighting).label))
     return index, weight, p

@@ -61,6 +61,7 @@ def laber_downsample(
     weighting: str = "mean",
     eps: float = 1e-6,
     generator: Optional[torch.Generator] = None,
+    rng_state: Optional[Tensor] = None,
 ) -> LaBERSample:
     """Down-sample a large batch in proportion to its priorities (LaBER, Lahire et al., 2022).
 
@@ -79,6 +80,12 @@ def laber_downsample(
         weighting: ``"mean"`` (default), ``"lazy"`` or ``"max"``.
         eps: added to every priority (cpprb's 1e-6 by default; 0 allowed).
         generator: a ``torch.Generator`` on the priorities' device, for reproducible draws.
+        rng_state: CUDA only: the fused kernel's random state, an int64 ``[3 + S]`` tensor on the
+            priorities' device from :func:`torchsample.kernels.laber.new_rng_state`, which the
+            kernel advances in place. Owned by the caller (e.g. a module buffer created before
+            capture or compile), it makes the call's draws independent of every other caller's and
+            lets CUDA graphs and ``torch.compile(mode="reduce-overhead")`` replay fresh draws.
+            Default: one shared state per device. Not with ``generator``; ignored on CPU.
 
     Returns:
         :class:`LaBERSample` ``(index, weight, priority)``.
@@ -104,7 +111,8 @@ def laber_downsample(
     if priorities.is_cuda:
         if CHECK_VALUES_ON_CUDA:
             _check_values(priorities.float(), "priorities")
-        return _fused(priorities.unsqueeze(-1), priorities.unsqueeze(-1), batch_size, Surrogate.PRIORITY, weighting, eps, 1.0, generator)
+        p3 = priorities.unsqueeze(-1)
+        return _fused(p3, p3, batch_size, Surrogate.PRIORITY, weighting, eps, 1.0, generator, rng_state)
     p = priorities if dtype is torch.float32 else priorities.float()
     # A cached 0-dim eps tensor: adding a Python float costs ~1.5 us more a call on CPU (measured).
     return _downsample(p + _scalar(eps), batch_size, weighting, generator, "priorities")
@@ -120,6 +128,7 @@ def laber_select(
     eps: float = 1e-6,
     huber_delta: float = 1.0,
     generator: Optional[torch.Generator] = None,
+    rng_state: Optional[Tensor] = None,
 ) -> LaBERSample:
     """Surrogate priorities and the LaBER down-sample in one call (one kernel launch on CUDA).
 
@@ -136,7 +145,7 @@ def laber_select(
         target: TD targets (or target distributions), same shape, dtype and device as ``pred``.
         batch_size: ``B``, rows drawn per critic.
         surrogate: ``"l2"`` (default), ``"huber"`` or ``"categorical"``.
-        weighting, eps, generator: as in :func:`laber_downsample`.
+        weighting, eps, generator, rng_state: as in :func:`laber_downsample`.
         huber_delta: the Huber threshold (1.0, as ``smooth_l1_loss``).
 
     Returns:
@@ -170,7 +179,7 @@ def laber_select(
         if CHECK_VALUES_ON_CUDA:
             _check_values(torch.stack([pred.float(), target.float()]).abs(), "pred and target")
         pred3, target3 = (pred, target) if categorical else (pred.unsqueeze(-1), target.unsqueeze(-1))
-        return _fused(pred3, target3, batch_size, Surrogate.of(surrogate), weighting, eps, huber_delta, generator)
+        return _fused(pred3, target3, batch_size, Surrogate.of(surrogate), weighting, eps, huber_delta, generator, rng_state)
     if categorical:
         p = categorical_priority(pred, target)
     else:
@@ -234,17 +243,25 @@ def _downsample_traceable(p: Tensor, batch_size: int, weighting: str) -> LaBERSa
 # CUDA path
 
 
-def _fused(pred3, target3, batch_size, surrogate_code, weighting, eps, huber_delta, generator) -> LaBERSample:
-    """One launch of the fused kernel on ``[C, N, K]`` inputs; squeezes the critic dim back."""
+def _fused(pred3, target3, batch_size, surrogate_code, weighting, eps, huber_delta, generator, state) -> LaBERSample:
+    """One launch of the fused kernel on ``[C, N, K]`` inputs; squeezes the critic dim back.
+
+    ``state`` is the caller's random state (``rng_state=``, checked by the launcher); without one,
+    the device's default state, or a fresh one drawn from ``generator``.
+    """
     from .kernels.laber import rng_state  # imported lazily: triton is only needed on CUDA
 
+    if state is None:
+        state = rng_state(pred3.device, generator)
+    elif generator is not None:
+        raise ValueError("pass generator or rng_state, not both")
     squeeze = pred3.dim() == 2
     if squeeze:
         pred3, target3 = pred3.unsqueeze(0), target3.unsqueeze(0)
     index, weight, priority = torch.ops.torchsample.laber_fused(
         pred3,
         target3,
-        rng_state(pred3.device, generator),
+        state,
         batch_size,
         int(surrogate_code),
         int(Weighting.of(weighting)),

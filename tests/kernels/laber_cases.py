@@ -2,6 +2,8 @@
 
 Not collected directly (no ``test_`` prefix): they need ``TRITON_INTERPRET=1`` set before triton
 decorates the kernel (on CPU), or a CUDA device (compiled), so they run in a subprocess of their own.
+Every launch writes into buffers filled with poison first (NaN, -1), so an output or a scratch
+entry that the kernel leaves unwritten, or reads before it is written, fails a check.
 """
 import math
 
@@ -13,7 +15,8 @@ from scipy import stats
 
 from torchsample.codes import Surrogate as S
 from torchsample.codes import Weighting as W
-from torchsample.kernels.laber import launch_laber, rng_state
+from torchsample.kernels import laber
+from torchsample.kernels.laber import allocate_buffers, block_sizes, launch_laber, new_rng_state
 from torchsample.kernels.laber_naive import laber_naive
 from torchsample.weights import importance_weights
 
@@ -30,13 +33,26 @@ def philox_uniforms_kernel(state_ptr, out_ptr, B, BLOCK_B: tl.constexpr):
     counter = tl.load(state_ptr + 1)
     for start in range(0, B, BLOCK_B):
         offs = start + tl.arange(0, BLOCK_B).to(tl.int64)
-        tl.store(out_ptr + c * B + offs, tl.rand(seed, counter + c * B + offs), mask=offs < B)
+        tl.store(out_ptr + c * B + offs, laber.uniform52(seed, counter + c * B + offs), mask=offs < B)
 
 
 def kernel_uniforms(state: torch.Tensor, C: int, B: int) -> torch.Tensor:
-    out = torch.full((C, B), float("nan"), device=state.device)
-    philox_uniforms_kernel[(C,)](state, out, B, BLOCK_B=128)
+    out = torch.full((C, B), float("nan"), device=state.device, dtype=torch.float64)
+    philox_uniforms_kernel[(C,)](state, out, B, BLOCK_B=1024)
     return out
+
+
+@triton.jit
+def search_kernel(u_ptr, index_ptr, priority_ptr, scratch_ptr, N, n_tiles, tile_steps, last_positive, B,
+                  BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The LaBER kernel's search (its own ``search``) of row 0 for given ``u`` in ``[0, total)``."""
+    offs = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask = offs < B
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0)
+    tile_row = scratch_ptr + n_tiles * (BLOCK_N // CHUNK)
+    index, _ = laber.search(u, mask, priority_ptr, scratch_ptr, tile_row, N, n_tiles, tile_steps, last_positive,
+                            BLOCK_N, CHUNK)
+    tl.store(index_ptr + offs, index, mask=mask)
 
 
 def make_inputs(surrogate: int, C: int, N: int, K: int, dtype: torch.dtype, seed: int = 0):
@@ -54,67 +70,171 @@ def make_inputs(surrogate: int, C: int, N: int, K: int, dtype: torch.dtype, seed
     return pred.to(DEVICE, dtype), target.to(DEVICE, dtype)
 
 
-def fresh_state(seed: int) -> torch.Tensor:
-    return rng_state(torch.device(DEVICE), torch.Generator(DEVICE).manual_seed(seed))
+def fresh_state(seed: int, slots: int = laber.RNG_SLOTS) -> torch.Tensor:
+    return new_rng_state(DEVICE, torch.Generator().manual_seed(seed), slots)
 
 
-def run(pred, target, state, B, surrogate, weighting, eps=0.0, huber_delta=1.0):
-    # NaN-filled inputs to the reference check would show an output the kernel left unwritten.
-    return launch_laber(pred, target, state, B, surrogate, weighting, eps, huber_delta)
+def poisoned_buffers(pred, B, surrogate) -> laber.Buffers:
+    buffers = allocate_buffers(pred, B, surrogate)
+    buffers.index.fill_(-1)
+    for t in buffers[1:]:
+        t.fill_(float("nan"))
+    return buffers
 
 
-CASES = [
-    pytest.param(s, w, C, N, K, dt, id=f"{S(s).label}-{W(w).label}-N{N}-K{K}-C{C}-{dt}")
-    for s, K in [(S.PRIORITY, 1), (S.L2, 1), (S.HUBER, 1), (S.CATEGORICAL, 1), (S.CATEGORICAL, 51)]
-    for N in (1, 127, 1000, 4097)
-    for C in (1, 2)
-    for w, dt in ([(W.MEAN, "fp32"), (W.LAZY, "fp16"), (W.MAX, "bf16")] if N == 127 else [(W((N + C + s) % 3), "fp32")])
+def run(pred, target, state, B, surrogate, weighting, eps=0.0, huber_delta=1.0, kernel=None):
+    """One launch into poisoned buffers; checks that every output was written."""
+    buffers = poisoned_buffers(pred, B, surrogate)
+    index, weight, priority = launch_laber(pred, target, state, B, surrogate, weighting, eps, huber_delta,
+                                           buffers=buffers, kernel=kernel)
+    assert ((index >= 0) & (index < pred.shape[1])).all(), "an index is unwritten or out of range"
+    assert torch.isfinite(weight).all() and (weight > 0).all(), "a weight is unwritten or not positive"
+    assert not priority.isnan().any(), "a priority is unwritten"
+    return index, weight, priority
+
+
+def coarse_chi_square_pvalue(index: torch.Tensor, priority: torch.Tensor, bins: int = 50) -> float:
+    """Goodness of fit of one row's draws to ``priority``, over ``bins`` cells of neighbouring items
+    (coarse cells keep the expected counts large)."""
+    N = priority.numel()
+    bins = min(N, bins)
+    cell = torch.arange(N) * bins // N
+    probs = torch.zeros(bins, dtype=torch.float64).index_add_(0, cell, priority.double().cpu())
+    counts = torch.bincount(cell[index.flatten().cpu()], minlength=bins).double()
+    keep = probs > 0
+    assert counts[~keep].sum() == 0, "drew from a cell without mass"
+    expected = probs[keep] / probs[keep].sum() * counts.sum()
+    return stats.chisquare(counts[keep].numpy(), expected.numpy()).pvalue
+
+
+def kind(s, K):
+    return f"{S(s).label}-K{K}"
+
+
+# (surrogate, K, weighting, C, N, B, dtype): every surrogate, weighting and dtype, N from 1 to 2^20
+# (one tile, several, a last tile of one item), B from 1 to 4096 (one round of draws or several, a
+# last round of one draw); sized so that the interpreter runs them all in about a minute.
+MATCH = [
+    (S.PRIORITY, 1, W.MEAN, 1, 1, 1, "fp32"),
+    (S.HUBER, 1, W.MAX, 2, 1, 32, "fp32"),
+    (S.CATEGORICAL, 51, W.LAZY, 2, 1, 33, "fp32"),
+    (S.PRIORITY, 1, W.MEAN, 2, 127, 513, "fp32"),
+    (S.L2, 1, W.LAZY, 2, 127, 97, "fp16"),
+    (S.HUBER, 1, W.MAX, 1, 127, 97, "bf16"),
+    (S.CATEGORICAL, 1, W.MEAN, 2, 127, 97, "fp32"),
+    (S.CATEGORICAL, 51, W.MAX, 2, 127, 128, "bf16"),
+    (S.CATEGORICAL, 51, W.LAZY, 1, 127, 97, "fp16"),
+    (S.L2, 1, W.MAX, 1, 128, 1024, "fp32"),
+    (S.CATEGORICAL, 51, W.MEAN, 2, 1000, 97, "fp32"),
+    (S.PRIORITY, 1, W.LAZY, 2, 4097, 1025, "fp32"),
+    (S.HUBER, 1, W.MEAN, 2, 4097, 97, "fp32"),
+    (S.CATEGORICAL, 51, W.MAX, 1, 4097, 97, "fp32"),
+    (S.L2, 1, W.MEAN, 2, 8193, 4096, "fp32"),
+    (S.PRIORITY, 1, W.MAX, 2, 65537, 1025, "fp32"),
+    (S.HUBER, 1, W.LAZY, 1, 65537, 97, "bf16"),
+    (S.PRIORITY, 1, W.MEAN, 1, 2**20, 4096, "fp32"),
 ]
 
 
-@pytest.mark.parametrize("surrogate, weighting, C, N, K, dtype", CASES)
-def test_kernel_matches_reference(surrogate, weighting, C, N, K, dtype):
+@pytest.mark.parametrize("surrogate, K, weighting, C, N, B, dtype", [
+    pytest.param(*case, id=f"{kind(case[0], case[1])}-{W(case[2]).label}-C{case[3]}-N{case[4]}-B{case[5]}-{case[6]}")
+    for case in MATCH])
+def test_kernel_matches_reference(surrogate, K, weighting, C, N, B, dtype):
     pred, target = make_inputs(surrogate, C, N, K, DTYPES[dtype])
-    B = 97
-    state = fresh_state(N + K)
+    state = fresh_state(N + K + B)
     u = kernel_uniforms(state, C, B)
     index, weight, priority = run(pred, target, state, B, surrogate, weighting, eps=0.0, huber_delta=0.7)
     ref_index, ref_weight, ref_priority = laber_naive(pred, target, u, surrogate, weighting, 0.0, 0.7)
     tol = {"fp32": 1e-6, "fp16": 1e-3, "bf16": 1e-2}[dtype] if surrogate != S.CATEGORICAL else 2e-5
     torch.testing.assert_close(priority, ref_priority, rtol=tol, atol=tol)
-    assert ((index >= 0) & (index < N)).all()
     has_mass = priority.sum(1) > 0  # an all-zero row (N == 1 here) draws uniformly
     assert (priority.gather(1, index)[has_mass] > 0).all(), "drew an item with zero priority"
     # Same uniforms, same search: a draw may differ only where u * sum(p) lies within the rounding
-    # error of a float32 prefix sum (at most N * 2^-24 * sum(p)) of the boundary between the two.
+    # of a float64 cumulative sum (summed in another order) of the boundary between the two.
     cdf = ref_priority.double().cumsum(-1)
     total = cdf[:, -1:]
     differ = index != ref_index
     boundary = cdf.gather(1, torch.minimum(index, ref_index))
-    distance = (u.double() * total - boundary).abs()
-    tolerance = (N * 2.0**-24 * total).expand_as(distance)
+    distance = (u * total - boundary).abs()
+    tolerance = (N * 2.0**-50 * total).expand_as(distance)
     assert (distance[differ] <= tolerance[differ]).all(), "a draw differs from the reference away from any boundary"
-    assert differ.float().mean() < 0.1
     expected = torch.where(has_mass[:, None], importance_weights(priority, index, W(weighting).label), 1.0)
     torch.testing.assert_close(weight, expected, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("C", [1, 2])
 @pytest.mark.parametrize("N, K", [(127, 1), (1000, 51), (65536, 1)], ids=["N127-K1", "N1000-K51", "N65536-K1"])
-def test_kernel_draws_follow_the_priorities(N, K, C):
+def test_kernel_draws_follow_the_priorities(N, K):
+    C = 2  # two rows, two streams of uniforms
     surrogate = S.CATEGORICAL if K > 1 else S.PRIORITY
     pred, target = make_inputs(surrogate, C, N, K, torch.float32, seed=1)
-    B = 20_000
+    B = 10_000
     index, _, priority = run(pred, target, fresh_state(3), B, surrogate, W.MEAN)
-    bins = min(N, 50)  # coarse cells keep the expected counts large for the chi-square test
-    cell = torch.arange(N, device=DEVICE) * bins // N
     for c in range(C):
-        probs = torch.zeros(bins, dtype=torch.float64).index_add_(0, cell.cpu(), priority[c].double().cpu())
-        counts = torch.bincount(cell[index[c]].cpu(), minlength=bins).double()
-        keep = probs > 0
-        assert counts[~keep].sum() == 0
-        expected = probs[keep] / probs[keep].sum() * B
-        assert stats.chisquare(counts[keep].numpy(), expected.numpy()).pvalue > ALPHA
+        assert coarse_chi_square_pvalue(index[c], priority[c]) > ALPHA
+
+
+def test_draws_resolve_small_items_behind_a_large_prefix():
+    """N = 2^20: 2^19 items of mass 1, then 2^19 of mass 2^-6. A float32 cumulative sum (ulp 1/16
+    at 2^19) and float32 uniforms resolve only every fourth of the light items, so the four residues
+    ``i mod 4`` of the light half get far from equal shares; the kernel's float64 levels and 52-bit
+    uniforms give each its 1/4."""
+    N, B = 2**20, 8192
+    p = torch.ones(1, N, 1)
+    p[:, N // 2:] = 2.0**-6
+    index, _, _ = run(p.to(DEVICE), p.to(DEVICE), fresh_state(7), B, S.PRIORITY, W.MEAN)
+    index = index[0].cpu()
+    light = index >= N // 2
+    counts = torch.cat([(~light).sum().view(1), torch.bincount(index[light] % 4, minlength=4)]).double()
+    light_share = (N // 2 * 2.0**-6) / (N // 2 * (1 + 2.0**-6))
+    expected = torch.tensor([1 - light_share] + [light_share / 4] * 4, dtype=torch.float64) * B
+    assert stats.chisquare(counts.numpy(), expected.numpy()).pvalue > ALPHA
+
+
+def test_effective_probabilities_at_4m_are_within_2_to_the_minus_47():
+    """The probability with which the kernel's search returns item ``i``, computed exactly: on the
+    grid of its uniforms (``u01 = k * 2^-52``), the first ``k`` that reaches each boundary, by
+    bisection through the kernel's own ``search``. At N = 2^22 (1024 tiles), probes at tile and
+    chunk edges, after a heavy prefix, in zero-mass chunks and at random: each is within 2^-47 of
+    ``p_i / sum(p)``, 3e-8 relative for an item of average mass (the issue asks 1e-4)."""
+    N = 2**22
+    g = torch.Generator().manual_seed(11)
+    p = torch.rand(1, N, 1, generator=g) + 0.5
+    p[0, N // 2:N // 2 + 4096] *= 2.0**-10  # light items behind half the mass
+    p[0, 3 * N // 4:3 * N // 4 + 64] = 0.0  # zero-mass chunks
+    p = p.to(DEVICE)
+    blocks = block_sizes(N, 1, 1, S.PRIORITY)
+    buffers = poisoned_buffers(p, 1, S.PRIORITY)
+    launch_laber(p, p, fresh_state(0), 1, S.PRIORITY, W.MEAN, 0.0, 1.0, buffers=buffers)
+    priority = buffers.priority[0]
+    n_tiles = triton.cdiv(N, blocks["BLOCK_N"])
+    tile_prefix = buffers.scratch[0, n_tiles * (blocks["BLOCK_N"] // blocks["CHUNK"]):][:n_tiles]
+    total = tile_prefix[-1].item()
+    edges = torch.arange(1, 16) * blocks["BLOCK_N"]
+    probes = torch.cat([edges - 1, edges, edges + 7, edges + 8, torch.arange(N // 2 - 2, N // 2 + 100),
+                        torch.arange(3 * N // 4 - 2, 3 * N // 4 + 66), torch.randint(0, N, (200,), generator=g)])
+    # Item i is returned for k in [first(i), first(i + 1)): first(j) = the smallest k whose index >= j.
+    targets = torch.cat([probes, probes + 1]).to(DEVICE)
+    lo = torch.zeros_like(targets, dtype=torch.int64)
+    hi = torch.full_like(lo, 2**52)
+    last_positive = int((priority > 0).nonzero().max())
+    while (lo < hi).any():
+        mid = (lo + hi) // 2
+        u = (mid.double() * 2.0**-52) * total
+        index = torch.full_like(targets, -1)
+        search_kernel[(triton.cdiv(len(u), 1024),)](u, index, priority, buffers.scratch, N, n_tiles, n_tiles.bit_length(),
+                                                     last_positive, len(u), BLOCK_N=blocks["BLOCK_N"],
+                                                     CHUNK=blocks["CHUNK"], BLOCK_B=1024)
+        reached = index >= targets
+        hi = torch.where(reached, mid, hi)
+        lo = torch.where(reached, lo, mid + 1)
+    first, after = lo.cpu().double().chunk(2)
+    effective = (after - first) * 2.0**-52
+    exact = priority.double().cpu()[probes] / math.fsum(priority.double().cpu().tolist())
+    assert (effective[exact == 0] == 0).all(), "a zero-mass item has a probability"
+    error = (effective - exact).abs()
+    assert error.max() < 2.0**-47, f"largest error {error.max():.3g}"
+    relative = (error / exact)[priority.cpu()[probes] >= 0.5]
+    assert relative.max() < 3e-8, f"largest relative error {relative.max():.3g}"
 
 
 def test_all_zero_row_is_uniform_with_unit_weight():
@@ -127,23 +247,46 @@ def test_all_zero_row_is_uniform_with_unit_weight():
     assert stats.chisquare(counts).pvalue > ALPHA
 
 
-def test_state_advances_and_generators_reproduce():
-    pred, target = make_inputs(S.L2, 2, 300, 1, torch.float32)
-    state = torch.tensor([1234, 0, 0], device=DEVICE)
-    first = run(pred, target, state, 50, S.L2, W.MEAN)
-    assert state.tolist() == [1234, 100, 0]  # counter += C * B, ticket reset
-    second = run(pred, target, state, 50, S.L2, W.MEAN)
+@pytest.mark.parametrize("N", [300, 20_000], ids=["one-tile", "three-tiles"])
+def test_state_advances_and_generators_reproduce(N):
+    """The counter advances by C * B per call and every ticket is back to 0, however many rows share
+    an arrival slot (the draws do not depend on it)."""
+    C, B = 3, 50
+    pred, target = make_inputs(S.L2, C, N, 1, torch.float32)
+    state = torch.tensor([1234] + [0] * (2 + laber.RNG_SLOTS), device=DEVICE)
+    first = run(pred, target, state, B, S.L2, W.MEAN)
+    assert state[1].item() == C * B and (state[2:] == 0).all()
+    second = run(pred, target, state, B, S.L2, W.MEAN)
+    assert state[1].item() == 2 * C * B and (state[2:] == 0).all()
     assert not torch.equal(first[0], second[0])
-    a = run(pred, target, fresh_state(9), 50, S.L2, W.MEAN)
-    b = run(pred, target, fresh_state(9), 50, S.L2, W.MEAN)
+    a = run(pred, target, fresh_state(9), B, S.L2, W.MAX)
+    one_slot = fresh_state(9, slots=1)  # all three rows complete in the last of their 3 * T programs
+    b = run(pred, target, one_slot, B, S.L2, W.MAX)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert one_slot[1].item() == C * B and (one_slot[2:] == 0).all()
+
+
+def test_rows_of_several_tiles_spread_over_programs():
+    """One launch of ``C * ceil(N / BLOCK_N)`` programs: a row of 65537 items takes 17, not 1."""
+    grids = []
+
+    class Recording:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return laber.laber_fused_kernel[grid]
+
+    pred, target = make_inputs(S.PRIORITY, 2, 65537, 1, torch.float32)
+    run(pred, target, fresh_state(5), 8, S.PRIORITY, W.MEAN, kernel=Recording())
+    assert block_sizes(65537, 1, 8, S.PRIORITY)["BLOCK_N"] == 4096 and grids == [(2 * 17,)]
 
 
 def test_unbiased_mean_weights():
-    N, B, reps = 128, 32, 300  # each row is a program: the interpreter runs them one by one
+    """E[mean_i(w_i g_i)] equals the large batch's mean of g. The B = reps * 32 draws of a row are
+    i.i.d., so reps groups of 32 are reps independent minibatches (one program, not reps)."""
+    N, B, reps = 128, 32, 300
     g = torch.randn(N, generator=torch.Generator().manual_seed(5)).to(DEVICE) * 3 + 1
-    p = (g.abs() + 0.1).expand(reps, N).unsqueeze(-1).contiguous()
-    index, weight, _ = run(p, p, fresh_state(6), B, S.PRIORITY, W.MEAN)
-    estimates = (weight * g[index]).mean(-1).double()
+    p = (g.abs() + 0.1).view(1, N, 1)
+    index, weight, _ = run(p, p, fresh_state(6), reps * B, S.PRIORITY, W.MEAN)
+    estimates = (weight * g[index]).view(reps, B).mean(-1).double()
     z = (estimates.mean() - g.double().mean()) / (estimates.std() / math.sqrt(reps))
     assert abs(z.item()) < stats.norm.isf(ALPHA / 2)
