@@ -4,12 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo compare bench bench-full clean
+.PHONY: install test demo compare bench bench-full bench-kernel gpu-check compat clean
 
-$(STAMP): pyproject.toml
+# pyproject.toml states the supported ranges; CI installs the one combination it tests.
+$(STAMP): pyproject.toml constraints/ci.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,agents,bench]"
+	$(PY) -m pip install -q -c constraints/ci.txt -e ".[test,agents,bench]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -42,5 +43,27 @@ bench-full: $(STAMP)
 	$(PY) perf/bench_update.py --full
 	$(PY) perf/bench_scaling.py --full
 
+# The fused kernel against the naive torch path (CUDA; without a GPU it says so and exits 0).
+bench-kernel: $(STAMP)
+	$(PY) perf/bench_kernel.py
+
+# On a GPU machine, with the interpreter at hand (no venv): `make gpu-check PYTHON=python3`. Runs the
+# GPU tests (pytest -m gpu), perf/bench_kernel.py and perf/bench_update.py on CUDA, each under a time
+# limit (about 8 minutes in all), keeps going when one fails, and writes perf/results/*_cuda.csv and
+# perf/results/gpu_summary_cuda.md; exits non-zero when a step failed. See ../shared/gpu/README.md.
+gpu-check:
+	$(PYTHON) perf/gpu_check.py
+
+# Not in CI: the library's tests on the oldest supported combination (torch 2.11, torchrl 0.11.1,
+# tensordict 0.11), in a venv of its own. The agents' extras are not installed there; the Triton 3.6
+# interpreter cannot run the kernel (a numpy-scalar TypeError), so that one test is deselected.
+COMPAT_VENV ?= .venv-compat
+compat:
+	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q -c constraints/oldest.txt -e ".[test]"
+	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider --ignore=tests/test_agents.py --ignore=agents \
+		--ignore=tests/test_distributed.py --ignore=perf \
+		--deselect tests/kernels/test_laber_kernel.py::test_kernel_under_the_interpreter_matches_reference
+
 clean:
-	rm -rf $(VENV) build *.egg-info runs
+	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info runs

@@ -9,24 +9,23 @@ Peers, measured in the same run, interleaved call by call so that machine noise 
 * cpprb's ``LaBERmean(B, m)(priorities=...)`` (NumPy);
 * naive eager torch: ``s = p.sum(); i = torch.multinomial(p, B, True); w = (s / N) / p[i]``.
 
-On CPU the table gives medians and ratios against the peers. On CUDA it also times the fused
-kernel with ``triton.testing.do_bench`` and counts the kernels one call launches.
+On CPU the table gives medians and ratios against the peers. On CUDA it also times ``laber_select``
+(the fused kernel) against the naive version on the device, with CUDA events, and counts the
+kernels one call launches; ``perf/bench_kernel.py`` is the full GPU benchmark.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import platform
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import RESULTS, calls_for, describe, environment, repeat, time_interleaved, write_csv
 
 from torchsample import laber_downsample, laber_select
 
 SIZES = [(32, 4), (256, 4), (32, 32), (1024, 16)]  # (B, m): N = m * B
+COLUMNS = ["B", "m", "op", "median_us", "ratio", "peer", "kernels"]
 
 
 def naive(p: torch.Tensor, batch_size: int):
@@ -35,39 +34,31 @@ def naive(p: torch.Tensor, batch_size: int):
     return index, (total / p.numel()) / p[index]
 
 
-def interleaved_medians(calls: dict, iterations: int, warmup: int = 200) -> dict:
-    """Median seconds per call of each callable, timing them in turn within each iteration."""
-    for fn in calls.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in calls}
-    for _ in range(iterations):
-        for name, fn in calls.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-def cuda_section(rows: list, iterations: int) -> None:
-    import triton.testing
+def cuda_section(iterations: int, env: dict) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
+    device = torch.device("cuda")
+    rows = []
     for b, m in SIZES:
         n = b * m
-        p = torch.rand(n, device="cuda")
-        q, y = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
-        ours = triton.testing.do_bench(lambda: laber_select(q, y, b), quantiles=[0.5])
-        eager = triton.testing.do_bench(lambda: naive((q - y).abs() + 1e-6, b), quantiles=[0.5])
+        q, y = torch.randn(n, device=device), torch.randn(n, device=device)
+        ours = lambda: laber_select(q, y, b)  # noqa: E731
+        eager = lambda: naive((q - y).abs() + 1e-6, b)  # noqa: E731
+        calls = calls_for(eager, device)
+        t = time_interleaved({"ours": repeat(ours, calls), "naive": repeat(eager, calls)}, samples=max(iterations // 20, 50),
+                             warmup=20, device=device)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            laber_select(q, y, b)
+            ours()
             torch.cuda.synchronize()
         kernels = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
-        rows.append({"device": torch.cuda.get_device_name(), "B": b, "m": m, "op": "laber_select (do_bench)",
-                     "median_us": ours * 1e3, "ratio": ours / eager, "peer": "naive eager", "kernels": kernels})
-        print(f"| {b} | {m} | fused kernel {ours * 1e3:.1f} us | naive eager {eager * 1e3:.1f} us | "
-              f"{eager / ours:.1f}x faster | {kernels} kernel launch(es) |")
-        del p
+        where = {"device": env["device"], "cuda": env["cuda"]}
+        rows.append({"B": b, "m": m, "op": "laber_select (fused)", "median_us": t["ours"].us,
+                     "ratio": t["ours"].median / t["naive"].median, "peer": "naive eager", "kernels": kernels, **where})
+        rows.append({"B": b, "m": m, "op": "naive", "median_us": t["naive"].us, "ratio": 1.0, "peer": "naive eager",
+                     **where})
+        print(f"| {b} | {m} | fused kernel {t['ours'].us:.1f} us | naive eager {t['naive'].us:.1f} us | "
+              f"{t['naive'].median / t['ours'].median:.1f}x faster | {kernels} kernel launch(es) |", flush=True)
+    return rows
 
 
 def main() -> None:
@@ -80,10 +71,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     iterations = 2000 if args.quick else 20000
-    device_name = platform.processor() or platform.machine()
+    cpu_env = environment("cpu")
     rows = []
-    print(f"CPU ({device_name}), {args.threads} thread(s), torch {torch.__version__}, median of {iterations} "
-          "interleaved calls\n")
+    print(f"{describe(cpu_env)}; median of {iterations} interleaved calls\n")
     print("| B | m | laber_downsample (us) | laber_select (us) | cpprb LaBERmean (us) | naive eager (us) | "
           "downsample / cpprb | downsample / naive | select / naive |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -94,29 +84,25 @@ def main() -> None:
         q, y = torch.randn(n, generator=g), torch.randn(n, generator=g)
         p_np = p.numpy().astype(np.float64)
         laber = LaBERmean(b, m)
-        medians = interleaved_medians({
+        t = time_interleaved({
             "downsample": lambda: laber_downsample(p, b),
             "select": lambda: laber_select(q, y, b),
             "cpprb": lambda: laber(priorities=p_np),
             "naive": lambda: naive(p, b),
-        }, iterations)
-        us = {k: v * 1e6 for k, v in medians.items()}
+        }, samples=iterations, warmup=200, device="cpu")
+        us = {k: v.us for k, v in t.items()}
         print(f"| {b} | {m} | {us['downsample']:.1f} | {us['select']:.1f} | {us['cpprb']:.1f} | {us['naive']:.1f} | "
               f"{us['downsample'] / us['cpprb']:.2f} | {us['downsample'] / us['naive']:.2f} | "
-              f"{us['select'] / us['naive']:.2f} |")
+              f"{us['select'] / us['naive']:.2f} |", flush=True)
         for op in ("downsample", "select", "cpprb", "naive"):
-            rows.append({"device": f"cpu:{device_name}", "B": b, "m": m, "op": op, "median_us": us[op],
-                         "ratio": us[op] / us["naive"], "peer": "naive eager", "kernels": ""})
+            rows.append({"B": b, "m": m, "op": op, "median_us": us[op], "ratio": us[op] / us["naive"],
+                         "peer": "naive eager"})
     if torch.cuda.is_available():
-        print(f"\nCUDA ({torch.cuda.get_device_name()}), triton.testing.do_bench medians\n")
-        cuda_section(rows, iterations)
-    out = args.out or Path("perf/results") / f"downsample_{'cuda' if torch.cuda.is_available() else 'cpu'}.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*rows[0], "torch", "threads"])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, "torch": torch.__version__, "threads": args.threads})
+        cuda_env = environment("cuda")
+        print(f"\n{describe(cuda_env)}; CUDA events, medians\n")
+        rows += cuda_section(iterations, cuda_env)
+    out = args.out or RESULTS / f"downsample_{'cuda' if torch.cuda.is_available() else 'cpu'}.csv"
+    write_csv(out, rows, COLUMNS, cpu_env)
     print(f"\nCSV: {out}")
 
 

@@ -9,38 +9,25 @@
    ``m * B`` rows from a ``TensorDictReplayBuffer``, then the op on their priorities) against
    TorchRL's ``PrioritizedSampler`` (sample ``B`` rows + ``update_priority`` of them).
 
+Each pair of peers is timed interleaved, call by call (``perf/common.py``); medians after a warm-up.
 Writes ``perf/results/scaling_<device>.csv`` and log-log plots ``scaling_op.png`` and
 ``scaling_buffer.png``; prints the tables.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import statistics
-import time
+import logging
 from pathlib import Path
 
 import torch
+from common import RESULTS, describe, environment, resolve_device, time_interleaved, write_csv
 from tensordict import TensorDict
 from torchrl.data import LazyTensorStorage, PrioritizedSampler, TensorDictReplayBuffer
 
 from torchsample import laber_downsample, laber_select
 
 B, M = 32, 4
-
-
-def median_time(fn, iterations: int, warmup: int = 20) -> float:
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iterations):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+COLUMNS = ["sweep", "N", "B", "buffer_size", "laber_select_us", "naive_us", "laber_step_us", "per_step_us"]
 
 
 def naive(p: torch.Tensor, batch_size: int):
@@ -54,16 +41,16 @@ def op_scaling(device, iterations: int, full: bool) -> list[dict]:
     for n in sizes:
         q, y = torch.randn(n, device=device), torch.randn(n, device=device)
         p = (q - y).abs() + 1e-6
-        ours = median_time(lambda: laber_select(q, y, B), iterations)
-        eager = median_time(lambda: naive(p, B), iterations)
-        rows.append({"sweep": "N", "N": n, "B": B, "laber_select_us": ours * 1e6, "naive_us": eager * 1e6})
+        t = time_interleaved({"ours": lambda: laber_select(q, y, B), "naive": lambda: naive(p, B)},
+                             samples=iterations, warmup=20, device=device)
+        rows.append({"sweep": "N", "N": n, "B": B, "laber_select_us": t["ours"].us, "naive_us": t["naive"].us})
     n = 16384
     q, y = torch.randn(n, device=device), torch.randn(n, device=device)
     p = (q - y).abs() + 1e-6
     for b in [32, 128, 512, 2048, 8192][:: 1 if full else 2]:
-        ours = median_time(lambda: laber_select(q, y, b), iterations)
-        eager = median_time(lambda: naive(p, b), iterations)
-        rows.append({"sweep": "B", "N": n, "B": b, "laber_select_us": ours * 1e6, "naive_us": eager * 1e6})
+        t = time_interleaved({"ours": lambda: laber_select(q, y, b), "naive": lambda: naive(p, b)},
+                             samples=iterations, warmup=20, device=device)
+        rows.append({"sweep": "B", "N": n, "B": b, "laber_select_us": t["ours"].us, "naive_us": t["naive"].us})
     return rows
 
 
@@ -97,8 +84,8 @@ def buffer_scaling(device, iterations: int, full: bool) -> list[dict]:
             sample = per.sample()
             per.update_priority(sample["index"], new_priority)
 
-        rows.append({"sweep": "buffer", "buffer_size": size, "laber_step_us": median_time(laber_step, iterations) * 1e6,
-                     "per_step_us": median_time(per_step, iterations) * 1e6})
+        t = time_interleaved({"laber": laber_step, "per": per_step}, samples=iterations, warmup=20, device=device)
+        rows.append({"sweep": "buffer", "buffer_size": size, "laber_step_us": t["laber"].us, "per_step_us": t["per"].us})
         del uniform, per
     return rows
 
@@ -145,14 +132,16 @@ def main() -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="coarse grids (default)")
     mode.add_argument("--full", action="store_true", help="finer grids and a 1e7 buffer")
-    parser.add_argument("--out-dir", type=Path, default=Path("perf/results"))
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     torch.set_num_threads(1)
+    logging.getLogger("torchrl").setLevel(logging.WARNING)  # one "Initialized LazyTensorStorage" line per buffer
+    env = environment(device)
     iterations = 500 if args.full else 200
+    print(f"{describe(env)}; medians of {iterations} interleaved calls\n", flush=True)
     rows = op_scaling(device, iterations, args.full) + buffer_scaling(device, iterations, args.full)
-    where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU, 1 thread"
-    print(f"{where}, torch {torch.__version__}, medians\n")
     print("| sweep | N | B | laber_select (us) | naive eager (us) |\n| --- | --- | --- | --- | --- |")
     for r in rows:
         if r["sweep"] in ("N", "B"):
@@ -162,14 +151,7 @@ def main() -> None:
         if r["sweep"] == "buffer":
             print(f"| {r['buffer_size']:.0e} | {r['laber_step_us']:.0f} | {r['per_step_us']:.0f} | "
                   f"{r['per_step_us'] / r['laber_step_us']:.2f} |")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    out = args.out_dir / f"scaling_{device.type}.csv"
-    keys = ["sweep", "N", "B", "buffer_size", "laber_select_us", "naive_us", "laber_step_us", "per_step_us"]
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: r.get(k, "") for k in keys})
+    out = write_csv(args.out_dir / f"scaling_{device.type}.csv", rows, COLUMNS, env)
     print(f"\nCSV: {out}; plots: {', '.join(str(p) for p in plot(rows, args.out_dir))}")
 
 

@@ -1,28 +1,41 @@
 """Time per training update, by sampler: uniform (B), large batch (m*B), TorchRL's PER (B), LaBER-mean.
 
-    python perf/bench_update.py --quick    # DQN models eager, plus the compiled DQN CartPole pair
-    python perf/bench_update.py --full     # every model x sampler, eager and compiled
+    python perf/bench_update.py --quick              # CPU: DQN models eager, plus the compiled DQN CartPole pair
+    python perf/bench_update.py --full               # every model x sampler, eager and compiled (+ CUDA graphs on CUDA)
+    python perf/bench_update.py --device cuda        # CUDA: DQN MinAtar net and SAC MuJoCo MLP, eager, compiled and
+                                                     #   compiled + CUDA graph (what `make gpu-check` runs)
 
 One update = sample from the buffer, (LaBER: surrogate forward on m*B rows, down-sample), loss,
 backward, optimizer step, target update (PER: + ``update_priority``). It is the agents' update:
 the agents' networks and losses (``agents/``), :class:`torchsample.LaBERLoss` and
-:func:`torchsample.make_update`. Medians over many updates after a warm-up; ratios are against the
+:func:`torchsample.make_update`. Modes: ``eager``; ``compiled`` (``make_update(compile=True)``);
+``cudagraph``, the compiled update captured by ``tensordict.nn.CudaGraphModule`` (CUDA only; the
+buffer's sample is copied into the graph's input, PER's ``update_priority`` and DQN's hard target
+copy run outside it). The samplers of one model and mode are timed interleaved, 10 updates at a
+time (``perf/common.py``); medians over many updates after a warm-up; ratios are against the
 uniform-B update of the same model and mode, measured in the same run. On CUDA the times are
 absolute (with the device name); on CPU quote the ratios.
+
+Where an environment cannot be made (MuJoCo is not installed on the GPU machine), or with
+``--synthetic``, the buffers hold random transitions of the environment's sizes: the networks and
+the update are the same, and the update's cost does not depend on the values.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import statistics
+import logging
 import sys
-import time
+import traceback
+import warnings
 from pathlib import Path
 
+import gymnasium as gym
+import numpy as np
 import torch
+from common import RESULTS, describe, environment, resolve_device, time_interleaved, write_csv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the agents live beside the library
-from torchrl.objectives import HardUpdate, SoftUpdate
+from torchrl.objectives import HardUpdate, SoftUpdate  # noqa: E402
 
 from agents import dqn, sac, td3  # noqa: E402
 from agents.common import make_buffer, make_env, to_tensordict  # noqa: E402
@@ -30,41 +43,85 @@ from torchsample import LaBER, LaBERLoss, make_update  # noqa: E402
 
 M = 4
 MODELS = {
-    # name: (agent module, config, env id, discrete)
+    # name: (agent module, config, discrete)
     "dqn-cartpole": (dqn, dqn.Config(env_id="CartPole-v1", batch_size=64), True),
     "dqn-minatar": (dqn, dqn.Config(env_id="MinAtar/Breakout-v1", batch_size=32), True),
     "sac-halfcheetah": (sac, sac.Config(env_id="HalfCheetah-v5"), False),
     "td3-halfcheetah": (td3, td3.Config(env_id="HalfCheetah-v5"), False),
 }
+# The spaces of environments a machine may lack (MuJoCo): (observation size, action size), actions in [-1, 1].
+SPACES = {"HalfCheetah-v5": (17, 6), "Hopper-v5": (11, 3), "Walker2d-v5": (17, 6), "Ant-v5": (105, 8)}
 SAMPLERS = ["uniform", "large-batch", "per", "laber-mean"]
+MODES = ["eager", "compiled", "cudagraph"]
+COLUMNS = ["model", "mode", "sampler", "median_ms", "vs_uniform", "vs_per", "vs_large-batch", "note"]
+
+
+class RandomTransitions(gym.Env):
+    """An environment with the given spaces that returns random observations and rewards."""
+
+    def __init__(self, observation_space: gym.Space, action_space: gym.Space) -> None:
+        self.observation_space, self.action_space = observation_space, action_space
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        if seed is not None:
+            self.observation_space.seed(seed)
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        terminated = bool(self.np_random.random() < 0.01)
+        return self.observation_space.sample(), float(self.np_random.normal()), terminated, False, {}
+
+
+def env_for(env_id: str, synthetic: bool) -> tuple[gym.Env, str]:
+    """The environment (or a stand-in of its sizes) and a note saying which."""
+    try:
+        env = make_env(env_id, 0)
+    except Exception as err:  # e.g. gymnasium's DependencyNotInstalled where MuJoCo is missing
+        if env_id not in SPACES:
+            raise
+        obs, act = SPACES[env_id]
+        stand_in = RandomTransitions(gym.spaces.Box(-np.inf, np.inf, (obs,), np.float64),
+                                     gym.spaces.Box(-1.0, 1.0, (act,), np.float32))
+        print(f"  {env_id} unavailable ({type(err).__name__}: {str(err)[:120]}): random transitions of its sizes "
+              f"(observation {obs}, action {act})", flush=True)
+        return stand_in, "synthetic transitions"
+    if synthetic:
+        return RandomTransitions(env.observation_space, env.action_space), "synthetic transitions"
+    return env, ""
 
 
 def fill(buffer, env, n: int, device) -> None:
-    """``n`` transitions from random actions in the real env (rows as the agents store them)."""
+    """``n`` transitions from random actions (rows as the agents store them: float observations in float32)."""
+    as_stored = lambda x: x.astype(np.float32) if np.issubdtype(np.asarray(x).dtype, np.floating) else x  # noqa: E731
     obs, _ = env.reset(seed=0)
+    env.action_space.seed(0)
     rows = []
     for _ in range(n):
         action = env.action_space.sample()
         next_obs, reward, terminated, truncated, _ = env.step(action)
-        rows.append(to_tensordict(obs, action, reward, next_obs, terminated, truncated, device))
+        rows.append(to_tensordict(as_stored(obs), action, reward, as_stored(next_obs), terminated, truncated, device))
         obs = env.reset()[0] if terminated or truncated else next_obs
     buffer.extend(torch.stack(rows))
 
 
-def build_update(model: str, sampler: str, compile: bool, device):
+def build_updates(model: str, sampler: str, modes: list[str], device, synthetic: bool) -> tuple[dict, str]:
+    """``{mode: one_update}`` for one model and sampler (all modes share networks and buffer), and a note."""
     agent, cfg, discrete = MODELS[model]
     if discrete:
         cfg = dqn.with_env_defaults(cfg)
-        env = make_env(cfg.env_id, 0)
+        env, note = env_for(cfg.env_id, synthetic)
         loss_module, _ = dqn.build_dqn(cfg, env, device)
         target = HardUpdate(loss_module, value_network_update_interval=cfg.target_update)
     else:
         cfg = sac.with_env_defaults(cfg)
-        env = make_env(cfg.env_id, 0)
+        env, note = env_for(cfg.env_id, synthetic)
         loss_module, _ = (sac.build_sac if agent is sac else td3.build_td3)(cfg, env, device)
         target = SoftUpdate(loss_module, tau=cfg.tau)
     buffer = make_buffer(sampler, buffer_size=100_000, batch_size=cfg.batch_size, m=M, device=device)
     fill(buffer, env, 5_000, device)
+    if sampler == "per":  # TorchRL 0.14 puts the tree beside CUDA storage when its extension has CUDA kernels
+        note = "; ".join(filter(None, [note, f"PER sum-tree on {getattr(buffer.sampler, 'device', '?')}"]))
     laber = LaBER(loss_module, batch_size=cfg.batch_size) if sampler == "laber-mean" else None
     weighted = LaBERLoss(loss_module)
 
@@ -76,87 +133,163 @@ def build_update(model: str, sampler: str, compile: bool, device):
 
     optimizer = torch.optim.Adam(loss_module.parameters(), lr=torch.tensor(1e-4, device=device),
                                  capturable=device.type == "cuda")
-    update = make_update(objective, optimizer, target, compile=compile)
+    # A hard target copy counts updates in Python: it runs after the update, outside any graph.
+    hard = isinstance(target, HardUpdate)
+    eager = make_update(objective, optimizer, None if hard else target, compile=False)
+    compiled = make_update(objective, optimizer, None if hard else target, compile=True) if set(modes) - {"eager"} else None
 
-    def one_update():
-        _, data = update(buffer.sample())
-        if sampler == "per":
-            buffer.update_priority(data["index"], data["td_error"])
+    def tensors_out(update):  # what the steps after the update read: tensors only, as a CUDA graph returns them
+        def step(data):
+            loss, out = update(data)
+            return (loss, out["index"], out["td_error"]) if sampler == "per" else (loss,)
 
-    return one_update
+        return step
+
+    def one_update(step):
+        def run() -> None:
+            outputs = step(buffer.sample())
+            if hard:
+                target.step()
+            if sampler == "per":
+                buffer.update_priority(outputs[1], outputs[2])
+
+        return run
+
+    updates = {}
+    if "eager" in modes:
+        updates["eager"] = one_update(tensors_out(eager))
+    if "compiled" in modes:
+        updates["compiled"] = one_update(tensors_out(compiled))
+    if "cudagraph" in modes:
+        from tensordict.nn import CudaGraphModule
+
+        updates["cudagraph"] = one_update(CudaGraphModule(tensors_out(compiled), warmup=5))
+    return updates, note
 
 
-def interleaved_medians(fns: dict, iterations: int, warmup: int, device, chunk: int = 10) -> dict:
-    """Median seconds per update of each function, timed in alternating chunks of ``chunk``
-    updates so that drifts of the machine (other load, frequency) hit every sampler alike."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(max(iterations // chunk, 1)):
-        for name, fn in fns.items():
-            for _ in range(chunk):
-                sync()
-                start = time.perf_counter()
+def warm(fns: dict, calls: int, label: str) -> dict:
+    """Run each update ``calls`` times (compiles, CUDA-graph capture); drop and report those that fail."""
+    working = {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(calls):
                 fn()
-                sync()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+            working[name] = fn
+        except Exception as err:
+            print(f"  FAILED {label} {name}: {type(err).__name__}: {str(err)[:300]}", flush=True)
+            traceback.print_exc(limit=-3)
+    return working
+
+
+def cases_for(args, device) -> list[tuple[str, str, str]]:
+    """(model, mode, sampler) cases, in print order."""
+    if args.models or args.modes:
+        models = args.models or (["dqn-minatar", "sac-halfcheetah"] if device.type == "cuda" else ["dqn-cartpole"])
+        modes = args.modes or (MODES if device.type == "cuda" else ["eager"])
+        return [(m, mode, s) for m in models for mode in modes for s in SAMPLERS]
+    if args.full:
+        modes = MODES if device.type == "cuda" else ["eager", "compiled"]
+        return [(m, mode, s) for m in MODELS for mode in modes for s in SAMPLERS]
+    if device.type == "cuda":  # the issue's settings, sized for `make gpu-check`: compile only what the targets compare
+        compiled = ["uniform", "per", "laber-mean"]
+        return [(m, mode, s) for m in ("dqn-minatar", "sac-halfcheetah") for mode in MODES
+                for s in (SAMPLERS if mode == "eager" else compiled)]
+    cases = [(m, "eager", s) for m in ("dqn-cartpole", "dqn-minatar") for s in SAMPLERS]
+    return cases + [("dqn-cartpole", "compiled", s) for s in ("uniform", "laber-mean")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="DQN models eager + compiled DQN CartPole (default)")
-    mode.add_argument("--full", action="store_true", help="every model x sampler, eager and compiled")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="CPU: DQN models eager + compiled DQN CartPole (default); "
+                      "CUDA: DQN MinAtar and SAC HalfCheetah, eager, compiled and CUDA graph (default)")
+    size.add_argument("--full", action="store_true", help="every model x sampler x mode")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), help="only these models (every sampler)")
+    parser.add_argument("--modes", nargs="+", choices=MODES,
+                        help="only these modes (cudagraph without CUDA runs the update as is: a smoke test)")
     parser.add_argument("--iterations", type=int, default=None, help="timed updates per case")
-    parser.add_argument("--out", type=Path, default=None, help="CSV path")
+    parser.add_argument("--synthetic", action="store_true", help="random transitions instead of env steps")
+    parser.add_argument("--out", type=Path, default=None, help="CSV path (default perf/results/update_<device>.csv)")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bench_update: --device cuda, but torch sees no CUDA device: nothing to measure.")
+        return
     torch.set_num_threads(1)
+    logging.getLogger("torchrl").setLevel(logging.WARNING)  # one "Initialized LazyTensorStorage" line per buffer
+    warnings.filterwarnings("ignore", message=".*Overriding environment")  # MinAtar registers its ids on each make_env
     iterations = args.iterations or (1000 if args.full else 300)
-    if args.full:
-        cases = [(m, s, c) for m in MODELS for c in (False, True) for s in SAMPLERS]
-    else:
-        cases = [(m, s, False) for m in ("dqn-cartpole", "dqn-minatar") for s in SAMPLERS]
-        cases += [("dqn-cartpole", s, True) for s in ("uniform", "laber-mean")]
-    where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU, 1 thread"
-    print(f"{where}, torch {torch.__version__}, median of {iterations} updates after warm-up, m = {M}\n")
-    print("| model | mode | sampler | median (ms) | vs uniform B | vs PER | vs large batch |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    medians = {}
-    groups = {}
-    for model, sampler, compiled in cases:  # one group per model and mode, timed interleaved
-        groups.setdefault((model, compiled), []).append(sampler)
-    for (model, compiled), samplers in groups.items():
-        torch._dynamo.reset()
+    cases = cases_for(args, device)
+    env = environment(device)
+    out = args.out or RESULTS / f"update_{device.type}.csv"
+    print(f"{describe(env)}\nmedian of {iterations} updates after warm-up, m = {M}, samplers interleaved\n", flush=True)
+
+    # Every (model, sampler) compiles its own objective and step (same code, other closures): let dynamo keep them all.
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, 64)
+    medians, notes, rows, updates = {}, {}, [], {}
+    for model, sampler in dict.fromkeys((m, s) for m, _, s in cases):  # build everything first: compiles come later
+        modes = [mode for m, mode, s in cases if m == model and s == sampler]
+        print(f"building {model} {sampler} ({', '.join(modes)}) ...", flush=True)
         torch.manual_seed(0)
-        fns = {s: build_update(model, s, compiled, device) for s in samplers}
-        for s, t in interleaved_medians(fns, iterations, 30 if compiled else 20, device).items():
-            medians[model, compiled, s] = t
-    rows = []
-    for model, sampler, compiled in cases:
-        ms = medians[model, compiled, sampler] * 1e3
-        ratio = {peer: medians[model, compiled, sampler] / medians[model, compiled, peer]
-                 for peer in ("uniform", "per", "large-batch") if (model, compiled, peer) in medians}
-        fmt = lambda peer: f"{ratio[peer]:.2f}" if peer in ratio else "-"  # noqa: E731
-        print(f"| {model} | {'compiled' if compiled else 'eager'} | {sampler} | {ms:.2f} | {fmt('uniform')} | "
-              f"{fmt('per')} | {fmt('large-batch')} |", flush=True)
-        rows.append({"device": where, "model": model, "mode": "compiled" if compiled else "eager", "sampler": sampler,
-                     "median_ms": ms, **{f"vs_{k}": v for k, v in ratio.items()}})
-    if ("dqn-cartpole", True, "laber-mean") in medians:
-        speedup = medians["dqn-cartpole", False, "laber-mean"] / medians["dqn-cartpole", True, "laber-mean"]
+        try:
+            updates[model, sampler], notes[model, sampler] = build_updates(model, sampler, modes, device, args.synthetic)
+        except Exception as err:  # keep going; the exit status says so (TorchRL's PER aside, see below)
+            # TorchRL's compiled sum-tree loads only with the torch it was built for (0.14.1: torch 2.14).
+            print(f"  {'skipped' if sampler == 'per' else 'FAILED'} {model} {sampler}: {type(err).__name__}: "
+                  f"{str(err)[:300]}", flush=True)
+            if sampler != "per":
+                traceback.print_exc(limit=-3)
+    # CPU: eager first. CUDA: what issue 10's targets compare first (compiled, then CUDA graph, per model),
+    # eager last, so that a run cut short by a time limit (make gpu-check) keeps what matters most.
+    groups = list(dict.fromkeys((m, mode) for m, mode, _ in cases))
+    if device.type == "cuda":
+        models = list(dict.fromkeys(m for m, _ in groups))
+        groups.sort(key=lambda group: (group[1] == "eager", models.index(group[0])))
+    for model, mode in groups:
+        samplers = [s for m, md, s in cases if m == model and md == mode and (model, s) in updates]
+        fns = warm({s: updates[model, s][mode] for s in samplers}, 30 if mode != "eager" else 20, f"{model} {mode}")
+        if not fns:
+            continue
+        try:
+            timings = time_interleaved(fns, samples=iterations, warmup=2, device=device, samples_per_turn=10,
+                                       progress=f"{model} {mode}: timing {', '.join(fns)}")
+        except Exception as err:
+            print(f"  FAILED timing {model} {mode}: {type(err).__name__}: {str(err)[:300]}", flush=True)
+            continue
+        for s, t in timings.items():
+            medians[model, mode, s] = t.median
+        rows += report(model, mode, list(fns), medians, notes)
+        rows.sort(key=lambda r: (list(MODELS).index(r["model"]), MODES.index(r["mode"]), SAMPLERS.index(r["sampler"])))
+        write_csv(out, rows, COLUMNS, env)  # after each group: a run cut short keeps what it measured
+    if ("dqn-cartpole", "compiled", "laber-mean") in medians and ("dqn-cartpole", "eager", "laber-mean") in medians:
+        speedup = medians["dqn-cartpole", "eager", "laber-mean"] / medians["dqn-cartpole", "compiled", "laber-mean"]
         print(f"\nCompiled LaBER-mean update vs eager (dqn-cartpole): {speedup:.2f}x faster")
-    out = args.out or Path("perf/results") / f"update_{device.type}.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    keys = ["device", "model", "mode", "sampler", "median_ms", "vs_uniform", "vs_per", "vs_large-batch"]
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k, "") for k in keys})
     print(f"CSV: {out}")
+    missing = [c for c in cases if c not in medians]
+    if missing:
+        print(f"not measured ({len(missing)}): " + ", ".join(" ".join(c) for c in missing))
+    if any(sampler != "per" for _, _, sampler in missing):
+        sys.exit(1)  # a failure, not TorchRL's PER being unavailable
+
+
+def report(model: str, mode: str, samplers: list[str], medians: dict, notes: dict) -> list[dict]:
+    """Print a model and mode's table rows; return its CSV rows."""
+    print("\n| model | mode | sampler | median (ms) | vs uniform B | vs PER | vs large batch |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    rows = []
+    for sampler in samplers:
+        ms = medians[model, mode, sampler] * 1e3
+        ratio = {peer: medians[model, mode, sampler] / medians[model, mode, peer]
+                 for peer in ("uniform", "per", "large-batch") if (model, mode, peer) in medians}
+        cell = lambda peer: f"{ratio[peer]:.2f}" if peer in ratio else "-"  # noqa: E731
+        print(f"| {model} | {mode} | {sampler} | {ms:.2f} | {cell('uniform')} | {cell('per')} | {cell('large-batch')} |",
+              flush=True)
+        rows.append({"model": model, "mode": mode, "sampler": sampler, "median_ms": ms,
+                     **{f"vs_{k}": v for k, v in ratio.items()}, "note": notes.get((model, sampler), "")})
+    print()
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,0 +1,266 @@
+"""``make gpu-check``: the GPU tests, the kernel benchmark and the update benchmark on CUDA, then a summary.
+
+    make gpu-check PYTHON=python3               # on the GPU machine (../shared/gpu/suite.sh runs this)
+    python perf/gpu_check.py                    # the same
+    python perf/gpu_check.py --cpu-smoke --results-dir /tmp/gpu-check   # without a GPU: every step at CPU
+                                                                        # smoke sizes, to check the plumbing
+
+Steps, each in its own process under a time limit (the whole check is sized for about 8 minutes on one
+H100); a step that fails or runs out of time does not stop the next:
+
+1. ``pytest -m gpu`` (the tests marked ``gpu``);
+2. ``perf/bench_kernel.py --device cuda`` -> ``perf/results/kernel_cuda.csv``;
+3. ``perf/bench_update.py --device cuda`` -> ``perf/results/update_cuda.csv``.
+
+Then ``perf/results/gpu_summary_cuda.md``: the device and versions, each step's status and time, and
+the headline figures of the CSVs this run wrote, beside the targets of issue 10. Exits 1 when a step
+failed or timed out.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from common import (FLOOR_TARGET, GRAPH_TARGET_US, RESULTS, ROOT, SPEEDUP_TARGET, UPDATE_VS_PER_TARGET,
+                    UPDATE_VS_UNIFORM_TARGET, describe, environment, read_csv)
+
+TIMEOUTS = {"tests": 150, "kernel": 110, "update": 220}  # seconds; 8 minutes in all
+
+
+@dataclass
+class Step:
+    name: str
+    command: list[str]
+    timeout: float
+    rc: int | None = None
+    timed_out: bool = False
+    seconds: float = 0.0
+    tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=25))
+
+    @property
+    def status(self) -> str:
+        if self.timed_out:
+            return f"TIMED OUT after {self.timeout:.0f} s"
+        return "passed" if self.rc == 0 else f"FAILED (exit {self.rc})"
+
+    def run(self) -> None:
+        """Run with output streamed (and its tail kept); on timeout kill the whole process group."""
+        print(f"\n=== {self.name}: {' '.join(self.command)} (limit {self.timeout:.0f} s)", flush=True)
+        start = time.perf_counter()
+        try:
+            proc = subprocess.Popen(self.command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    errors="replace", start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        except OSError as err:
+            self.rc, self.tail = 127, collections.deque([f"could not start: {err}"])
+            return
+
+        def pump() -> None:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                self.tail.append(line.rstrip("\n"))
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            self.rc = proc.wait(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            self.timed_out = True
+            os.killpg(proc.pid, signal.SIGKILL)
+            self.rc = proc.wait()
+        reader.join(timeout=10)
+        self.seconds = time.perf_counter() - start
+        print(f"=== {self.name}: {self.status} in {self.seconds:.0f} s", flush=True)
+
+
+def steps_for(args) -> list[Step]:
+    py = sys.executable
+    tests = Step("tests", [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"], args.timeout["tests"])
+    if args.cpu_smoke:
+        out = args.results_dir
+        return [
+            tests,
+            Step("kernel", [py, "perf/bench_kernel.py", "--device", "cpu", "--out", str(out / "kernel_cpu.csv")],
+                 args.timeout["kernel"]),
+            Step("update", [py, "perf/bench_update.py", "--device", "cpu", "--models", "dqn-cartpole", "--modes", "eager",
+                            "compiled", "cudagraph", "--iterations", "20", "--out", str(out / "update_cpu.csv")],
+                 args.timeout["update"]),
+        ]
+    return [
+        tests,
+        Step("kernel", [py, "perf/bench_kernel.py", "--device", "cuda"], args.timeout["kernel"]),
+        Step("update", [py, "perf/bench_update.py", "--device", "cuda"], args.timeout["update"]),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The summary
+
+
+def number(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def cell(value, digits: int = 1, suffix: str = "") -> str:
+    x = number(value)
+    return "-" if x is None else f"{x:.{digits}f}{suffix}"
+
+
+def fresh_csv(path: Path, since: float) -> list[dict] | None:
+    """The rows of ``path`` when this run wrote it (else None: a stale file says nothing about this run)."""
+    if not path.exists() or path.stat().st_mtime < since:
+        return None
+    return read_csv(path)
+
+
+def kernel_section(rows: list[dict] | None) -> list[str]:
+    if rows is None:
+        return ["No kernel CSV from this run.", ""]
+    timed = {}
+    for r in rows:
+        if r["mode"] in ("eager", "graph") and not r["sweep"].startswith(("floor", "exactness")):
+            timed[(r["surrogate"], r["C"], r["N"], r["B"], r["K"]), r["variant"], r["mode"]] = r
+    lines = ["| surrogate | C | N | B | K | eager laber (us) | naive / laber | graph laber (us) | naive / laber | "
+             "multinomial graph (us) | laber graph GB/s |", "| --- " * 11 + "|"]
+    small_graph, speedups = [], {"eager": [], "graph": []}
+    for key in dict.fromkeys(k for k, _, _ in timed):
+        eager, graph = timed.get((key, "laber", "eager"), {}), timed.get((key, "laber", "graph"), {})
+        ratios = {mode: number(r.get("time_vs_naive")) for mode, r in (("eager", eager), ("graph", graph))}
+        for mode, ratio in ratios.items():
+            if ratio:
+                speedups[mode].append(1 / ratio)
+        if number(graph.get("median_us")) is not None and int(key[2]) <= 16384:
+            small_graph.append(number(graph["median_us"]))
+        speedup = {m: (1 / r if r else None) for m, r in ratios.items()}
+        lines.append(f"| {' | '.join(key)} | {cell(eager.get('median_us'))} | {cell(speedup['eager'], 2, 'x')} | "
+                     f"{cell(graph.get('median_us'))} | {cell(speedup['graph'], 2, 'x')} | "
+                     f"{cell(timed.get((key, 'multinomial', 'graph'), {}).get('median_us'))} | "
+                     f"{cell(graph.get('input_GBps'))} |")
+    failed = [r for r in rows if r["variant"] == "laber" and r["note"].startswith("failed")]
+    lines += ["", "Targets of issue 10 (set for an H100):", ""]
+    if small_graph:
+        worst = max(small_graph)
+        lines.append(f"- fused op in a CUDA graph, N <= 16k: at most {worst:.1f} us (target <= {GRAPH_TARGET_US:g} us: "
+                     f"{'met' if worst <= GRAPH_TARGET_US else 'not met'})")
+    for mode, values in speedups.items():
+        if values:
+            lines.append(f"- naive / fused, {mode}: {min(values):.2f}x to {max(values):.2f}x "
+                         f"(target >= {SPEEDUP_TARGET:g}x: "
+                         f"{'met' if min(values) >= SPEEDUP_TARGET else 'not met'} everywhere)")
+    floor = {r["variant"]: r for r in rows if r["sweep"] == "floor"}
+    if "laber" in floor and number(floor["laber"].get("value")) is not None:
+        ratio = number(floor["laber"]["value"])
+        lines.append(f"- N = {floor['laber']['N']}, B = {floor['laber']['B']}, cold L2: laber_downsample "
+                     f"{cell(floor['laber']['median_us'])} us; floor {cell(floor.get('floor', {}).get('median_us'))} us "
+                     f"(copy bandwidth {cell(floor.get('copy', {}).get('input_GBps'), 0)} GB/s, searches "
+                     f"{cell(floor.get('search', {}).get('median_us'))} us): {ratio:.2f}x the floor "
+                     f"(target <= {FLOOR_TARGET:g}x: {'met' if ratio <= FLOOR_TARGET else 'not met'})")
+    else:
+        lines.append("- bandwidth floor: not measured")
+    checks = [r for r in rows if r["sweep"].startswith("exactness")]
+    sizes = f"N = {checks[0]['N']}, B = {checks[0]['B']}, " if checks else ""
+    lines += ["", f"Exactness ({sizes}C = 2, eps = 0; `multinomial` is torch's own, for reference):", "",
+              "| check | sampler | mode | value | result |", "| --- | --- | --- | --- | --- |"]
+    for r in checks:
+        result, _, note = r["note"].partition("; ")
+        value = number(r.get("value"))
+        shown = "-" if value is None else f"{value:.4g}"
+        lines.append(f"| {r['sweep'].split(':')[-1]} | {r['variant']} | {r['mode']} | {shown} | "
+                     f"{result}: {note} |")
+    if failed:
+        lines += ["", "Failed timings of the fused op:", ""] + [
+            f"- {r['surrogate']} C={r['C']} N={r['N']} B={r['B']} K={r['K']} {r['mode']}: {r['note']}" for r in failed]
+    return lines + [""]
+
+
+def update_section(rows: list[dict] | None) -> list[str]:
+    if rows is None:
+        return ["No update CSV from this run.", ""]
+    lines = ["| model | mode | sampler | median (ms) | vs uniform | vs PER | vs large batch | note |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    ms = {}
+    for r in rows:
+        ms[r["model"], r["mode"], r["sampler"]] = number(r["median_ms"])
+        lines.append(f"| {r['model']} | {r['mode']} | {r['sampler']} | {cell(r['median_ms'], 3)} | "
+                     f"{cell(r['vs_uniform'], 2)} | "
+                     f"{cell(r['vs_per'], 2)} | {cell(r['vs_large-batch'], 2)} | {r.get('note', '')} |")
+    lines += ["", "Targets of issue 10 (compiled + CUDA graph LaBER-mean update):", ""]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        laber = ms.get((model, "cudagraph", "laber-mean"))
+        uniform = ms.get((model, "compiled", "uniform"))
+        per_mode = next((mode for mode in ("cudagraph", "compiled", "eager") if ms.get((model, mode, "per"))), None)
+        per = ms.get((model, per_mode, "per"))
+        vs_uniform = (f"{laber / uniform:.2f}x the compiled uniform update" if laber and uniform
+                      else "vs uniform not measured")
+        vs_per = f"{laber / per:.2f}x TorchRL's PER update ({per_mode})" if laber and per else "vs PER not measured"
+        lines.append(f"- {model}: {vs_uniform} (target <= {UPDATE_VS_UNIFORM_TARGET:g}x); {vs_per} "
+                     f"(target <= {UPDATE_VS_PER_TARGET:g}x)")
+    return lines + [""]
+
+
+def write_summary(path: Path, steps: list[Step], tag: str, results_dir: Path, since: float) -> None:
+    env = environment("cuda" if tag == "cuda" else "cpu")
+    lines = [f"# GPU check: {env['device']}", "",
+             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {describe(env)}.", "",
+             "Written by `make gpu-check` (`perf/gpu_check.py`); the figures are this run's, from the CSVs named below.", "",
+             "| step | status | seconds | command |", "| --- | --- | --- | --- |"]
+    for s in steps:
+        command = " ".join(Path(c).name if c == sys.executable else c for c in s.command)
+        lines.append(f"| {s.name} | {s.status} | {s.seconds:.0f} | `{command}` |")
+    tests = next((s for s in steps if s.name == "tests"), None)
+    if tests is not None and tests.tail:
+        lines += ["", f"pytest: {tests.tail[-1]}"]
+    lines += ["", f"## The fused op (`kernel_{tag}.csv`)", ""]
+    lines += kernel_section(fresh_csv(results_dir / f"kernel_{tag}.csv", since))
+    lines += [f"## The update (`update_{tag}.csv`)", ""]
+    lines += update_section(fresh_csv(results_dir / f"update_{tag}.csv", since))
+    for s in steps:
+        if s.rc != 0:
+            lines += [f"## {s.name}: {s.status}, last lines", "", "```", *s.tail, "```", ""]
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cpu-smoke", action="store_true", help="no GPU: run every step at CPU smoke sizes")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where the CSVs and the summary go")
+    parser.add_argument("--only", nargs="+", choices=list(TIMEOUTS), help="run only these steps")
+    parser.add_argument("--timeout", nargs="+", default=[], metavar="STEP=SECONDS",
+                        help=f"time limits per step (default {', '.join(f'{k}={v}' for k, v in TIMEOUTS.items())})")
+    args = parser.parse_args()
+    args.results_dir = args.results_dir.resolve()
+    args.timeout = {**TIMEOUTS, **{k: float(v) for k, v in (item.split("=", 1) for item in args.timeout)}}
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        print("gpu-check: torch sees no CUDA device (torch.cuda.is_available() is False): nothing to check. "
+              "`python perf/gpu_check.py --cpu-smoke --results-dir DIR` runs the plumbing on CPU.")
+        sys.exit(2)
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    tag = "cpu" if args.cpu_smoke else "cuda"
+    since = time.time() - 1
+    steps = [s for s in steps_for(args) if not args.only or s.name in args.only]
+    for step in steps:
+        step.run()
+    summary = args.results_dir / f"gpu_summary_{tag}.md"
+    write_summary(summary, steps, tag, args.results_dir, since)
+    print(f"\n=== gpu-check summary: {summary}\n" + "\n".join(f"{s.name}: {s.status} ({s.seconds:.0f} s)" for s in steps))
+    failed = [s.name for s in steps if s.rc != 0]
+    if failed:
+        print(f"gpu-check FAILED: {', '.join(failed)}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

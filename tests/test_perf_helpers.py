@@ -1,0 +1,111 @@
+"""The helpers perf/ shares (timer, CSV), the kernel benchmark's exactness check and the GPU summary, on CPU."""
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PERF = Path(__file__).resolve().parents[1] / "perf"
+sys.path.insert(0, str(PERF))  # the scripts import their helpers as `common`
+
+import bench_kernel  # noqa: E402
+import common  # noqa: E402
+import gpu_check  # noqa: E402
+
+
+def test_timer_interleaves_samples_and_divides_by_calls():
+    order = []
+    fns = {"a": lambda: order.append("a"), "b": common.repeat(lambda: order.append("b"), 3)}
+    timings = common.time_interleaved(fns, samples=4, warmup=1, device="cpu", samples_per_turn=2)
+    assert order == ["a"] + ["b"] * 3 + (["a"] * 2 + ["b"] * 6) * 2
+    assert {name: t.samples for name, t in timings.items()} == {"a": 4, "b": 4}
+    assert all(0 <= t.q20 <= t.median <= t.q80 for t in timings.values())
+
+
+def test_timer_reports_seconds_per_call():
+    sleep = common.repeat(lambda: time.sleep(1e-3), 4)
+    t = common.time_interleaved({"sleep": sleep}, samples=3, warmup=0, device="cpu")["sleep"]
+    assert 1e-3 <= t.median < 3e-3  # per call; one sample (4 calls) takes at least 4 ms
+
+
+def test_timer_cuda_branch_reads_events_after_each_turn(monkeypatch):
+    """The CUDA branch's bookkeeping, with host-clock stand-ins for CUDA events (no GPU needed)."""
+
+    class Event:
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, end):  # milliseconds, as CUDA's
+            return (end.t - self.t) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    sleep = common.repeat(lambda: time.sleep(1e-3), 2)
+    timings = common.time_interleaved({"sleep": sleep, "none": lambda: None}, samples=5, warmup=1, device="cuda",
+                                      samples_per_turn=2)
+    assert {k: t.samples for k, t in timings.items()} == {"sleep": 5, "none": 5}
+    assert 1e-3 <= timings["sleep"].median < 3e-3 and timings["none"].median < 1e-3
+
+
+def test_csv_rows_carry_device_and_versions(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIT_COMMIT", "abc123")
+    env = common.environment("cpu")
+    assert env["torch"] == torch.__version__ and env["git_commit"] == "abc123" and env["device"].startswith("cpu:")
+    path = common.write_csv(tmp_path / "x.csv", [{"op": "a", "median_us": 1.5}, {"op": "b", "device": "other"}],
+                            ["op", "median_us"], env)
+    rows = common.read_csv(path)
+    assert list(rows[0]) == ["op", "median_us", *common.ENV_COLUMNS]
+    assert [r["device"] for r in rows] == [env["device"], "other"]
+    assert rows[1]["median_us"] == "" and all(r["torch"] == torch.__version__ for r in rows)
+
+
+def test_exactness_check_passes_torch_and_catches_a_biased_sampler(monkeypatch):
+    torch.manual_seed(0)
+    rows = bench_kernel.exactness("cpu", 4096, 1024, 16, graph=False)
+    assert all(r["note"].startswith("pass") for r in rows), [r["note"] for r in rows]
+
+    exact = bench_kernel.laber_downsample
+
+    def biased(p, b, eps=0.0):  # draws item i + 1 instead of i one time in ten
+        out = exact(p, b, eps=eps)
+        shift = (torch.rand(out.index.shape) < 0.1).long()
+        return out._replace(index=(out.index + shift).clamp_max(p.shape[-1] - 1))
+
+    monkeypatch.setattr(bench_kernel, "laber_downsample", biased)
+    rows = {r["sweep"]: r for r in bench_kernel.exactness("cpu", 4096, 1024, 16, graph=False)}
+    assert rows["exactness:chisquare-items"]["note"].startswith("FAIL")
+    assert rows["exactness:zero-priority-draws"]["note"].startswith("FAIL")
+
+
+def test_gpu_summary_renders_cuda_rows():
+    """The summary's sections from rows shaped as the CUDA runs write them (no GPU needed)."""
+    timing = {"sweep": "N", "surrogate": "l2", "C": "1", "N": "16384", "B": "32", "K": "1", "note": ""}
+    kernel = [
+        {**timing, "variant": "laber", "mode": "eager", "median_us": "10", "time_vs_naive": "0.25", "input_GBps": "13"},
+        {**timing, "variant": "naive", "mode": "eager", "median_us": "40", "time_vs_naive": "1"},
+        {**timing, "variant": "laber", "mode": "graph", "median_us": "5", "time_vs_naive": "0.5", "input_GBps": "26"},
+        {**timing, "variant": "multinomial", "mode": "graph", "median_us": "4", "time_vs_naive": "0.4"},
+        {**timing, "sweep": "floor", "variant": "laber", "mode": "cold", "median_us": "300", "value": "2.5"},
+        {**timing, "sweep": "floor", "variant": "floor", "mode": "cold", "median_us": "120"},
+        {**timing, "sweep": "exactness:chisquare-items", "variant": "laber", "mode": "graph", "value": "0.3",
+         "note": "pass; chi2 1, dof 1"},
+    ]
+    text = "\n".join(gpu_check.kernel_section(kernel))
+    assert "| l2 | 1 | 16384 | 32 | 1 | 10.0 | 4.00x | 5.0 | 2.00x | 4.0 | 26.0 |" in text
+    assert "at most 5.0 us (target <= 8 us: met)" in text
+    assert "naive / fused, graph: 2.00x to 2.00x (target >= 3x: not met" in text
+    assert "2.50x the floor (target <= 3x: met)" in text
+    assert "| chisquare-items | laber | graph | 0.3 | pass: chi2 1, dof 1 |" in text
+    update = [{"model": "dqn-minatar", "mode": mode, "sampler": sampler, "median_ms": ms, "vs_uniform": "", "vs_per": "",
+               "vs_large-batch": "", "note": ""}
+              for mode, sampler, ms in [("compiled", "uniform", "1.0"), ("cudagraph", "laber-mean", "1.1")]]
+    text = "\n".join(gpu_check.update_section(update))
+    assert "dqn-minatar: 1.10x the compiled uniform update (target <= 1.15x); vs PER not measured" in text
+
+
+def test_gpu_summary_without_results():
+    assert gpu_check.kernel_section(None)[0].startswith("No kernel CSV")
+    assert gpu_check.update_section(None)[0].startswith("No update CSV")
