@@ -4,6 +4,7 @@ import torch
 from tensordict import TensorDict
 from torchrl.data import LazyTensorStorage, ListStorage, PrioritizedSampler, ReplayBuffer, TensorDictReplayBuffer
 
+from tests.conftest import requires_cuda
 from tests.setups import LOSSES, batch, dqn_loss
 from torchsample import LaBER, LaBERLoss, laber_downsample, laber_select, pred_and_target
 from torchsample.targets import TARGET
@@ -180,3 +181,26 @@ def test_custom_surrogate_callable():
         LaBER(loss, batch_size=8)(batch(0))
     with pytest.raises(ValueError, match="one batch dimension"):
         LaBER(loss, batch_size=8)(batch(40).reshape(4, 10))
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_laber_owns_its_kernel_state_on_cuda():
+    """The module's buffer is the state the kernel advances: fresh draws each call, compiled too."""
+    loss = dqn_loss(device="cuda")
+    laber = LaBER(loss, batch_size=16)
+    assert laber.rng_state is not None and laber.rng_state.device.type == "cuda"
+    assert "rng_state" in dict(laber.named_buffers())
+    large = batch(256, device="cuda")
+    large["position"] = torch.arange(256, device="cuda")
+    counter = laber.rng_state[1].item()
+    first, second = laber(large)["position"], laber(large)["position"]
+    assert laber.rng_state[1].item() == counter + 2 * 16 and not torch.equal(first, second)
+    compiled = torch.compile(laber, mode="reduce-overhead")
+    draws = [compiled(large)["position"].clone() for _ in range(4)]
+    assert len({tuple(d.tolist()) for d in draws}) == 4
+
+
+def test_laber_has_no_kernel_state_on_cpu():
+    laber = LaBER(dqn_loss(), batch_size=8)
+    assert laber.rng_state is None and laber.state_dict() == {}

@@ -85,7 +85,8 @@ class LaBER(Transform):
         surrogate: ``None`` (follow the loss), or a callable ``td -> (pred, target)`` for any other
             loss; then ``surrogate_kind`` names the formula (``"l2"``, ``"huber"``, ``"categorical"``).
         critics: ``"independent"`` (default) or ``"joint"``, for losses with several critics.
-        generator: a ``torch.Generator`` for reproducible draws (eager only).
+        generator: a ``torch.Generator`` for reproducible draws (eager only). On CUDA it seeds the
+            module's own kernel state (the buffer ``rng_state``, made on the loss's GPU) once.
 
     Examples:
         >>> import torch
@@ -142,6 +143,16 @@ class LaBER(Transform):
         self.weighting = weighting
         self.eps = eps
         self.critics = critics
+        # The fused kernel's random state, a buffer of this module, made here (eagerly) on the
+        # loss's GPU: CUDA graph trees accept in-place updates of buffers, and a state first made
+        # inside a compiled call would be traced into the graph. None on CPU (multinomial draws).
+        device = next(iter(loss_module.parameters()), torch.empty(0)).device
+        if device.type == "cuda":
+            from .kernels.laber import new_rng_state  # triton is needed on CUDA only
+
+            self.register_buffer("rng_state", new_rng_state(device, generator))
+        else:
+            self.register_buffer("rng_state", None)
 
     @property
     def loss_module(self) -> nn.Module:
@@ -193,7 +204,11 @@ class LaBER(Transform):
                 pred, target = critic.prediction(large), critic.target(large)
             else:
                 pred, target = surrogate(large)
-        options = dict(weighting=self.weighting, eps=self.eps, generator=generator)
+        options = dict(weighting=self.weighting, eps=self.eps)
+        if self.rng_state is not None and self.rng_state.device == pred.device:
+            options["rng_state"] = self.rng_state  # seeded from generator, if any, at construction
+        else:
+            options["generator"] = generator
         # The kept rows carry their TD target, so that the update does not compute it again.
         keep_target = surrogate is None and target.dim() == 1
         several = self.kind != "categorical" and pred.dim() == 2 and pred.shape[0] > 1
