@@ -1,0 +1,181 @@
+"""Cost of the sharper surrogates (torchsample.gradnorms) on CPU, one thread, against their peers in the
+same run.
+
+* ``last-layer`` (forward + ``||g|| sqrt(||h||^2 + 1)``) against ``output`` (forward + ``|q - y|``):
+  the scoring of the large batch alone (both without a graph), and a whole LaBER update (target
+  forward, scoring, down-sample of B = N / 4 rows, weighted forward + backward on them, Adam step);
+  target <= 1.1x per update.
+* ``exact`` by ghost norms against a plain forward + backward of the large batch (target <= 3x) and
+  against ``torch.func.vmap(torch.func.grad(...))`` (target >= 5x faster).
+
+On the MinAtar network (Conv2d(4->16, 3x3) + Linear(1024->128) + Linear(128->A)) and a MuJoCo-sized
+critic (17 + 6 -> 256 -> 256 -> 1), large batches of 4*32 and 4*256 rows. Medians of per-call times
+after a warm-up (perf/common.py's interleaved timer and CSV writer).
+
+    python perf/bench_gradnorms.py [--quick]     # writes perf/results/gradnorms_cpu.csv
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from common import RESULTS, describe, environment, repeat, time_interleaved, write_csv
+
+from torchsample.gradnorms import capture_last_layer_input, exact_grad_norms, last_layer_norm, output_gradient
+from torchsample.surrogates import td_priority
+
+ACTIONS = 6
+
+
+class MinAtarQNetwork(nn.Module):
+    """The LaBER paper's MinAtar network (its Table 3), as agents/dqn.py builds it."""
+
+    def __init__(self, in_channels: int = 4, outputs: int = ACTIONS) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 16, kernel_size=3)
+        self.fc = nn.Linear(16 * 8 * 8, 128)
+        self.out = nn.Linear(128, outputs)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(obs)).flatten(-3)
+        return self.out(torch.relu(self.fc(x)))
+
+
+def mujoco_critic() -> nn.Module:
+    return nn.Sequential(nn.Linear(17 + 6, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1))
+
+
+def make_case(name: str, n: int, generator: torch.Generator):
+    """``(net, x, action, target)``; ``action`` is None for the critic (one output)."""
+    if name == "minatar":
+        x = (torch.rand(n, 4, 10, 10, generator=generator) < 0.2).float()
+        action = torch.randint(ACTIONS, (n,), generator=generator)
+        return MinAtarQNetwork(), x, action, torch.randn(n, generator=generator)
+    return mujoco_critic(), torch.randn(n, 23, generator=generator), None, torch.randn(n, generator=generator)
+
+
+def predict(net: nn.Module, x: torch.Tensor, action) -> torch.Tensor:
+    out = net(x)
+    return out.squeeze(-1) if action is None else out.gather(-1, action.unsqueeze(-1)).squeeze(-1)
+
+
+def make_update(net: nn.Module, x: torch.Tensor, action, y: torch.Tensor, scoring: str):
+    """One LaBER-mean update on the large batch ``x`` (``N = 4 B``) of a plain-torch Q-network or critic:
+    a target network's forward on the next states (here ``x`` again: the cost is what counts), the
+    scoring, ``B`` draws with weights ``mean(p) / p_i``, the weighted squared TD loss, an Adam step."""
+    target_net = copy.deepcopy(net).requires_grad_(False)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
+    batch_size = x.shape[0] // 4
+
+    def update():
+        with torch.no_grad():
+            next_q = target_net(x)
+            target = y + 0.99 * (next_q.squeeze(-1) if action is None else next_q.amax(-1))
+            if scoring == "output":
+                priority = td_priority(predict(net, x, action), target)
+            else:
+                with capture_last_layer_input(net) as cap:
+                    q = predict(net, x, action)
+                priority = last_layer_norm(output_gradient(q, target), cap.features)
+            priority += 1e-6
+            index = torch.multinomial(priority, batch_size, replacement=True)
+            weight = priority.mean() / priority[index]
+        rows_action = None if action is None else action[index]
+        loss = (weight * (predict(net, x[index], rows_action) - target[index]) ** 2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return update
+
+
+def ratio(times: dict, a: str, b: str) -> float:
+    """``median(a) / median(b)``, both timed in the same interleaved run."""
+    return times[a].median / times[b].median
+
+
+def bench(name: str, n: int, quick: bool) -> dict:
+    torch.manual_seed(0)
+    net, x, action, y = make_case(name, n, torch.Generator().manual_seed(0))
+    params = dict(net.named_parameters())
+
+    def per_sample_loss(p, x, *rest):
+        *action, y = rest
+        q = functional_call(net, p, (x,))
+        q = q.squeeze(-1) if not action else q.gather(-1, action[0].unsqueeze(-1)).squeeze(-1)
+        return (q - y) ** 2
+
+    inputs = (x, y) if action is None else (x, action, y)
+
+    @torch.no_grad()
+    def output():
+        return td_priority(predict(net, x, action), y)
+
+    @torch.no_grad()
+    def last_layer():
+        with capture_last_layer_input(net) as cap:
+            q = predict(net, x, action)
+        return last_layer_norm(output_gradient(q, y), cap.features)
+
+    def forward_backward():
+        net.zero_grad(set_to_none=True)
+        ((predict(net, x, action) - y) ** 2).mean().backward()
+
+    def ghost():
+        return exact_grad_norms(net, per_sample_loss, params, *inputs, method="ghost")
+
+    def vmap_grad():
+        return exact_grad_norms(net, per_sample_loss, params, *inputs, method="vmap")
+
+    torch.testing.assert_close(ghost(), vmap_grad(), rtol=1e-3, atol=1e-5)  # the same numbers
+    fast = {
+        "output": output,
+        "last_layer": last_layer,
+        "update_output": make_update(net, x, action, y, "output"),
+        "update_last_layer": make_update(net, x, action, y, "last-layer"),
+        "fwd_bwd": forward_backward,
+        "ghost": ghost,
+    }
+    number = 3 if quick else 10
+    times = time_interleaved({key: repeat(fn, number) for key, fn in fast.items()}, samples=5 if quick else 31,
+                             warmup=1, device="cpu", progress=f"{name} N={n}")
+    slow = time_interleaved({"ghost": ghost, "vmap_grad": vmap_grad}, samples=3 if quick else 9, warmup=1, device="cpu")
+    row = {"net": name, "N": n}
+    row.update({f"{key}_ms": t.median * 1e3 for key, t in times.items()})
+    row["vmap_grad_ms"] = slow["vmap_grad"].median * 1e3
+    row["last_layer/output"] = ratio(times, "last_layer", "output")
+    row["update: last_layer/output"] = ratio(times, "update_last_layer", "update_output")
+    row["ghost/fwd_bwd"] = ratio(times, "ghost", "fwd_bwd")
+    row["vmap_grad/ghost"] = ratio(slow, "vmap_grad", "ghost")
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the figures we report)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "gradnorms_cpu.csv", help="CSV path")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    rows = [bench(name, n, args.quick) for name in ("minatar", "mujoco-critic") for n in (4 * 32, 4 * 256)]
+    env = environment("cpu")
+    print(describe(env))
+    columns = ["net", "N", "output_ms", "last_layer_ms", "last_layer/output", "update_output_ms",
+               "update_last_layer_ms", "update: last_layer/output", "fwd_bwd_ms", "ghost_ms", "ghost/fwd_bwd",
+               "vmap_grad_ms", "vmap_grad/ghost"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |")
+    print("# targets: update: last_layer/output <= 1.1, ghost/fwd_bwd <= 3, vmap_grad/ghost >= 5")
+    print(f"CSV: {write_csv(args.out, rows, columns, env)}")
+
+
+if __name__ == "__main__":
+    main()
