@@ -61,7 +61,7 @@ COMPAT_VENV ?= .venv-compat
 compat:
 	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/python -m pip install -q -c constraints/oldest.txt -e ".[test]"
-	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider --ignore=tests/test_agents.py --ignore=agents \
+	$(COMPAT_VENV)/bin/python -m pytest -q -p no:cacheprovider tests torchsample kernels --ignore=tests/test_agents.py \
 		--ignore=tests/test_distributed.py --ignore=perf \
 		--deselect tests/kernels/test_laber_kernel.py::test_kernel_under_the_interpreter_matches_reference
 

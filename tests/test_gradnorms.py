@@ -16,7 +16,7 @@ from torchsample.gradnorms import (
     output_gradient,
     per_sample_grads,
 )
-from torchsample.targets import critic_of, gather_action
+from torchsample.targets import critic_of, gather_action, swap_params
 
 N = 12
 
@@ -27,7 +27,7 @@ N = 12
 
 def dqn_prediction(loss, params, td):
     td_copy = td.clone(False)
-    with params.to_module(loss.value_network, preserve_module_state=False):
+    with swap_params(params, loss.value_network):
         loss.value_network(td_copy)
     return gather_action(td_copy.get("action_value"), td.get("action"), loss.action_space)
 
@@ -39,7 +39,7 @@ def c51_prediction(loss, params, td):
 def critic_prediction(loss, params, rows):
     """One twin critic ``params`` (``loss.qvalue_network_params[c]``) on ``rows``: ``[N]``."""
     net = loss.qvalue_network
-    with params.to_module(net, preserve_module_state=False):
+    with swap_params(params, net):
         out = net(rows.select(*net.in_keys).clone(False))
     return out.get("state_action_value").squeeze(-1)
 
