@@ -1,9 +1,11 @@
-"""What the agents really share: the sampler choice, evaluation, logging, checkpoints.
+"""What the agents really share: the config's env-family defaults, the sampler choice, evaluation,
+logging, checkpoints and the loop's bookkeeping.
 
-Everything algorithm-specific (networks, losses, the update) stays in the agent's own file.
+Everything algorithm-specific (networks, losses, the update, acting) stays in the agent's own file.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import pickle
@@ -11,15 +13,19 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional, Sequence, TypeVar
 
 import gymnasium as gym
 import numpy as np
 import torch
+import tyro
 from tensordict import TensorDict
 from torchrl.data import LazyTensorStorage, PrioritizedSampler, RandomSampler, TensorDictReplayBuffer
+from tqdm import tqdm
 
-SAMPLERS = ("uniform", "per", "laber-mean", "laber-lazy", "laber-max", "large-batch")
+from torchsample import LaBER
+
+C = TypeVar("C")
 
 
 @dataclass
@@ -71,48 +77,116 @@ def make_env(env_id: str, seed: int) -> gym.Env:
 
 
 # ---------------------------------------------------------------------------------------------
+# The config: defaults per environment family
+
+
+def cli(env_defaults: Callable[[str], C], default_env_id: str, args: Optional[Sequence[str]] = None) -> C:
+    """Parse ``args`` (the command line when None) into a Config whose defaults are those of
+    ``--env-id``'s family (``default_env_id``'s when ``--env-id`` is not given).
+
+    ``env_defaults(env_id)`` gives an agent's Config for ``env_id`` (e.g. DQN's MinAtar values for
+    ``MinAtar/*``). ``--env-id`` is read first, so ``--help`` shows the values a run will use:
+    ``python -m agents.dqn --env-id MinAtar/Breakout-v1 --help``.
+
+    Examples:
+        >>> from agents import dqn
+        >>> cfg = cli(dqn.env_defaults, "CartPole-v1", ["--env-id", "MinAtar/Breakout-v1", "--lr", "3e-4"])
+        >>> cfg.batch_size, cfg.optimizer, cfg.lr
+        (32, 'rmsprop', 0.0003)
+    """
+    peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    peek.add_argument("--env-id", "--env_id", default=default_env_id)
+    env_id = peek.parse_known_args(args)[0].env_id
+    defaults = env_defaults(env_id)
+    return tyro.cli(type(defaults), default=defaults, args=args)
+
+
+# ---------------------------------------------------------------------------------------------
 # The sampler choice
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """How one ``--sampler`` draws a training batch."""
+
+    prioritized: bool
+    """the buffer draws with TorchRL's ``PrioritizedSampler``, priorities from the loss's ``"td_error"``"""
+    large: bool
+    """the buffer draws ``m * B`` rows (else ``B``)"""
+    weighting: Optional[str] = None
+    """LaBER down-samples the large batch to ``B`` rows with these weights (None: no down-sample)"""
+
+
+SAMPLERS = {
+    "uniform": SamplerSpec(prioritized=False, large=False),
+    "per": SamplerSpec(prioritized=True, large=False),
+    "laber-mean": SamplerSpec(prioritized=False, large=True, weighting="mean"),
+    "laber-lazy": SamplerSpec(prioritized=False, large=True, weighting="lazy"),
+    "laber-max": SamplerSpec(prioritized=False, large=True, weighting="max"),
+    "large-batch": SamplerSpec(prioritized=False, large=True),  # the LaBER paper's fairness baseline
+}
+# The agents' --sampler choices, SAMPLERS' names (tyro lists a Literal's values in --help).
+SamplerName = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
 
 
 def make_buffer(sampler: str, *, buffer_size: int, batch_size: int, m: int, device: torch.device,
                 per_alpha: float = 0.6, per_beta: float = 0.4) -> TensorDictReplayBuffer:
-    """The replay buffer each ``--sampler`` needs.
-
-    * ``uniform``: ``batch_size`` rows uniformly;
-    * ``large-batch``: ``m * batch_size`` rows uniformly (the LaBER paper's fairness baseline);
-    * ``per``: TorchRL's ``PrioritizedSampler`` (proportional, ``alpha``, ``beta`` annealed by the
-      caller with :func:`anneal_per_beta`), ``batch_size`` rows;
-    * ``laber-*``: ``m * batch_size`` rows uniformly; the caller down-samples them with
-      :class:`torchsample.LaBER`.
-    """
+    """The replay buffer ``sampler`` needs (see :data:`SAMPLERS`): its batch is ``m * batch_size``
+    rows for a large-batch sampler, else ``batch_size``; drawn by TorchRL's ``PrioritizedSampler``
+    (proportional, ``per_alpha``, ``per_beta``) or uniformly with replacement."""
     if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    large = sampler == "large-batch" or sampler.startswith("laber")
-    storage = LazyTensorStorage(buffer_size, device=device)
-    if sampler == "per":
-        return TensorDictReplayBuffer(
-            storage=storage,
-            sampler=PrioritizedSampler(buffer_size, alpha=per_alpha, beta=per_beta),
-            batch_size=batch_size,
-        )
-    return TensorDictReplayBuffer(storage=storage, sampler=RandomSampler(), batch_size=m * batch_size if large else batch_size)
+        raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {sampler!r}")
+    spec = SAMPLERS[sampler]
+    inner = PrioritizedSampler(buffer_size, alpha=per_alpha, beta=per_beta) if spec.prioritized else RandomSampler()
+    return TensorDictReplayBuffer(storage=LazyTensorStorage(buffer_size, device=device), sampler=inner,
+                                  batch_size=m * batch_size if spec.large else batch_size)
 
 
-def anneal_per_beta(buffer: TensorDictReplayBuffer, progress: float, start: float = 0.4) -> None:
-    """PER's importance-sampling exponent, annealed linearly from ``start`` to 1 (Schaul et al.).
+class Replay:
+    """The replay buffer and the ``--sampler`` choice, in one place for every agent.
 
-    ``beta = start + (1 - start) * clamp(progress, 0, 1)``; buffers without a ``PrioritizedSampler``
-    are left alone.
+    * ``add(transition)``: store a transition;
+    * ``sample(progress)``: the buffer's draw, ``B`` or ``m * B`` rows; PER's importance exponent
+      ``beta`` is annealed linearly from ``per_beta`` to 1 over ``progress`` in [0, 1] (Schaul et al.);
+    * ``downsample(batch)``, inside the update: LaBER keeps ``B`` of the ``m * B`` rows, scored with
+      ``loss_module``'s own networks (the other samplers pass the batch through);
+    * ``after_update(batch)``: PER's new priorities, the ``"td_error"`` the loss wrote.
+
+    A new sampler is a new :data:`SAMPLERS` entry (``--sampler`` offers every name there).
 
     Examples:
-        >>> buffer = make_buffer("per", buffer_size=10, batch_size=2, m=1, device=torch.device("cpu"))
-        >>> anneal_per_beta(buffer, 0.5); round(buffer.sampler.beta, 6)
-        0.7
-        >>> anneal_per_beta(buffer, 2.0); buffer.sampler.beta
-        1.0
+        >>> replay = Replay("per", None, buffer_size=10, batch_size=2, m=4, device=torch.device("cpu"))
+        >>> for t in range(5):
+        ...     replay.add(to_tensordict([0.0], 0, 1.0, [1.0], False, False, torch.device("cpu")))
+        >>> replay.sample(progress=0.5).batch_size, round(replay.buffer.sampler.beta, 6)
+        (torch.Size([2]), 0.7)
+        >>> Replay("large-batch", None, buffer_size=10, batch_size=2, m=4, device=torch.device("cpu")).buffer.batch_size
+        8
     """
-    if isinstance(buffer.sampler, PrioritizedSampler):
-        buffer.sampler.beta = start + (1.0 - start) * min(max(progress, 0.0), 1.0)
+
+    def __init__(self, sampler: str, loss_module, *, buffer_size: int, batch_size: int, m: int, device: torch.device,
+                 critics: str = "independent", per_alpha: float = 0.6, per_beta: float = 0.4) -> None:
+        self.buffer = make_buffer(sampler, buffer_size=buffer_size, batch_size=batch_size, m=m, device=device,
+                                  per_alpha=per_alpha, per_beta=per_beta)
+        self.spec, self.per_beta = SAMPLERS[sampler], per_beta
+        # critics: LaBER with twin critics, one down-sample per critic ("independent") or one shared ("joint").
+        self.laber = (LaBER(loss_module, batch_size=batch_size, weighting=self.spec.weighting, critics=critics)
+                      if self.spec.weighting is not None else None)
+
+    def add(self, transition: TensorDict) -> None:
+        self.buffer.add(transition)
+
+    def sample(self, progress: float) -> TensorDict:
+        if self.spec.prioritized:
+            self.buffer.sampler.beta = self.per_beta + (1.0 - self.per_beta) * min(max(progress, 0.0), 1.0)
+        return self.buffer.sample()
+
+    def downsample(self, batch: TensorDict) -> TensorDict:
+        return batch if self.laber is None else self.laber(batch)
+
+    def after_update(self, batch: TensorDict) -> None:
+        if self.spec.prioritized:
+            self.buffer.update_priority(batch["index"], batch["td_error"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,6 +361,96 @@ class StepTimer:
             return float("nan")
         elapsed = time.perf_counter() - self.t0
         return (step - self.step0) / elapsed if elapsed > 0 else float("nan")
+
+
+class TrainingLoop:
+    """The bookkeeping every agent's loop shares, around the agent's own acting and learning.
+
+    Episode returns (``train.csv``), evaluations of ``policy`` every ``eval_every`` steps and at the
+    end (``eval.csv``), checkpoints with ``--resume`` and ``--stop-after`` (:class:`Checkpointer`;
+    ``state`` names what it saves besides the buffer), the progress bar and steps/s after
+    ``burn_in`` steps. An agent's loop reads::
+
+        loop = TrainingLoop(cfg, "dqn", env, replay.buffer, state, greedy, burn_in=1500, bar_every=1000, recent=10)
+        env, obs = loop.env, loop.obs  # with --resume: the checkpoint's env and episode
+        for step in loop.steps():
+            next_obs, reward, terminated, truncated, _ = env.step(action)
+            replay.add(...)
+            obs = loop.record(step, next_obs, reward, terminated or truncated)  # after an episode: the next one's
+            ...  # learn
+            if loop.end_step(step, obs):  # True: --stop-after reached (a checkpoint was written)
+                break
+        return loop.close()
+
+    Examples:
+        >>> import tempfile
+        >>> cfg = RunOptions(stop_after=30, progress=False)
+        >>> cfg.out, cfg.total_steps, cfg.eval_every, cfg.eval_episodes = Path(tempfile.mkdtemp()), 50, 20, 1
+        >>> cfg.env_id, cfg.sampler = "CartPole-v1", "uniform"
+        >>> buffer = make_buffer("uniform", buffer_size=100, batch_size=2, m=1, device=torch.device("cpu"))
+        >>> loop = TrainingLoop(cfg, "demo", make_env(cfg.env_id, 0), buffer, {}, lambda obs: 0,
+        ...                     burn_in=10, bar_every=10, recent=5)
+        >>> env, obs = loop.env, loop.obs
+        >>> for step in loop.steps():
+        ...     next_obs, reward, terminated, truncated, _ = env.step(1)
+        ...     _ = buffer.add(to_tensordict(obs, 1, reward, next_obs, terminated, truncated, torch.device("cpu")))
+        ...     obs = loop.record(step, next_obs, reward, terminated or truncated)
+        ...     if loop.end_step(step, obs):
+        ...         break
+        >>> result = loop.close()
+        >>> result["stopped_at"], (cfg.out / "eval.csv").read_text().splitlines()[1].split(",")[:2]
+        (30, ['20', '9.0'])
+    """
+
+    def __init__(self, cfg, name: str, env: gym.Env, buffer: TensorDictReplayBuffer, state: dict,
+                 policy: Callable[[np.ndarray], np.ndarray], *, burn_in: int, bar_every: int, recent: int) -> None:
+        self.cfg, self.policy, self.bar_every, self.recent = cfg, policy, bar_every, recent
+        self.logger = Logger(cfg.out, cfg)
+        self.checkpoints = Checkpointer(cfg, cfg.out, state, buffer, cfg.total_steps)
+        start_step, self.env, saved = self.checkpoints.resume(env, cfg.seed)
+        self.obs, self.episode_return, self.episode_returns = saved["obs"], saved["episode_return"], saved["episode_returns"]
+        self.timer, self.t_start, self.last_eval, self.stopped_at = StepTimer(burn_in), time.time(), float("nan"), None
+        self.bar = tqdm(range(start_step, cfg.total_steps), initial=start_step, total=cfg.total_steps,
+                        disable=not cfg.progress, mininterval=1.0, desc=f"{name} {cfg.sampler} {cfg.env_id}")
+
+    def steps(self):
+        """The remaining step numbers (from the checkpoint's with ``--resume``), with the progress bar."""
+        return self.bar
+
+    def record(self, step: int, next_obs, reward: float, done: bool, **train_values: float):
+        """Count ``reward``; when the episode is ``done``, log its return and start the next one.
+        Returns the observation to act on next."""
+        self.episode_return += float(reward)
+        if not done:
+            return next_obs
+        self.episode_returns.append(self.episode_return)
+        self.logger.log("train", step + 1, episode_return=self.episode_return, **train_values)
+        self.episode_return = 0.0
+        return self.env.reset()[0]
+
+    def end_step(self, step: int, obs) -> bool:
+        """Evaluate and checkpoint when due after ``step``; True when the run stops here (``--stop-after``)."""
+        cfg = self.cfg
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.total_steps:
+            self.last_eval = evaluate(cfg.env_id, self.policy, cfg.eval_episodes, seed=10_000 + cfg.seed)
+            self.logger.log("eval", step + 1, eval_return=self.last_eval, wall_time=time.time() - self.t_start,
+                            steps_per_s=self.timer.rate(step))
+        if self.checkpoints.after_step(step + 1, self.env, obs=obs, episode_return=self.episode_return,
+                                       episode_returns=self.episode_returns):
+            self.stopped_at = step + 1
+            return True
+        if step % self.bar_every == 0 or step + 1 == cfg.total_steps:  # the final bar shows the final figures
+            recent = np.mean(self.episode_returns[-self.recent:]) if self.episode_returns else float("nan")
+            self.bar.set_postfix(ret=f"{recent:.1f}", eval=f"{self.last_eval:.1f}", sps=f"{self.timer.rate(step):.0f}")
+        self.timer.rate(step)
+        return False
+
+    def close(self) -> dict:
+        """``{"final_eval", "wall_time"}``, and ``"stopped_at"`` when ``--stop-after`` ended the run."""
+        self.bar.close()
+        self.env.close()
+        result = {"final_eval": self.last_eval, "wall_time": time.time() - self.t_start}
+        return result if self.stopped_at is None else {**result, "stopped_at": self.stopped_at}
 
 
 def to_tensordict(obs, action, reward, next_obs, terminated, truncated, device) -> TensorDict:

@@ -1,73 +1,76 @@
 """DQN with a choice of replay sampler: uniform, PER, LaBER (mean/lazy/max) or a large batch.
 
-One file, top to bottom: config, network, buffer and sampler, update, loop. The LaBER down-sample is
-``torchsample.LaBER``, a TorchRL replay-buffer transform; PER is TorchRL's ``PrioritizedSampler``.
+One file, top to bottom: config, network, loss, sampler, update, loop. The LaBER down-sample is
+``torchsample.LaBER`` called on the buffer's large batch inside the update; PER is TorchRL's
+``PrioritizedSampler``; both are built by ``agents.common.Replay``. Where each default comes from:
+``docs/agents.md``.
 
     python -m agents.dqn --env-id CartPole-v1 --sampler laber-mean
     python -m agents.dqn --env-id MinAtar/Breakout-v1 --sampler laber-mean   # the paper's setting
+    python -m agents.dqn --env-id MinAtar/Breakout-v1 --help                 # MinAtar's defaults
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import numpy as np
 import torch
-import tyro
 from torch import nn
 from torchrl.modules import MLP, QValueActor
 from torchrl.objectives import DQNLoss, HardUpdate, SoftUpdate
-from tqdm import tqdm
 
 from agents.common import (
-    Checkpointer, Logger, RunOptions, StepTimer, anneal_per_beta, evaluate, make_buffer, make_env, resolve_device,
-    seed_everything, to_tensordict,
+    Replay, RunOptions, SamplerName, TrainingLoop, cli, make_env, resolve_device, seed_everything, to_tensordict,
 )
-from torchsample import LaBER, LaBERLoss, make_update
+from torchsample import LaBERLoss, make_update
 
 
 @dataclass
 class Config(RunOptions):
+    """DQN. The defaults shown are those of --env-id's family: classic control (CartPole-v1, Acrobot-v1)
+    or MinAtar (python -m agents.dqn --env-id MinAtar/Breakout-v1 --help)."""
+
     env_id: str = "CartPole-v1"
     """gymnasium id: CartPole-v1, Acrobot-v1, or MinAtar/{Breakout,Asterix,Freeway,Seaquest,SpaceInvaders}-v1"""
-    sampler: Literal["uniform", "per", "laber-mean", "laber-lazy", "laber-max", "large-batch"] = "laber-mean"
+    sampler: SamplerName = "laber-mean"
     """how training rows are drawn from the buffer (large-batch: uniform with m * batch-size rows)"""
     m: int = 4
     """LaBER's large batch is m * batch-size rows, scored and down-sampled to batch-size"""
-    batch_size: Optional[int] = None
-    """rows per gradient step (None: 64 on classic control, 32 on MinAtar, as in the paper)"""
-    total_steps: Optional[int] = None
-    """environment steps (None: 40k on classic control, 5M on MinAtar)"""
-    learning_starts: Optional[int] = None
-    """steps that fill the buffer before learning (None: 1000 classic control, 5000 MinAtar)"""
-    train_freq: Optional[int] = None
-    """environment steps between training phases (None: 256 classic control, 1 MinAtar)"""
-    gradient_steps: Optional[int] = None
-    """gradient steps per training phase (None: 128 classic control, 1 MinAtar)"""
+    batch_size: int = 64
+    """rows per gradient step"""
+    total_steps: int = 50_000
+    """environment steps"""
+    learning_starts: int = 1_000
+    """random-action steps that fill the buffer before learning"""
+    train_freq: int = 256
+    """environment steps between training phases"""
+    gradient_steps: int = 128
+    """gradient steps per training phase"""
     buffer_size: int = 100_000
     """replay capacity (transitions)"""
-    lr: Optional[float] = None
-    """learning rate (None: Adam 2.3e-3 on classic control; RMSProp 1e-4, centered, as MinAtar's Table 3)"""
-    gamma: Optional[float] = None
-    """discount factor (None: 0.98 classic control, 0.99 MinAtar)"""
-    lr_schedule: Optional[Literal["constant", "linear"]] = None
-    """learning-rate schedule; linear decays to 0 at the end (None: linear classic control, constant MinAtar)"""
-    target_update: Optional[int] = None
-    """gradient steps between hard target-network copies, when target-tau is 0 (None: 128 classic control,
-    1000 MinAtar)"""
-    target_tau: Optional[float] = None
+    optimizer: Literal["adam", "rmsprop"] = "adam"
+    """adam, or centered RMSProp (alpha 0.95, eps 0.01)"""
+    lr: float = 2.3e-3
+    """learning rate"""
+    lr_schedule: Literal["constant", "linear"] = "linear"
+    """learning-rate schedule; linear decays to 0 at the end"""
+    gamma: float = 0.98
+    """discount factor"""
+    target_tau: float = 0.005
     """Polyak factor of a soft target update after every gradient step; 0: hard copies every target-update
-    steps instead (None: 0.005 classic control, 0 MinAtar)"""
+    gradient steps instead"""
+    target_update: int = 128
+    """gradient steps between hard target-network copies (when target-tau is 0)"""
     start_epsilon: float = 1.0
     """initial exploration rate"""
-    end_epsilon: Optional[float] = None
-    """final exploration rate (None: 0.04 classic control, 0.1 MinAtar)"""
-    exploration_steps: Optional[int] = None
-    """steps over which epsilon decays linearly from the start (None: 8k classic control, 100k MinAtar)"""
+    end_epsilon: float = 0.04
+    """final exploration rate"""
+    exploration_steps: int = 8_000
+    """steps over which epsilon decays linearly from start-epsilon to end-epsilon"""
     max_grad_norm: float = 10.0
-    """gradient-norm clipping (10, as Stable-Baselines3's DQN)"""
+    """gradient-norm clipping"""
     double_dqn: bool = True
     """Double DQN targets (van Hasselt et al.): the online network picks the next action"""
     loss: Literal["l2", "huber"] = "huber"
@@ -75,41 +78,22 @@ class Config(RunOptions):
     hidden: int = 256
     """width of the two hidden layers of the classic-control MLP"""
     eval_every: int = 5_000
-    """steps between deterministic (greedy) evaluations"""
+    """steps between greedy evaluations"""
     eval_episodes: int = 10
     """episodes per evaluation"""
     out: Path = Path("runs/dqn")
     """run folder: eval.csv, train.csv, config.txt, checkpoint/"""
 
 
-def with_env_defaults(cfg: Config) -> Config:
-    """Fill the None fields from the env family's defaults.
+# MinAtar's own DQN, the LaBER paper's Table 3 (Config's defaults are classic control's).
+MINATAR = dict(batch_size=32, total_steps=5_000_000, learning_starts=5_000, train_freq=1, gradient_steps=1,
+               optimizer="rmsprop", lr=1e-4, lr_schedule="constant", gamma=0.99, target_tau=0.0, target_update=1_000,
+               end_epsilon=0.1, exploration_steps=100_000)
 
-    MinAtar: the paper's Table 3 (MinAtar's own DQN). Classic control: Stable-Baselines3 zoo's tuned
-    CartPole DQN (training phases of 128 gradient steps every 256 env steps) with gamma 0.98, a
-    linearly decaying learning rate and a soft target update (tau 0.005 per gradient step). Measured
-    here with LaBER-mean, seeds 0-2, 50k steps, final greedy returns: soft targets 500/420/433; hard
-    copies once per phase 500/280 (seeds 0-1), without Double DQN 500/118/500, lr 1e-3 139/107;
-    gamma 0.99 with a constant rate 107/500; updating every env step oscillated between 100 and 500
-    (8 settings). DQN on CartPole typically reaches 500 and then partly forgets it; soft targets made
-    the late drops smallest.
-    """
-    minatar = cfg.env_id.startswith("MinAtar/")
-    defaults = dict(
-        batch_size=32 if minatar else 64,
-        total_steps=5_000_000 if minatar else 50_000,
-        learning_starts=5_000 if minatar else 1_000,
-        train_freq=1 if minatar else 256,
-        gradient_steps=1 if minatar else 128,
-        lr=1e-4 if minatar else 2.3e-3,
-        target_update=1000 if minatar else 128,
-        target_tau=0.0 if minatar else 0.005,
-        end_epsilon=0.1 if minatar else 0.04,
-        exploration_steps=100_000 if minatar else 8_000,
-        gamma=0.99 if minatar else 0.98,
-        lr_schedule="constant" if minatar else "linear",
-    )
-    return replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+
+def env_defaults(env_id: str) -> Config:
+    """The defaults for ``env_id``: MinAtar's for ``MinAtar/*``, else classic control's (``Config()``'s)."""
+    return Config(env_id=env_id, **(MINATAR if env_id.startswith("MinAtar/") else {}))
 
 
 class MinAtarQNetwork(nn.Module):
@@ -127,17 +111,16 @@ class MinAtarQNetwork(nn.Module):
         return self.out(torch.relu(self.fc(x)))
 
 
-def make_q_network(cfg: Config, env, outputs_per_action: int = 1) -> nn.Module:
-    """The MinAtar network on MinAtar, a two-layer ReLU MLP elsewhere; ``n_actions * outputs_per_action`` outputs."""
-    out = env.action_space.n * outputs_per_action
+def make_q_network(cfg: Config, env) -> nn.Module:
+    """The MinAtar network on MinAtar, a two-layer ReLU MLP elsewhere; one output per action."""
     if cfg.env_id.startswith("MinAtar/"):
-        return MinAtarQNetwork(env.observation_space.shape[-1], out)
-    return MLP(in_features=env.observation_space.shape[0], out_features=out, num_cells=[cfg.hidden, cfg.hidden],
-               activation_class=nn.ReLU)
+        return MinAtarQNetwork(env.observation_space.shape[-1], env.action_space.n)
+    return MLP(in_features=env.observation_space.shape[0], out_features=env.action_space.n,
+               num_cells=[cfg.hidden, cfg.hidden], activation_class=nn.ReLU)
 
 
 def build_dqn(cfg: Config, env, device: torch.device):
-    """TorchRL's DQNLoss with a delayed (target) copy of the Q-network; and the greedy Q-values."""
+    """TorchRL's DQNLoss with a delayed (target) copy of the Q-network; and the Q-network."""
     q_network = make_q_network(cfg, env).to(device)
     actor = QValueActor(q_network, in_keys=["observation"], action_space="categorical")
     loss_module = DQNLoss(actor, loss_function="l2" if cfg.loss == "l2" else "smooth_l1", delay_value=True,
@@ -146,33 +129,34 @@ def build_dqn(cfg: Config, env, device: torch.device):
     return loss_module, q_network
 
 
-def main(cfg: Config, build=build_dqn, name: str = "dqn") -> dict:
-    """Train; ``build(cfg, env, device) -> (loss_module, q_values)`` picks the loss (C51 reuses this)."""
-    cfg = with_env_defaults(cfg)
+def linear_epsilon(cfg: Config, step: int) -> float:
+    frac = min(step / cfg.exploration_steps, 1.0)
+    return cfg.start_epsilon + frac * (cfg.end_epsilon - cfg.start_epsilon)
+
+
+def main(cfg: Config) -> dict:
     device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     env = make_env(cfg.env_id, cfg.seed)
-    loss_module, q_values = build(cfg, env, device)
+    loss_module, q_network = build_dqn(cfg, env, device)
     # The paper's estimator mean(w * l), with LaBER's or PER's weights (1 when there are none).
     weighted_loss = LaBERLoss(loss_module)
     target_updater = (SoftUpdate(loss_module, tau=cfg.target_tau) if cfg.target_tau > 0
                       else HardUpdate(loss_module, value_network_update_interval=cfg.target_update))
     # A tensor learning rate can change without recompiling a compiled update.
     lr = torch.tensor(cfg.lr, device=device)
-    if cfg.env_id.startswith("MinAtar/"):
+    if cfg.optimizer == "rmsprop":
         optimizer = torch.optim.RMSprop(loss_module.parameters(), lr=lr, alpha=0.95, centered=True, eps=0.01)
     else:
         optimizer = torch.optim.Adam(loss_module.parameters(), lr=lr, capturable=device.type == "cuda")
 
     # The sampler: the buffer draws B rows (uniform, per) or m*B rows (large-batch, laber-*).
-    buffer = make_buffer(cfg.sampler, buffer_size=cfg.buffer_size, batch_size=cfg.batch_size, m=cfg.m, device=device)
-    laber = (LaBER(loss_module, batch_size=cfg.batch_size, weighting=cfg.sampler.split("-")[1])
-             if cfg.sampler.startswith("laber") else None)
+    replay = Replay(cfg.sampler, loss_module, buffer_size=cfg.buffer_size, batch_size=cfg.batch_size, m=cfg.m,
+                    device=device)
 
     def objective(data):
-        if laber is not None:
-            data = laber(data)  # score the m*B rows with the loss's own networks, keep B of them
+        data = replay.downsample(data)  # LaBER: score the m*B rows with the loss's own networks, keep B
         return weighted_loss(data)["loss"], data
 
     # zero_grad, objective, backward, clip, step, target update; two fullgraph graphs with --compile.
@@ -184,58 +168,34 @@ def main(cfg: Config, build=build_dqn, name: str = "dqn") -> dict:
 
     @torch.no_grad()
     def greedy(obs: np.ndarray) -> int:
-        return int(q_values(torch.as_tensor(obs, device=device).unsqueeze(0)).argmax(-1).item())
+        return int(q_network(torch.as_tensor(obs, device=device).unsqueeze(0)).argmax(-1).item())
 
-    logger = Logger(cfg.out, cfg)
-    checkpoints = Checkpointer(cfg, cfg.out, {"loss": loss_module, "optimizer": optimizer, "target_updater": target_updater},
-                               buffer, cfg.total_steps)
-    start_step, env, loop = checkpoints.resume(env, cfg.seed)
-    obs, episode_return, episode_returns = loop["obs"], loop["episode_return"], loop["episode_returns"]
-
-    timer, t_start, last_eval = StepTimer(burn_in=cfg.learning_starts + 500), time.time(), float("nan")
-    bar = tqdm(range(start_step, cfg.total_steps), initial=start_step, total=cfg.total_steps, disable=not cfg.progress,
-               mininterval=1.0, desc=f"{name} {cfg.sampler} {cfg.env_id}")
-    for step in bar:
+    # Episode returns, evaluations, checkpoints (--resume, --stop-after), the progress bar.
+    loop = TrainingLoop(cfg, "dqn", env, replay.buffer,
+                        {"loss": loss_module, "optimizer": optimizer, "target_updater": target_updater}, greedy,
+                        burn_in=cfg.learning_starts + 500, bar_every=1000, recent=10)
+    env, obs = loop.env, loop.obs
+    for step in loop.steps():
         epsilon = linear_epsilon(cfg, step)
         if step < cfg.learning_starts or np.random.random() < epsilon:
             action = env.action_space.sample()
         else:
             action = greedy(obs)
         next_obs, reward, terminated, truncated, _ = env.step(action)
-        buffer.add(to_tensordict(obs, action, reward, next_obs, terminated, truncated, device))
-        episode_return += float(reward)
-        obs = next_obs
-        if terminated or truncated:
-            episode_returns.append(episode_return)
-            logger.log("train", step + 1, episode_return=episode_return, epsilon=epsilon)
-            obs, episode_return = env.reset()[0], 0.0
+        replay.add(to_tensordict(obs, action, reward, next_obs, terminated, truncated, device))
+        obs = loop.record(step, next_obs, reward, terminated or truncated, epsilon=epsilon)
 
         if step >= cfg.learning_starts and (step + 1) % cfg.train_freq == 0:
-            anneal_per_beta(buffer, step / cfg.total_steps)
             if cfg.lr_schedule == "linear":
                 optimizer.param_groups[0]["lr"].fill_(cfg.lr * (1.0 - step / cfg.total_steps))
             for _ in range(cfg.gradient_steps):
-                loss, data = update(buffer.sample())
-                if cfg.sampler == "per":
-                    buffer.update_priority(data["index"], data["td_error"])  # |TD|, PER's priority
+                _, data = update(replay.sample(progress=step / cfg.total_steps))
+                replay.after_update(data)  # PER: the new priorities, |TD|
 
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.total_steps:
-            last_eval = evaluate(cfg.env_id, greedy, cfg.eval_episodes, seed=10_000 + cfg.seed)
-            logger.log("eval", step + 1, eval_return=last_eval, wall_time=time.time() - t_start, steps_per_s=timer.rate(step))
-        if checkpoints.after_step(step + 1, env, obs=obs, episode_return=episode_return, episode_returns=episode_returns):
-            return {"final_eval": last_eval, "wall_time": time.time() - t_start, "stopped_at": step + 1}
-        if step % 1000 == 0 or step + 1 == cfg.total_steps:  # the final bar shows the final figures
-            recent = np.mean(episode_returns[-10:]) if episode_returns else float("nan")
-            bar.set_postfix(ret=f"{recent:.1f}", eval=f"{last_eval:.1f}", sps=f"{timer.rate(step):.0f}")
-        timer.rate(step)
-    env.close()
-    return {"final_eval": last_eval, "wall_time": time.time() - t_start}
-
-
-def linear_epsilon(cfg: Config, step: int) -> float:
-    frac = min(step / cfg.exploration_steps, 1.0)
-    return cfg.start_epsilon + frac * (cfg.end_epsilon - cfg.start_epsilon)
+        if loop.end_step(step, obs):
+            break
+    return loop.close()
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    main(cli(env_defaults, Config.env_id))

@@ -1,56 +1,115 @@
-"""TD3 (Fujimoto et al., 2018) with a choice of replay sampler: the SAC agent's loop with TD3's pieces.
+"""TD3 (Fujimoto et al., 2018) with a choice of replay sampler: uniform, PER, LaBER or a large batch.
 
-A deterministic tanh actor with Gaussian exploration noise, TorchRL's ``TD3Loss`` (twin critics,
-target-policy smoothing with clipped noise) and an actor and target networks updated every
-``policy_delay`` critic updates, with the paper's Table 5 (400-300 networks, batch 100, Adam 1e-3). The loop, the samplers
-and LaBER's twin-critic handling are ``agents/sac.py``'s.
+One file, top to bottom: config, networks, loss, sampler, update, loop. A deterministic tanh actor
+explores with Gaussian noise; TorchRL's ``TD3Loss`` trains twin critics on a target smoothed with
+clipped noise, wrapped by :class:`torchsample.LaBERLoss`: with LaBER each critic is trained on its
+own down-sampled rows, weighted, and the actor on uniform rows of the large batch (Lahire et al.,
+2022, Sec. 3.4). The actor and the target networks move every ``policy_delay`` critic updates.
+Where each default comes from: ``docs/agents.md``.
 
     python -m agents.td3 --env-id Pendulum-v1 --sampler laber-mean
+    python -m agents.td3 --env-id HalfCheetah-v5 --sampler laber-mean   # 1M steps
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import torch
-import tyro
+from tensordict import TensorDict
 from tensordict.nn import TensorDictModule, TensorDictSequential
 from torch import nn
-from torchrl.modules import MLP, TanhModule
-from torchrl.objectives import TD3Loss
+from torchrl.data import Bounded
+from torchrl.modules import MLP, TanhModule, ValueOperator
+from torchrl.objectives import SoftUpdate, TD3Loss
 
-from agents import sac
+from agents.common import (
+    Replay, RunOptions, SamplerName, TrainingLoop, cli, make_env, resolve_device, seed_everything, to_tensordict,
+)
+from torchsample import LaBERLoss, make_update
 
 
 @dataclass
-class Config(sac.Config):
-    """TD3: every SAC option, with Table 5's sizes, plus the TD3-specific noises and delay."""
+class Config(RunOptions):
+    """TD3. The defaults shown are those of --env-id's family: Pendulum-v1, or MuJoCo for any other id
+    (python -m agents.td3 --env-id HalfCheetah-v5 --help)."""
 
+    env_id: str = "Pendulum-v1"
+    """gymnasium id with a Box action space: Pendulum-v1, HalfCheetah-v5, Hopper-v5, ..."""
+    sampler: SamplerName = "laber-mean"
+    """how training rows are drawn from the buffer (large-batch: uniform with m * batch-size rows)"""
+    m: int = 4
+    """LaBER's large batch is m * batch-size rows, scored and down-sampled to batch-size"""
+    critics: Literal["independent", "joint"] = "independent"
+    """LaBER with twin critics: one down-sample per critic (the paper's) or one from sqrt(sum p_c^2)"""
     batch_size: int = 100
-    """rows per gradient step (the paper's Table 5)"""
+    """rows per gradient step"""
+    total_steps: int = 15_000
+    """environment steps"""
+    learning_starts: int = 1_000
+    """random-action steps that fill the buffer before learning"""
+    buffer_size: int = 1_000_000
+    """replay capacity (transitions)"""
+    lr: float = 1e-3
+    """Adam learning rate of critics and actor"""
+    adam_eps: float = 1e-5
+    """Adam epsilon"""
+    gamma: float = 0.99
+    """discount factor"""
+    tau: float = 0.005
+    """Polyak factor of the target actor and critics, at every actor update"""
     hidden: tuple[int, ...] = (400, 300)
-    """hidden layers of actor and critics (Table 5)"""
+    """hidden layers of actor and critics"""
+    loss: Literal["l2", "huber"] = "l2"
+    """critic loss; LaBER's surrogate follows it"""
     policy_noise: float = 0.2
     """std of the target-policy smoothing noise, in units of the action bound"""
     noise_clip: float = 0.5
-    """clip of the target-policy smoothing noise"""
+    """clip of the target-policy smoothing noise, in units of the action bound"""
     exploration_noise: float = 0.1
     """std of the Gaussian exploration noise, in units of the action bound"""
     policy_delay: int = 2
     """critic updates per actor and target-network update"""
+    eval_every: int = 5_000
+    """steps between deterministic evaluations"""
+    eval_episodes: int = 5
+    """episodes per evaluation"""
     out: Path = Path("runs/td3")
     """run folder: eval.csv, train.csv, config.txt, checkpoint/"""
 
 
+# MuJoCo bodies (HalfCheetah, Hopper, ...): the TD3 paper's Table 5 (Config's defaults are Pendulum's).
+MUJOCO = dict(total_steps=1_000_000)
+
+
+def env_defaults(env_id: str) -> Config:
+    """The defaults for ``env_id``: Pendulum's (``Config()``'s) for ``Pendulum*``, else MuJoCo's."""
+    return Config(env_id=env_id, **({} if env_id.startswith("Pendulum") else MUJOCO))
+
+
+def action_spec(env, device) -> Bounded:
+    space = env.action_space
+    return Bounded(torch.as_tensor(space.low), torch.as_tensor(space.high), space.shape, device=device)
+
+
+def make_critic(cfg: Config, env, device) -> ValueOperator:
+    """Q(s, a): an MLP on the concatenated observation and action; TD3Loss vmaps the twin copies."""
+    in_features = env.observation_space.shape[0] + env.action_space.shape[0]
+    return ValueOperator(MLP(in_features=in_features, out_features=1, num_cells=list(cfg.hidden), activation_class=nn.ReLU),
+                         in_keys=["observation", "action"]).to(device)
+
+
 def build_td3(cfg: Config, env, device: torch.device):
     """Deterministic tanh actor scaled to the action bounds, twin critics, TD3Loss."""
-    spec = sac.action_spec(env, device)
+    spec = action_spec(env, device)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     net = TensorDictModule(MLP(in_features=obs_dim, out_features=act_dim, num_cells=list(cfg.hidden), activation_class=nn.ReLU),
                            in_keys=["observation"], out_keys=["param"])
     actor = TensorDictSequential(net, TanhModule(in_keys=["param"], out_keys=["action"], spec=spec)).to(device)
     bound = float(spec.space.high.max())
-    loss_module = TD3Loss(actor, sac.make_critic(cfg, env, device), action_spec=spec, num_qvalue_nets=2,
+    loss_module = TD3Loss(actor, make_critic(cfg, env, device), action_spec=spec, num_qvalue_nets=2,
                           policy_noise=cfg.policy_noise * bound, noise_clip=cfg.noise_clip * bound,
                           loss_function="l2" if cfg.loss == "l2" else "smooth_l1")
     loss_module.make_value_estimator(gamma=cfg.gamma)
@@ -58,8 +117,71 @@ def build_td3(cfg: Config, env, device: torch.device):
 
 
 def main(cfg: Config) -> dict:
-    return sac.main(cfg, build=build_td3, name="td3", actor_every=cfg.policy_delay, exploration_noise=cfg.exploration_noise)
+    device = resolve_device(cfg.device)
+    torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    env = make_env(cfg.env_id, cfg.seed)
+    loss_module, actor = build_td3(cfg, env, device)
+    # Critics weighted (the paper's estimator), each on its own rows with LaBER; actor on uniform rows.
+    weighted_loss = LaBERLoss(loss_module)
+    optimizer = torch.optim.Adam(loss_module.parameters(), lr=torch.tensor(cfg.lr, device=device), eps=cfg.adam_eps,
+                                 capturable=device.type == "cuda")
+    target_updater = SoftUpdate(loss_module, tau=cfg.tau)
+
+    # The sampler: the buffer draws B rows (uniform, per) or m*B rows (large-batch, laber-*).
+    replay = Replay(cfg.sampler, loss_module, buffer_size=cfg.buffer_size, batch_size=cfg.batch_size, m=cfg.m,
+                    device=device, critics=cfg.critics)
+
+    def objective(data, with_actor: bool):
+        data = replay.downsample(data)  # LaBER: B rows per critic, scored by that critic's surrogate
+        losses = weighted_loss(data)
+        total = losses["loss_qvalue"]
+        if with_actor:  # left out, the actor's parameters get no gradient and Adam skips them
+            total = total + losses["loss_actor"]
+        return total, data
+
+    # zero_grad, objective, backward, step; two fullgraph graphs with --compile. The target networks
+    # move with the actor, every policy_delay steps (Fujimoto et al., Alg. 1), outside the update.
+    update = make_update(objective, optimizer, compile=cfg.compile)
+    if cfg.cudagraphs:
+        from tensordict.nn import CudaGraphModule
+
+        update = CudaGraphModule(update, warmup=5)
+
+    low, high = env.action_space.low, env.action_space.high
+
+    @torch.no_grad()
+    def policy(obs: np.ndarray, explore: bool = False) -> np.ndarray:
+        """The actor's action, plus Gaussian noise when exploring."""
+        action = actor(TensorDict({"observation": torch.as_tensor(obs, dtype=torch.float32, device=device)}))["action"]
+        action = action.cpu().numpy()
+        if explore and cfg.exploration_noise > 0:
+            action = action + np.random.normal(0.0, cfg.exploration_noise * high, size=action.shape)
+        return np.clip(action, low, high).astype(np.float32)
+
+    # Episode returns, evaluations, checkpoints (--resume, --stop-after), the progress bar.
+    loop = TrainingLoop(cfg, "td3", env, replay.buffer,
+                        {"loss": loss_module, "optimizer": optimizer, "target_updater": target_updater}, policy,
+                        burn_in=cfg.learning_starts + 200, bar_every=500, recent=5)
+    env, obs = loop.env, loop.obs
+    for step in loop.steps():
+        action = env.action_space.sample() if step < cfg.learning_starts else policy(obs, explore=True)
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        replay.add(to_tensordict(obs.astype(np.float32), np.asarray(action, dtype=np.float32), reward,
+                                 next_obs.astype(np.float32), terminated, truncated, device))
+        obs = loop.record(step, next_obs, reward, terminated or truncated)
+
+        if step >= cfg.learning_starts:
+            with_actor = step % cfg.policy_delay == 0
+            _, data = update(replay.sample(progress=step / cfg.total_steps), with_actor)
+            if with_actor:
+                target_updater.step()
+            replay.after_update(data)  # PER: the new priorities (the larger of the critics' |TD|)
+
+        if loop.end_step(step, obs):
+            break
+    return loop.close()
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    main(cli(env_defaults, Config.env_id))

@@ -46,10 +46,10 @@ from torchsample import LaBER, LaBERLoss, LaBERSampler, make_update  # noqa: E40
 M = 4
 MODELS = {
     # name: (agent module, config, discrete)
-    "dqn-cartpole": (dqn, dqn.Config(env_id="CartPole-v1", batch_size=64), True),
-    "dqn-minatar": (dqn, dqn.Config(env_id="MinAtar/Breakout-v1", batch_size=32), True),
-    "sac-halfcheetah": (sac, sac.Config(env_id="HalfCheetah-v5"), False),
-    "td3-halfcheetah": (td3, td3.Config(env_id="HalfCheetah-v5"), False),
+    "dqn-cartpole": (dqn, dqn.env_defaults("CartPole-v1"), True),
+    "dqn-minatar": (dqn, dqn.env_defaults("MinAtar/Breakout-v1"), True),
+    "sac-halfcheetah": (sac, sac.env_defaults("HalfCheetah-v5"), False),
+    "td3-halfcheetah": (td3, td3.env_defaults("HalfCheetah-v5"), False),
 }
 # The spaces of environments a machine may lack (MuJoCo): (observation size, action size), actions in [-1, 1].
 SPACES = {"HalfCheetah-v5": (17, 6), "Hopper-v5": (11, 3), "Walker2d-v5": (17, 6), "Ant-v5": (105, 8)}
@@ -113,12 +113,10 @@ def build_updates(model: str, sampler: str, modes: list[str], device, synthetic:
     """``{mode: one_update}`` for one model and sampler (all modes share networks and buffer), and a note."""
     agent, cfg, discrete = MODELS[model]
     if discrete:
-        cfg = dqn.with_env_defaults(cfg)
         env, note = env_for(cfg.env_id, synthetic)
         loss_module, _ = dqn.build_dqn(cfg, env, device)
         target = HardUpdate(loss_module, value_network_update_interval=cfg.target_update)
     else:
-        cfg = sac.with_env_defaults(cfg)
         env, note = env_for(cfg.env_id, synthetic)
         loss_module, _ = (sac.build_sac if agent is sac else td3.build_td3)(cfg, env, device)
         target = SoftUpdate(loss_module, tau=cfg.tau)
