@@ -25,7 +25,6 @@ CPU: quote the ratios (``vs_local``: against the local buffer with the same samp
 from __future__ import annotations
 
 import argparse
-import csv
 import pickle
 import platform
 import statistics
@@ -36,6 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import ray
+from common import environment, write_csv
 import tensordict
 import torch
 import torchrl
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the agents live 
 from agents import distributed  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-COLUMNS = ["device", "torch", "torchrl", "tensordict", "ray", "sampler", "buffer", "m", "collectors", "batch_size",
+COLUMNS = ["ray", "sampler", "buffer", "m", "collectors", "batch_size",
            "updates_per_s", "vs_local", "runs", "from_buffer_bytes_per_update", "to_buffer_bytes_per_update",
            "ingest_bytes_per_update", "prefetch"]
 
@@ -183,12 +183,7 @@ def report(rows: list[dict], out: Path) -> None:
         if laber:
             print(f"\n{n} collector(s): LaBER-mean m=4 over Ray {laber / by['laber-mean', 'local', 4, n]:.2f}x the "
                   f"local buffer; PER over Ray {by['per', 'ray', '', n] / laber:.2f}x LaBER over Ray's updates/s")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"\nwrote {out}")
+    print(f"\nwrote {write_csv(out, rows, COLUMNS, environment('cpu'))}")
 
 
 if __name__ == "__main__":
