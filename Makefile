@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints/ci.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints/ci.txt -e ".[test,agents,bench,distributed]"
+	$(PY) -m pip install -q -c constraints/ci.txt -e ".[test,agents,bench,distributed,loggers]"
 	touch $(STAMP)
 
 install: $(STAMP)
