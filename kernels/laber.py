@@ -4,7 +4,8 @@ Each critic row ``c`` of ``[C, N, K]`` predictions and targets is cut into ``T =
 tiles, one program per ``(c, tile)``, all in one launch (grid ``C * T``):
 
 1. **Tiles, in parallel.** ``p_i = surrogate(pred_i, target_i) + eps`` (ready priorities,
-   ``|q - y|``, ``min(|q - y|, delta)`` or ``||softmax(z_i) - m_i||_2``), written to
+   ``|q - y|``, ``min(|q - y|, delta)`` or ``||softmax(z_i) - m_i||_2``; for the last-layer rung
+   times ``sqrt(||h_i||^2 + 1)``, ``h`` the ``[C, N, D]`` penultimate features), written to
    ``priority[c]`` in float32. In float64, the tile's chunks of ``CHUNK`` items are summed and
    their inclusive prefix within the tile is written, ``chunk_j = sum_{j' <= j} sum_{i in j'} p_i``
    (the last is the tile's mass), with the tile's last item with ``p_i > 0``.
@@ -49,7 +50,7 @@ same time (two streams, two graphs replayed concurrently): give each caller its 
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -58,12 +59,13 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
-from torchsample.codes import Surrogate, Weighting
+from torchsample.codes import LossKind, Surrogate, Weighting
 
 # The codes as constexprs: a jitted function may read only constexpr globals.
-PRIORITY = tl.constexpr(int(Surrogate.PRIORITY))
-HUBER = tl.constexpr(int(Surrogate.HUBER))
-CATEGORICAL = tl.constexpr(int(Surrogate.CATEGORICAL))
+PRIORITY = tl.constexpr(int(LossKind.PRIORITY))
+HUBER = tl.constexpr(int(LossKind.HUBER))
+CATEGORICAL = tl.constexpr(int(LossKind.CATEGORICAL))
+LAST_LAYER = tl.constexpr(int(Surrogate.LAST_LAYER))
 MEAN = tl.constexpr(int(Weighting.MEAN))
 LAZY = tl.constexpr(int(Weighting.LAZY))
 MAX = tl.constexpr(int(Weighting.MAX))
@@ -140,10 +142,11 @@ def search(u, mask, priority_row, chunk_row, tile_row, N, n_tiles, tile_steps, l
 
 
 @triton.jit
-def tile_priorities(pred_row, target_row, offs, mask, K, eps, huber_delta, stride_pn, stride_pk, stride_tn,
-                    stride_tk, SURROGATE: tl.constexpr, BLOCK_K: tl.constexpr):
+def tile_priorities(pred_row, target_row, h_row, offs, mask, K, D, eps, huber_delta, stride_pn, stride_pk, stride_tn,
+                    stride_tk, stride_hn, stride_hd, LOSS: tl.constexpr, SURROGATE: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """``p + eps`` in float32 of the items ``offs`` (``[CHUNKS, CHUNK]``), 0 outside ``mask`` (step 1)."""
-    if SURROGATE == CATEGORICAL:
+    if LOSS == CATEGORICAL:
         offs_k = tl.arange(0, BLOCK_K)[None, None, :]
         mask_nk = mask[:, :, None] & (offs_k < K)
         z = tl.load(pred_row + offs[:, :, None] * stride_pn + offs_k * stride_pk, mask=mask_nk,
@@ -158,13 +161,23 @@ def tile_priorities(pred_row, target_row, offs, mask, K, eps, huber_delta, strid
         p = tl.sqrt(tl.sum(diff * diff, axis=2))
     else:
         x = tl.load(pred_row + offs * stride_pn, mask=mask, other=0.0).to(tl.float32)
-        if SURROGATE == PRIORITY:
+        if LOSS == PRIORITY:
             p = x
         else:
             y = tl.load(target_row + offs * stride_tn, mask=mask, other=0.0).to(tl.float32)
             p = tl.abs(x - y)
-            if SURROGATE == HUBER:
+            if LOSS == HUBER:
                 p = tl.minimum(p, huber_delta)
+    if SURROGATE == LAST_LAYER:
+        # ||h_i||^2 in float32, BLOCK_D features of every item at a time.
+        offs_d = tl.arange(0, BLOCK_D)[None, None, :]
+        h_sq = tl.zeros_like(p)
+        for d_start in range(0, D, BLOCK_D):
+            mask_nd = mask[:, :, None] & (d_start + offs_d < D)
+            h = tl.load(h_row + offs[:, :, None] * stride_hn + (d_start + offs_d) * stride_hd, mask=mask_nd,
+                        other=0.0).to(tl.float32)
+            h_sq += tl.sum(h * h, axis=2)
+        p = p * tl.sqrt(h_sq + 1.0)
     return tl.where(mask, p + eps, 0.0)
 
 
@@ -231,6 +244,7 @@ def draw_row(row, seed, counter, priority_ptr, scratch_ptr, index_ptr, weight_pt
 def laber_fused_kernel(
     pred_ptr,  # [C, N, K] predictions, logits or ready priorities (K == 1)
     target_ptr,  # [C, N, K] targets or target distributions (unused for ready priorities)
+    h_ptr,  # [C, N, D] penultimate features (last-layer rung; unused for the output rung)
     priority_ptr,  # [C, N] float32 out: p + eps
     scratch_ptr,  # [C, T * (CHUNKS + 2)] float64: per row, chunk prefixes [T, CHUNKS] | tile prefix [T]
     #                (step 3) | last item with p > 0 of each tile [T] (-1: none; exact in float64)
@@ -240,6 +254,7 @@ def laber_fused_kernel(
     C,
     N,
     K,
+    D,
     B,
     n_tiles,  # T = ceil(N / BLOCK_N)
     n_slots,  # S
@@ -252,10 +267,15 @@ def laber_fused_kernel(
     stride_tc,
     stride_tn,
     stride_tk,
-    SURROGATE: tl.constexpr,  # a torchsample.codes.Surrogate
+    stride_hc,
+    stride_hn,
+    stride_hd,
+    LOSS: tl.constexpr,  # a torchsample.codes.LossKind
+    SURROGATE: tl.constexpr,  # a torchsample.codes.Surrogate: OUTPUT or LAST_LAYER
     WEIGHTING: tl.constexpr,  # a torchsample.codes.Weighting
     BLOCK_N: tl.constexpr,  # items of a tile
     BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # features of a row read at a time (last-layer)
     CHUNK: tl.constexpr,  # items of a chunk, the last level of the search
     BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -268,8 +288,9 @@ def laber_fused_kernel(
     # 1. This tile's priorities (as [CHUNKS, CHUNK]), chunk prefixes and last positive item.
     offs = tile * BLOCK_N + (tl.arange(0, CHUNKS)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]).to(tl.int64)
     mask = offs < N
-    p = tile_priorities(pred_ptr + c * stride_pc, target_ptr + c * stride_tc, offs, mask, K, eps, huber_delta,
-                        stride_pn, stride_pk, stride_tn, stride_tk, SURROGATE, BLOCK_K)
+    p = tile_priorities(pred_ptr + c * stride_pc, target_ptr + c * stride_tc, h_ptr + c * stride_hc, offs, mask, K,
+                        D, eps, huber_delta, stride_pn, stride_pk, stride_tn, stride_tk, stride_hn, stride_hd, LOSS,
+                        SURROGATE, BLOCK_K, BLOCK_D)
     tl.store(priority_ptr + c * N + offs, p, mask=mask)
     chunks = tl.cumsum(tl.sum(p.to(tl.float64), axis=1), axis=0)
     chunk_row = scratch_ptr + c * n_tiles * (CHUNKS + 2)
@@ -309,24 +330,30 @@ def laber_fused_kernel(
             tl.store(state_ptr + 2, 0)
 
 
-def block_sizes(N: int, K: int, B: int, surrogate: int) -> dict:
+def block_sizes(N: int, K: int, B: int, loss: int, D: int = 0) -> dict:
     """The constexprs and ``num_warps`` of a launch, from register counts of the sm_90 build (ptxas -v).
 
     A tile holds up to 4096 items (2048 elements ``[BLOCK_N, BLOCK_K]`` for K > 1, whose softmax keeps
     several tiles live), chunks hold 8 items, a round of draws ``32 * num_warps``; 8 warps for a
     full tile or ``B >= 256``, 4 for K > 1. These run in 80-102 registers with no spills; 8192-item
     tiles, 16-item chunks or 64 draws a warp need 128-255 registers, spill, or move the last
-    level's ``[BLOCK_B, CHUNK]`` float64 through 64 KB of shared memory.
+    level's ``[BLOCK_B, CHUNK]`` float64 through 64 KB of shared memory. The last-layer rung
+    (``D > 0`` features a row) reads ``[BLOCK_N, BLOCK_D]`` features at a time, 2048 elements:
+    ``BLOCK_D <= 32`` and 64-row tiles for K = 1 (108-126 registers at D = 128 and 256, no spill;
+    4096 elements took 243 registers at 4 warps and spilled at 8), ``BLOCK_D <= 64`` beside the
+    softmax for K > 1 (161 registers at K = 51, D = 128; ``BLOCK_D = 32`` spilled 32 bytes there).
     """
     block_k = triton.next_power_of_2(K)
-    if surrogate == Surrogate.CATEGORICAL:
-        block_n = max(8, min(triton.next_power_of_2(N), 2048 // block_k))
+    categorical = loss == LossKind.CATEGORICAL
+    block_d = min(triton.next_power_of_2(D), 64 if categorical else 32) if D > 0 else 1
+    if categorical:
+        block_n = max(8, min(triton.next_power_of_2(N), 2048 // max(block_k, block_d)))
         num_warps = 4
     else:
-        block_n = max(16, min(triton.next_power_of_2(N), 4096))
+        block_n = max(16, min(triton.next_power_of_2(N), 4096 if D == 0 else 2048 // block_d))
         num_warps = 8 if block_n == 4096 or B >= 256 else 4
     n_tiles = triton.cdiv(N, block_n)
-    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "CHUNK": 8,
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_D": block_d, "CHUNK": 8,
             "BLOCK_B": max(16, min(triton.next_power_of_2(B), 32 * num_warps)),
             "BLOCK_T": max(16, min(triton.next_power_of_2(n_tiles), 1024)), "num_warps": num_warps}
 
@@ -340,10 +367,11 @@ class Buffers(NamedTuple):
     scratch: Tensor  # [C, T * (BLOCK_N // CHUNK + 2)] float64
 
 
-def allocate_buffers(pred: Tensor, batch_size: int, surrogate: int) -> Buffers:
-    """Fresh (uninitialised) buffers for :func:`launch_laber` on ``pred``'s device."""
+def allocate_buffers(pred: Tensor, batch_size: int, loss: int, D: int = 0) -> Buffers:
+    """Fresh (uninitialised) buffers for :func:`launch_laber` on ``pred``'s device (``D``: the
+    features of a row for the last-layer rung, 0 for the output rung)."""
     C, N, K = pred.shape
-    blocks = block_sizes(N, K, batch_size, surrogate)
+    blocks = block_sizes(N, K, batch_size, loss, D)
     n_tiles = triton.cdiv(N, blocks["BLOCK_N"])
     per_tile = blocks["BLOCK_N"] // blocks["CHUNK"] + 2
     device = pred.device
@@ -353,11 +381,12 @@ def allocate_buffers(pred: Tensor, batch_size: int, surrogate: int) -> Buffers:
                    torch.empty(C, n_tiles * per_tile, device=device, dtype=torch.float64))
 
 
-def launch_laber(pred: Tensor, target: Tensor, state: Tensor, batch_size: int, surrogate: int, weighting: int,
-                 eps: float, huber_delta: float, *, buffers: Buffers | None = None, kernel=None
+def launch_laber(pred: Tensor, target: Tensor, features: Tensor | None, state: Tensor, batch_size: int, loss: int,
+                 weighting: int, eps: float, huber_delta: float, *, buffers: Buffers | None = None, kernel=None
                  ) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the kernel once, with no host sync; returns ``(index, weight, priority)``.
 
+    ``features`` (``[C, N, D]``) selects the last-layer rung, ``None`` the output rung.
     ``buffers`` (from :func:`allocate_buffers`) lets the tests fill outputs and scratch with poison
     first, so that anything left unwritten shows. ``kernel`` defaults to the jitted kernel wrapped
     by ``wrap_triton`` (so ``torch.compile`` sees the launch); the tests pass a recorder of the grid.
@@ -367,33 +396,41 @@ def launch_laber(pred: Tensor, target: Tensor, state: Tensor, batch_size: int, s
         raise TypeError(f"rng_state must be an int64 [3 + S] tensor from new_rng_state, got {state!r:.80}")
     if state.device != pred.device:
         raise ValueError(f"rng_state is on {state.device}, the inputs on {pred.device}")
-    blocks = block_sizes(N, K, batch_size, surrogate)
+    if features is not None and (features.dim() != 3 or features.shape[:2] != (C, N)):
+        raise ValueError(f"features must be [C, N, D] = [{C}, {N}, D], got {tuple(features.shape)}")
+    D = 0 if features is None else features.shape[2]
+    surrogate = Surrogate.OUTPUT if features is None else Surrogate.LAST_LAYER
+    h = pred if features is None else features  # never read by the output rung
+    blocks = block_sizes(N, K, batch_size, loss, D)
     n_tiles = triton.cdiv(N, blocks["BLOCK_N"])
-    index, weight, priority, scratch = buffers if buffers is not None else allocate_buffers(pred, batch_size, surrogate)
+    index, weight, priority, scratch = buffers if buffers is not None else allocate_buffers(pred, batch_size, loss, D)
     launcher = kernel if kernel is not None else wrap_triton(laber_fused_kernel)
     # Triton launches on the current device: tensors on another GPU need their own current. Not
     # while tracing (fake tensors: no device to switch to, and Inductor guards the device itself).
     on_device = torch.cuda.device(pred.device) if pred.is_cuda and not is_fake(pred) else contextlib.nullcontext()
     with on_device:
         launcher[(C * n_tiles,)](
-            pred, target, priority, scratch, index, weight, state,
-            C, N, K, batch_size, n_tiles, state.numel() - 3, eps, huber_delta, n_tiles.bit_length(),
+            pred, target, h, priority, scratch, index, weight, state,
+            C, N, K, D, batch_size, n_tiles, state.numel() - 3, eps, huber_delta, n_tiles.bit_length(),
             pred.stride(0), pred.stride(1), pred.stride(2), target.stride(0), target.stride(1), target.stride(2),
-            SURROGATE=int(surrogate), WEIGHTING=int(weighting), **blocks,
+            h.stride(0), h.stride(1), h.stride(2),
+            LOSS=int(loss), SURROGATE=int(surrogate), WEIGHTING=int(weighting), **blocks,
         )
     return index, weight, priority
 
 
 @triton_op("torchsample::laber_fused", mutates_args={"rng_state"})
-def laber_fused(pred: Tensor, target: Tensor, rng_state: Tensor, batch_size: int, surrogate: int, weighting: int,
-                eps: float, huber_delta: float) -> tuple[Tensor, Tensor, Tensor]:
+def laber_fused(pred: Tensor, target: Tensor, features: Optional[Tensor], rng_state: Tensor, batch_size: int,
+                loss: int, weighting: int, eps: float, huber_delta: float) -> tuple[Tensor, Tensor, Tensor]:
     """``torch.ops.torchsample.laber_fused``: the fused LaBER op on CUDA tensors.
 
     Args:
         pred, target: ``[C, N, K]``, fp32/fp16/bf16/fp64.
+        features: ``None`` for the output rung, ``p_i = ||g_i||``; ``[C, N, D]`` penultimate features
+            (any float dtype) for the last-layer rung, ``p_i = ||g_i|| sqrt(||h_i||^2 + 1)``.
         rng_state: int64 ``[3 + S]`` on the same device, from :func:`new_rng_state` (owned by the
             caller) or :func:`rng_state` (the device's default); advanced in place.
-        batch_size: ``B``; surrogate: a :class:`torchsample.codes.Surrogate` (K > 1 only for
+        batch_size: ``B``; loss: a :class:`torchsample.codes.LossKind` (K > 1 only for
         ``CATEGORICAL``); weighting: a :class:`torchsample.codes.Weighting`; eps, huber_delta: floats.
 
     Returns:
@@ -401,11 +438,11 @@ def laber_fused(pred: Tensor, target: Tensor, rng_state: Tensor, batch_size: int
 
     Examples:
         >>> # needs a GPU, hence the SKIP
-        >>> q = torch.rand(2, 128, 1, device="cuda")  # doctest: +SKIP
+        >>> q, h = torch.rand(2, 128, 1, device="cuda"), torch.randn(2, 128, 64, device="cuda")  # doctest: +SKIP
         >>> index, weight, priority = torch.ops.torchsample.laber_fused(  # doctest: +SKIP
-        ...     q, q, new_rng_state(q.device), 32, Surrogate.PRIORITY, Weighting.MEAN, 1e-6, 1.0)
+        ...     q, q, h, new_rng_state(q.device), 32, LossKind.PRIORITY, Weighting.MEAN, 1e-6, 1.0)
     """
-    return launch_laber(pred, target, rng_state, batch_size, surrogate, weighting, eps, huber_delta)
+    return launch_laber(pred, target, features, rng_state, batch_size, loss, weighting, eps, huber_delta)
 
 
 def new_rng_state(device: torch.device | str, generator: torch.Generator | None = None,

@@ -10,35 +10,44 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from torchsample.codes import Surrogate, Weighting
+from torchsample.codes import LossKind, Weighting
+from torchsample.gradnorms import last_layer_norm
 from torchsample.surrogates import categorical_priority, td_priority
 from torchsample.weights import importance_weights
 
 
-def laber_naive(pred: Tensor, target: Tensor, u: Tensor, surrogate: int, weighting: int, eps: float,
-                huber_delta: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+def laber_naive(pred: Tensor, target: Tensor, u: Tensor, loss: int, weighting: int, eps: float,
+                huber_delta: float = 1.0, features: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The kernel's algorithm on ``[C, N, K]`` inputs and ``[C, B]`` uniforms in ``[0, 1)``.
 
-    ``p = surrogate + eps`` in float32; ``cdf`` its float64 cumulative sum;
+    ``p = ||g|| + eps`` in float32, ``||g||`` the output gradient norm of ``loss``, times
+    ``sqrt(||h||^2 + 1)`` where ``features`` ``h`` (``[C, N, D]``, the last-layer rung) are given;
+    ``cdf`` its float64 cumulative sum;
     ``index = min(#{i: cdf_i <= u * cdf_N}, last i with p_i > 0)``, and the last positive item if
     rounding lands on a zero; all-zero rows draw ``floor(u * N)`` with weight 1. ``u`` is used in
     float64 (the kernel's uniforms have 52 bits).
 
     Examples:
         >>> import torch
-        >>> from torchsample.codes import Surrogate, Weighting
+        >>> from torchsample.codes import LossKind, Weighting
         >>> p = torch.tensor([[[0.0], [1.0], [3.0]]])
-        >>> index, weight, priority = laber_naive(p, p, torch.tensor([[0.0, 0.3, 0.9]]), Surrogate.PRIORITY, Weighting.MEAN, 0.0)
+        >>> u = torch.tensor([[0.0, 0.3, 0.9]])
+        >>> index, weight, priority = laber_naive(p, p, u, LossKind.PRIORITY, Weighting.MEAN, 0.0)
         >>> index.tolist(), priority.tolist()
         ([[1, 2, 2]], [[0.0, 1.0, 3.0]])
+        >>> h = torch.tensor([[[0.0, 0.0], [3.0, 4.0], [0.0, 0.0]]])      # ||h|| = 0, 5, 0
+        >>> laber_naive(p, p, torch.tensor([[0.5]]), LossKind.PRIORITY, Weighting.MEAN, 0.0, features=h)[2]
+        tensor([[0.0000, 5.0990, 3.0000]])
     """
-    surrogate = Surrogate(surrogate)
-    if surrogate is Surrogate.PRIORITY:
+    loss = LossKind(loss)
+    if loss is LossKind.PRIORITY:
         p = pred[..., 0].float()
-    elif surrogate is Surrogate.CATEGORICAL:
+    elif loss is LossKind.CATEGORICAL:
         p = categorical_priority(pred, target)
     else:
-        p = td_priority(pred[..., 0], target[..., 0], loss=surrogate.label, huber_delta=huber_delta)
+        p = td_priority(pred[..., 0], target[..., 0], loss=loss.label, huber_delta=huber_delta)
+    if features is not None:
+        p = last_layer_norm(p, features)
     p = p + eps
     C, N = p.shape
     cdf = p.double().cumsum(-1)

@@ -7,12 +7,16 @@ same run.
   target <= 1.1x per update.
 * ``exact`` by ghost norms against a plain forward + backward of the large batch (target <= 3x) and
   against ``torch.func.vmap(torch.func.grad(...))`` (target >= 5x faster).
+* The library's own LaBER update at each rung, ``LaBER(loss, B, surrogate=...)`` then
+  :class:`torchsample.LaBERLoss`, backward and an Adam step, on TorchRL's ``DQNLoss`` (the MinAtar
+  network) and ``TD3Loss`` (MuJoCo-sized actor and twin critics): ``last-layer`` / ``output``
+  (target <= 1.1x) and ``exact`` / ``output`` (exact-gradient LaBER's price).
 
 On the MinAtar network (Conv2d(4->16, 3x3) + Linear(1024->128) + Linear(128->A)) and a MuJoCo-sized
 critic (17 + 6 -> 256 -> 256 -> 1), large batches of 4*32 and 4*256 rows. Medians of per-call times
 after a warm-up (perf/common.py's interleaved timer and CSV writer).
 
-    python perf/bench_gradnorms.py [--quick]     # writes perf/results/gradnorms_cpu.csv
+    python perf/bench_gradnorms.py [--quick]     # writes perf/results/gradnorms_cpu.csv, gradnorms_laber_cpu.csv
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from torch.func import functional_call
 
 from common import RESULTS, describe, environment, repeat, time_interleaved, write_csv
 
+from torchsample import SURROGATES, LaBER, LaBERLoss
 from torchsample.gradnorms import capture_last_layer_input, exact_grad_norms, last_layer_norm, output_gradient
 from torchsample.surrogates import td_priority
 
@@ -155,6 +160,68 @@ def bench(name: str, n: int, quick: bool) -> dict:
     return row
 
 
+def torchrl_case(name: str, n: int, generator: torch.Generator):
+    """``(loss, large)``: TorchRL's DQNLoss on the MinAtar network, or TD3Loss with MuJoCo-sized
+    networks (HalfCheetah: 17 observations, 6 actions), and a large batch of ``n`` random transitions."""
+    from tensordict import TensorDict
+    from torchrl.data import Bounded
+    from torchrl.modules import MLP, Actor, QValueActor, ValueOperator
+    from torchrl.objectives import DQNLoss, TD3Loss
+
+    terminated = torch.rand(n, 1, generator=generator) < 0.05
+    rows = {("next", "reward"): torch.randn(n, 1, generator=generator), ("next", "done"): terminated.clone(),
+            ("next", "terminated"): terminated}
+    if name == "minatar":
+        obs = lambda: (torch.rand(n, 4, 10, 10, generator=generator) < 0.2).float()  # noqa: E731
+        actor = QValueActor(MinAtarQNetwork(), in_keys=["observation"], action_space="categorical")
+        loss = DQNLoss(actor, loss_function="l2", delay_value=True, action_space="categorical")
+        rows["action"] = torch.randint(ACTIONS, (n,), generator=generator)
+    else:
+        obs = lambda: torch.randn(n, 17, generator=generator)  # noqa: E731
+        spec = Bounded(-torch.ones(6), torch.ones(6), (6,))
+        actor = Actor(nn.Sequential(nn.Linear(17, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 6),
+                                    nn.Tanh()), in_keys=["observation"], spec=spec)
+        critic = MLP(in_features=17 + 6, out_features=1, num_cells=[256, 256])  # mujoco_critic's, on (s, a)
+        loss = TD3Loss(actor, ValueOperator(critic, in_keys=["observation", "action"]), action_spec=spec)
+        rows["action"] = torch.rand(n, 6, generator=generator) * 2 - 1
+    loss.make_value_estimator(gamma=0.99)
+    rows["observation"], rows[("next", "observation")] = obs(), obs()
+    return loss, TensorDict(rows, [n])
+
+
+def bench_laber(name: str, n: int, quick: bool) -> dict:
+    """One LaBER update per rung through the library: selection of B = N / 4 rows, LaBERLoss on them,
+    backward, Adam step; interleaved, each rung on its own copy of the loss."""
+    torch.manual_seed(0)
+    updates = {}
+    for rung in SURROGATES:
+        loss, large = torchrl_case(name, n, torch.Generator().manual_seed(0))
+        laber, objective = LaBER(loss, n // 4, surrogate=rung), LaBERLoss(loss)
+        optimizer = torch.optim.Adam(loss.parameters(), lr=1e-4)
+
+        def update(laber=laber, objective=objective, optimizer=optimizer, large=large):
+            losses = objective(laber(large))
+            optimizer.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            optimizer.step()
+
+        updates[rung] = update
+    times = time_interleaved({rung: repeat(fn, 2 if quick else 5) for rung, fn in updates.items()},
+                             samples=5 if quick else 21, warmup=1, device="cpu", progress=f"LaBER {name} N={n}")
+    row = {"loss": "DQNLoss (MinAtar)" if name == "minatar" else "TD3Loss (MuJoCo)", "N": n}
+    row.update({f"{rung}_ms": times[rung].median * 1e3 for rung in SURROGATES})
+    row["last-layer/output"] = ratio(times, "last-layer", "output")
+    row["exact/output"] = ratio(times, "exact", "output")
+    return row
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
@@ -164,17 +231,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     rows = [bench(name, n, args.quick) for name in ("minatar", "mujoco-critic") for n in (4 * 32, 4 * 256)]
+    laber_rows = [bench_laber(name, n, args.quick) for name in ("minatar", "mujoco") for n in (4 * 32, 4 * 256)]
     env = environment("cpu")
     print(describe(env))
     columns = ["net", "N", "output_ms", "last_layer_ms", "last_layer/output", "update_output_ms",
                "update_last_layer_ms", "update: last_layer/output", "fwd_bwd_ms", "ghost_ms", "ghost/fwd_bwd",
                "vmap_grad_ms", "vmap_grad/ghost"]
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "---|" * len(columns))
-    for row in rows:
-        print("| " + " | ".join(f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |")
+    print_table(rows, columns)
     print("# targets: update: last_layer/output <= 1.1, ghost/fwd_bwd <= 3, vmap_grad/ghost >= 5")
     print(f"CSV: {write_csv(args.out, rows, columns, env)}")
+    laber_columns = ["loss", "N", *(f"{rung}_ms" for rung in SURROGATES), "last-layer/output", "exact/output"]
+    print_table(laber_rows, laber_columns)
+    print("# LaBER's update through the library; target: last-layer/output <= 1.1")
+    laber_out = args.out.with_name(f"{args.out.stem}_laber{args.out.suffix}")
+    print(f"CSV: {write_csv(laber_out, laber_rows, laber_columns, env)}")
 
 
 if __name__ == "__main__":

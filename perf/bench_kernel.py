@@ -7,11 +7,12 @@
 Peers, timed interleaved (``perf/common.py``, CUDA events) on the same inputs, eager and each
 captured in a CUDA graph (``calls`` consecutive calls in one ``torch.cuda.CUDAGraph``, replayed):
 
-* ``laber``: the public op, ``laber_select`` (``l2``, ``categorical``) or ``laber_downsample``
+* ``laber``: the public op, ``laber_select`` (``loss="l2"``, ``"categorical"``; the output rung,
+  or the last-layer rung with ``D = 128`` features a row, ``l2+last-layer``) or ``laber_downsample``
   (ready priorities); on CUDA one launch of the fused kernel;
-* ``naive``: the plain torch path: the surrogate (``torchsample.td_priority`` /
-  ``categorical_priority``) ``+ eps``, ``torch.multinomial(p, B, replacement=True)``, the weights
-  (``torchsample.importance_weights``);
+* ``naive``: the plain torch path: the priority (``torchsample.td_priority`` /
+  ``categorical_priority``, times ``sqrt(||h||^2 + 1)`` for the last layer) ``+ eps``,
+  ``torch.multinomial(p, B, replacement=True)``, the weights (``torchsample.importance_weights``);
 * ``multinomial``: ``torch.multinomial`` alone on ready priorities.
 
 Eager times are per call of a loop of back-to-back calls (host launch cost included where it
@@ -52,6 +53,7 @@ from gpu_check import kernel_section
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from torchsample import categorical_priority, importance_weights, laber_downsample, laber_select, td_priority  # noqa: E402
+from torchsample.gradnorms import last_layer_norm  # noqa: E402
 
 EPS = 1e-6
 VARIANTS = ["laber", "naive", "multinomial"]
@@ -62,33 +64,42 @@ P_VALUE_FLOOR = 1e-4  # a correct sampler fails a check this rarely
 
 @dataclass(frozen=True)
 class Case:
-    sweep: str  # what varies: "N", "B", "C", "K" or "priority"
-    surrogate: str  # "priority" (laber_downsample), "l2" or "categorical" (laber_select)
+    sweep: str  # what varies: "N", "B", "C", "K", "D" or "priority"
+    loss: str  # "priority" (laber_downsample), "l2" or "categorical" (laber_select)
     C: int
     N: int
     B: int
     K: int = 1
+    D: int = 0  # features a row: the last-layer rung; 0: the output rung
+
+    @property
+    def kind(self) -> str:
+        """The loss, and the rung where it is not the output: the CSV's ``surrogate`` column, the key
+        perf/gpu_check.py groups the rows by."""
+        return self.loss + (f"+last-layer-D{self.D}" if self.D else "")
 
     @property
     def label(self) -> str:
-        return f"{self.surrogate} C={self.C} N={self.N} B={self.B}" + (f" K={self.K}" if self.K > 1 else "")
+        return f"{self.kind} C={self.C} N={self.N} B={self.B}" + (f" K={self.K}" if self.K > 1 else "")
 
 
 def cases(quick: bool, cuda: bool) -> list[Case]:
     if not cuda:  # a smoke test of every code path at CPU sizes
         return [Case("N", "l2", 1, 128, 32), Case("N", "l2", 1, 16384, 32), Case("B", "l2", 1, 16384, 4096),
                 Case("C", "l2", 2, 1024, 32), Case("K", "categorical", 1, 1024, 32, 51),
-                Case("priority", "priority", 1, 16384, 256)]
+                Case("D", "l2", 1, 1024, 32, D=128), Case("priority", "priority", 1, 16384, 256)]
     if quick:
         return [Case("N", "l2", 1, n, 32) for n in (128, 16384, 2**20)] + [
             Case("B", "l2", 1, 2**20, 65536), Case("C", "l2", 2, 16384, 32), Case("K", "categorical", 1, 1024, 32, 51),
-            Case("priority", "priority", 1, 2**22, 65536)]
+            Case("D", "l2", 1, 16384, 32, D=128), Case("priority", "priority", 1, 2**22, 65536)]
     return (
         [Case("N", "l2", 1, n, 32) for n in (128, 1024, 4096, 16384, 65536, 2**18, 2**20, 2**22)]
         + [Case("B", "l2", 1, 2**20, b) for b in (256, 4096, 65536)]
         + [Case("C", "l2", 2, n, 32) for n in (1024, 16384, 2**20)]
         + [Case("K", "categorical", 1, n, 32, 51) for n in (128, 1024, 16384, 2**18)]
         + [Case("K", "categorical", 2, 1024, 32, 51)]
+        + [Case("D", "l2", 1, n, 32, D=128) for n in (128, 1024, 16384, 2**18)]
+        + [Case("D", "l2", 2, 1024, 32, D=256), Case("D", "categorical", 1, 1024, 32, 51, D=128)]
         + [Case("priority", "priority", 1, n, b) for n, b in ((1024, 32), (16384, 32), (2**22, 32), (2**22, 65536))]
     )
 
@@ -97,34 +108,41 @@ def make_inputs(case: Case, device) -> tuple[tuple, torch.Tensor]:
     """The op's inputs (``[N]``-shaped when ``C == 1``) and the ready priorities ``[C, N]`` / ``[N]``."""
     g = torch.Generator(device=device).manual_seed(0)
     lead = (case.C,) if case.C > 1 else ()
-    if case.surrogate == "priority":
+    if case.loss == "priority":
         p = torch.rand(*lead, case.N, device=device, generator=g)
         return (p,), p + EPS
-    if case.surrogate == "l2":
-        q, y = (torch.randn(*lead, case.N, device=device, generator=g) for _ in range(2))
-        return (q, y), td_priority(q, y) + EPS
-    logits = torch.randn(*lead, case.N, case.K, device=device, generator=g)
-    target = torch.softmax(torch.randn(*lead, case.N, case.K, device=device, generator=g), dim=-1)
-    return (logits, target), categorical_priority(logits, target) + EPS
+    if case.loss == "l2":
+        pred, target = (torch.randn(*lead, case.N, device=device, generator=g) for _ in range(2))
+        p = td_priority(pred, target)
+    else:
+        pred = torch.randn(*lead, case.N, case.K, device=device, generator=g)
+        target = torch.softmax(torch.randn(*lead, case.N, case.K, device=device, generator=g), dim=-1)
+        p = categorical_priority(pred, target)
+    if not case.D:
+        return (pred, target), p + EPS
+    features = torch.randn(*lead, case.N, case.D, device=device, generator=g)
+    return (pred, target, features), last_layer_norm(p, features) + EPS
 
 
 def variants(case: Case, inputs: tuple, ready: torch.Tensor) -> dict:
     b = case.B
-    if case.surrogate == "priority":
+    if case.loss == "priority":
         (p,) = inputs
         laber = lambda: laber_downsample(p, b, eps=EPS)  # noqa: E731
-        surrogate = lambda: p + EPS  # noqa: E731
-    elif case.surrogate == "l2":
-        q, y = inputs
-        laber = lambda: laber_select(q, y, b, eps=EPS)  # noqa: E731
-        surrogate = lambda: td_priority(q, y).add_(EPS)  # noqa: E731
+        priority = lambda: p + EPS  # noqa: E731
     else:
-        logits, target = inputs
-        laber = lambda: laber_select(logits, target, b, surrogate="categorical", eps=EPS)  # noqa: E731
-        surrogate = lambda: categorical_priority(logits, target).add_(EPS)  # noqa: E731
+        pred, target, *features = inputs
+        output = td_priority if case.loss == "l2" else categorical_priority
+        if features:
+            laber = lambda: laber_select(pred, target, b, loss=case.loss, surrogate="last-layer",  # noqa: E731
+                                         features=features[0], eps=EPS)
+            priority = lambda: last_layer_norm(output(pred, target), features[0]).add_(EPS)  # noqa: E731
+        else:
+            laber = lambda: laber_select(pred, target, b, loss=case.loss, eps=EPS)  # noqa: E731
+            priority = lambda: output(pred, target).add_(EPS)  # noqa: E731
 
     def naive():
-        p = surrogate()
+        p = priority()
         index = torch.multinomial(p, b, replacement=True)
         return index, importance_weights(p, index, "mean")
 
@@ -162,7 +180,7 @@ def time_case(case: Case, device, samples: int, graphs: bool) -> list[dict]:
             print(f"  FAILED {case.label} {mode}: {notes[next(iter(timed), 'laber')]}", flush=True)
         naive = timings.get("naive")
         for name in fns:
-            row = {"sweep": case.sweep, "surrogate": case.surrogate, "C": case.C, "N": case.N, "B": case.B, "K": case.K,
+            row = {"sweep": case.sweep, "surrogate": case.kind, "C": case.C, "N": case.N, "B": case.B, "K": case.K,
                    "variant": name, "mode": mode, "note": notes.get(name, "")}
             t = timings.get(name)
             if t is not None:
@@ -186,7 +204,7 @@ def print_case(case: Case, rows: list[dict]) -> None:
         us = {v: by[v, mode].get("median_us") for v in VARIANTS}
         speedup = us["naive"] / us["laber"] if us["naive"] and us["laber"] else None
         gbps = by["laber", mode].get("input_GBps")
-        print(f"| {case.sweep} | {case.surrogate} | {case.C} | {case.N} | {case.B} | {case.K} | {mode} | "
+        print(f"| {case.sweep} | {case.kind} | {case.C} | {case.N} | {case.B} | {case.K} | {mode} | "
               f"{fmt(us['laber'])} | {fmt(us['naive'])} | {fmt(us['multinomial'])} | {fmt(speedup, 2)} | {fmt(gbps, 1)} |",
               flush=True)
 

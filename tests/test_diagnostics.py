@@ -183,3 +183,55 @@ def test_grad_norm():
     assert grad_norm(net.parameters()).item() == pytest.approx(expected, rel=1e-6)
     clipped = nn.utils.clip_grad_norm_(net.parameters(), max_norm=1e9)
     assert grad_norm(net).item() == pytest.approx(clipped.item(), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# All of it on a real critic: critic_diagnostics
+
+
+def per_row_gradients(critic, large, target):
+    """``[C, N, P]``: each row's gradient of its own loss over each critic's parameters, by autograd
+    one row at a time (the slow, obvious reference)."""
+    leaves = [p for p in critic.params.values(True, True) if p.requires_grad]
+    rows = []
+    for i in range(large.batch_size[0]):
+        pred = critic.prediction(large[i:i + 1])
+        loss = critic.per_sample_loss(pred, target[i:i + 1].expand_as(pred)).sum()
+        grads = torch.autograd.grad(loss, leaves)
+        rows.append(torch.cat([g.flatten(1) if pred.dim() == 2 else g.flatten().unsqueeze(0) for g in grads], -1))
+    return torch.stack(rows, 1).double()
+
+
+@pytest.mark.parametrize("family", ["dqn", "sac"])
+def test_critic_diagnostics_against_per_row_gradients(family):
+    from tests import setups
+    from torchsample.diagnostics import critic_diagnostics
+    from torchsample.targets import critic_of
+
+    loss = setups.dqn_loss("smooth_l1", double_dqn=True) if family == "dqn" else setups.sac_loss()
+    large, B = setups.batch(48, continuous=family == "sac"), 8
+    critic = critic_of(loss)
+    torch.manual_seed(5)  # SAC's target draws the next action: the same draw in both
+    target = critic.target(large)
+    G = per_row_gradients(critic, large, target)  # [C, N, P]
+    torch.manual_seed(5)
+    out = critic_diagnostics(loss, large, batch_size=B)
+
+    norms, g_bar = G.norm(dim=-1), G.mean(1)
+    # The trace of the covariance of the mean of B uniform draws, from its definition.
+    variance = (G - g_bar.unsqueeze(1)).square().sum(-1).mean(-1) / B
+    assert out["grad_norm"] == pytest.approx(g_bar.norm(dim=-1).mean().item(), rel=1e-4)
+    assert out["grad_variance"] == pytest.approx(variance.mean().item(), rel=1e-4)
+    assert out["tv/uniform"] == pytest.approx(tv_distance(torch.ones_like(norms), norms).mean().item(), rel=1e-4)
+    assert out["second_moment/ideal"] == pytest.approx(second_moment(norms, norms).mean().item(), rel=1e-4)
+    # Output <= last-layer <= exact row by row, so last-layer's distribution is at least as close here.
+    assert 0 <= out["tv/last-layer"] <= 2 and 0 <= out["tv/output"] <= 2
+    assert 1 <= out["srank"] and 0 <= out["dormant_fraction"] <= 1
+
+
+def test_critic_diagnostics_refuses_a_bad_batch_size():
+    from tests import setups
+    from torchsample.diagnostics import critic_diagnostics
+
+    with pytest.raises(ValueError, match="batch_size"):
+        critic_diagnostics(setups.dqn_loss(), setups.batch(8), batch_size=0)

@@ -96,13 +96,13 @@ def test_last_layer_norm_dqn(loss_function, double_dqn):
     with capture_last_layer_input(loss.value_network) as cap:
         pred = critic.prediction(td)
     torch.testing.assert_close(pred, dqn_prediction(loss, loss.value_network_params, td))
-    norms = last_layer_norm(output_gradient(pred, target, critic.surrogate), cap.features)
+    norms = last_layer_norm(output_gradient(pred, target, critic.loss_kind), cap.features)
 
     grads = per_sample_grads(lambda p, td, y: critic.per_sample_loss(dqn_prediction(loss, p, td), y),
                              loss.value_network_params, td, target)
     assert_rows_close(norms, norms_of(grads, last_layer_keys(loss.value_network)))
     # The features matter: the ratio to the output surrogate varies from row to row.
-    ratio = norms / output_gradient(pred, target, critic.surrogate).abs()
+    ratio = norms / output_gradient(pred, target, critic.loss_kind).abs()
     assert ratio.std() > 0.01 * ratio.mean()
 
 
@@ -141,7 +141,7 @@ def test_last_layer_norm_twin_critics_under_vmap(make_loss):
     q, features = torch.vmap(one_critic, (0, 0))(loss.qvalue_network_params, rows)
     assert features.shape == (2, N, 16)
     torch.testing.assert_close(q, critic.rows_prediction(rows))  # the forward LaBER scores with
-    norms = last_layer_norm(output_gradient(q, targets, critic.surrogate), features)
+    norms = last_layer_norm(output_gradient(q, targets, critic.loss_kind), features)
 
     for c in range(2):
         grads = per_sample_grads(
@@ -296,7 +296,7 @@ def test_ghost_norms_dqn_loss_params():
     # The last layer's share is below the whole network's norm, and not equal to it.
     with capture_last_layer_input(loss.value_network) as cap:
         pred = critic.prediction(td)
-    last = last_layer_norm(output_gradient(pred, target, critic.surrogate), cap.features)
+    last = last_layer_norm(output_gradient(pred, target, critic.loss_kind), cap.features)
     assert (last <= ghost * (1 + 1e-5)).all() and (last < ghost * 0.999).any()
 
 

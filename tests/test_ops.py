@@ -152,17 +152,34 @@ def test_select_priorities_are_the_surrogates(device, critics):
     lead = (critics,) if critics == 2 else ()
     q, y = torch.randn(*lead, 257, device=device) * 2, torch.randn(*lead, 257, device=device)
     torch.testing.assert_close(laber_select(q, y, 8).priority, td_priority(q, y) + 1e-6)
-    huber = laber_select(q, y, 8, surrogate="huber", eps=0.0).priority
+    huber = laber_select(q, y, 8, loss="huber", eps=0.0).priority
     torch.testing.assert_close(huber, (q - y).abs().clamp(max=1.0))
     assert huber.max() <= 1.0
-    torch.testing.assert_close(laber_select(q, y, 8, surrogate="huber", huber_delta=0.5, eps=0.0).priority,
+    torch.testing.assert_close(laber_select(q, y, 8, loss="huber", huber_delta=0.5, eps=0.0).priority,
                                (q - y).abs().clamp(max=0.5))
     logits = torch.randn(*lead, 257, 51, device=device)
     target = torch.softmax(torch.randn(*lead, 257, 51, device=device), -1)
-    cat = laber_select(logits, target, 8, surrogate="categorical", eps=0.0)
+    cat = laber_select(logits, target, 8, loss="categorical", eps=0.0)
     torch.testing.assert_close(cat.priority, (torch.softmax(logits, -1) - target).norm(dim=-1))
     torch.testing.assert_close(cat.priority, categorical_priority(logits, target))
     assert cat.index.shape == (*lead, 8)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("critics", [1, 2], ids=["C1", "C2"])
+@pytest.mark.parametrize("loss", ["l2", "huber", "categorical"])
+def test_select_last_layer_priorities(device, critics, loss):
+    """``p_i = output priority * sqrt(||h_i||^2 + 1)``, with features of another dtype than pred."""
+    lead = (critics,) if critics == 2 else ()
+    atoms = (11,) if loss == "categorical" else ()
+    pred, target = torch.randn(*lead, 129, *atoms, device=device) * 2, torch.randn(*lead, 129, *atoms, device=device)
+    if loss == "categorical":
+        target = torch.softmax(target, -1)
+    h = torch.randn(*lead, 129, 40, device=device).to(torch.bfloat16)
+    out = laber_select(pred, target, 8, loss=loss, surrogate="last-layer", features=h, eps=0.0)
+    output = laber_select(pred, target, 8, loss=loss, eps=0.0).priority
+    torch.testing.assert_close(out.priority, output * (h.float().square().sum(-1) + 1).sqrt())
+    assert out.index.shape == (*lead, 8)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -212,15 +229,30 @@ def test_downsample_bad_input(priorities, kwargs, error, match):
         (torch.ones(4), torch.ones(5), {}, ValueError, "pred and target must have the same shape"),
         (torch.ones(4), torch.ones(4, dtype=torch.float64), {}, TypeError, "same dtype"),
         (torch.ones(4), torch.ones(4, device="meta"), {}, ValueError, "same device"),
-        (torch.ones(4), torch.ones(4), {"surrogate": "l1"}, ValueError, "surrogate must be one of"),
-        (torch.ones(4), torch.ones(4), {"surrogate": "categorical"}, ValueError, r"pred must be \[N, K\]"),
+        (torch.ones(4), torch.ones(4), {"loss": "l1"}, ValueError, "loss must be one of"),
+        (torch.ones(4), torch.ones(4), {"loss": "categorical"}, ValueError, r"pred must be \[N, K\]"),
         (torch.ones(2, 3, 4), torch.ones(2, 3, 4), {}, ValueError, r"pred must be \[N\] or \[C, N\]"),
         (torch.tensor([0.0, float("nan")]), torch.zeros(2), {}, ValueError, "computed from pred and target contain NaN"),
-        (torch.ones(4), torch.ones(4), {"huber_delta": 0.0, "surrogate": "huber"}, ValueError, "huber_delta"),
+        (torch.ones(4), torch.ones(4), {"huber_delta": 0.0, "loss": "huber"}, ValueError, "huber_delta"),
         (torch.ones(0), torch.ones(0), {}, ValueError, "pred is empty"),
         (torch.ones(4, dtype=torch.int32), torch.ones(4, dtype=torch.int32), {}, TypeError, "floating-point"),
+        (torch.ones(4), torch.ones(4), {"surrogate": "full"}, ValueError,
+         r"surrogate must be one of \('output', 'last-layer', 'exact'\)"),
+        (torch.ones(4), torch.ones(4), {"surrogate": "exact"}, ValueError, "use torchsample.LaBER"),
+        (torch.ones(4), torch.ones(4), {"surrogate": "last-layer"}, ValueError, "needs features="),
+        (torch.ones(4), torch.ones(4), {"features": torch.ones(4, 3)}, ValueError, "pass surrogate='last-layer'"),
+        (torch.ones(2, 4), torch.ones(2, 4), {"surrogate": "last-layer", "features": torch.ones(4, 3)}, ValueError,
+         r"features must be \[2, 4, D\]"),
+        (torch.ones(4, 5), torch.ones(4, 5), {"surrogate": "last-layer", "features": torch.ones(4, 5, 3),
+                                              "loss": "categorical"}, ValueError, r"features must be \[4, D\]"),
+        (torch.ones(4), torch.ones(4), {"surrogate": "last-layer", "features": torch.ones(4, 3, dtype=torch.int64)},
+         TypeError, "features must be a floating-point"),
+        (torch.ones(4), torch.ones(4), {"surrogate": "last-layer", "features": torch.ones(4, 3, device="meta")},
+         ValueError, "features must be on pred's device"),
     ],
-    ids=["shape", "dtype", "device", "surrogate", "categorical-1d", "3d", "nan", "huber-delta", "empty", "int"],
+    ids=["shape", "dtype", "device", "loss", "categorical-1d", "3d", "nan", "huber-delta", "empty", "int",
+         "surrogate", "exact", "last-layer-no-features", "features-without-last-layer", "features-rows",
+         "features-categorical-rows", "features-int", "features-device"],
 )
 def test_select_bad_input(pred, target, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -237,12 +269,12 @@ def _downsample_fn(p):
 
 
 def _select_fn(q, y):
-    out = laber_select(q, y, 16, surrogate="huber")
+    out = laber_select(q, y, 16, loss="huber")
     return out.index, out.weight, out.priority
 
 
 def _categorical_fn(z, m):
-    out = laber_select(z, m, 16, surrogate="categorical")
+    out = laber_select(z, m, 16, loss="categorical")
     return out.index, out.weight
 
 

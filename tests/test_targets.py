@@ -34,7 +34,7 @@ def test_dqn_surrogate_is_the_gradient_norm_at_the_output(device, loss_function,
     laber = LaBER(loss, batch_size=4)
     with torch.no_grad():
         pred, target = pred_and_target(loss, td)
-    surrogate = laber_select(pred, target, 4, surrogate=laber.kind, eps=0.0).priority
+    surrogate = laber_select(pred, target, 4, loss=laber.loss_kind, eps=0.0).priority
     bias = last_layer_bias(loss.value_network)
     norms = []
     for i in range(12):  # TorchRL's DQNLoss on one row; the bias gradient is dl/dQ(s_i, .)
@@ -52,7 +52,7 @@ def test_c51_surrogate_is_the_gradient_norm_at_the_logits(device):
     td = batch(10, device=device)
     with torch.no_grad():
         pred, target = pred_and_target(loss, td)
-    surrogate = laber_select(pred, target, 4, surrogate="categorical", eps=0.0).priority
+    surrogate = laber_select(pred, target, 4, loss="categorical", eps=0.0).priority
     # TorchRL's own DistributionalDQNLoss (its projection, not ours) gives the reference gradient.
     reference = DistributionalDQNLoss(loss.value_network, gamma=0.9, delay_value=True)
     reference.target_value_network_params.update(loss.target_value_network_params)
@@ -119,11 +119,11 @@ def test_each_loss_family_has_its_view_and_keys():
         "dqn": ("loss",), "c51": ("loss",), "sac": ("loss_qvalue", "loss_actor", "loss_alpha"),
         "td3": ("loss_qvalue", "loss_actor")}
     assert [v.num_critics for v in views.values()] == [1, 1, 2, 2]
-    assert [v.surrogate for v in views.values()] == ["l2", "categorical", "l2", "l2"]
+    assert [v.loss_kind for v in views.values()] == ["l2", "categorical", "l2", "l2"]
 
 
 def test_unknown_loss_and_overridden_forward_are_refused():
-    with pytest.raises(TypeError, match="surrogate=callable"):
+    with pytest.raises(TypeError, match="prediction=callable"):
         critic_of(torch.nn.Linear(2, 2))
 
     class MyDQN(type(dqn_loss())):

@@ -156,27 +156,45 @@ def test_plain_replay_buffer_takes_laber_as_a_transform():
         ({"batch_size": 0}, ValueError, "batch_size"),
         ({"batch_size": 4, "weighting": "median"}, ValueError, "weighting"),
         ({"batch_size": 4, "critics": "both"}, ValueError, "critics"),
-        ({"batch_size": 4, "surrogate": 3}, TypeError, "surrogate"),
+        ({"batch_size": 4, "surrogate": "full"}, ValueError,
+         r"surrogate must be one of \('output', 'last-layer', 'exact'\)"),
+        ({"batch_size": 4, "surrogate": 3}, ValueError, "surrogate must be one of"),
+        ({"batch_size": 4, "prediction": 3}, TypeError, "prediction must be a callable"),
+        ({"batch_size": 4, "prediction": lambda td: td, "loss": "l1"}, ValueError,
+         r"loss must be one of \('l2', 'huber', 'categorical'\)"),
+        ({"batch_size": 4, "loss": "huber"}, ValueError, "formula of a custom prediction="),
+        ({"batch_size": 4, "prediction": lambda td: td, "surrogate": "exact"}, ValueError, "needs the loss module"),
     ],
+    ids=["batch", "weighting", "critics", "surrogate", "surrogate-int", "prediction", "loss", "loss-without-prediction",
+         "exact-custom"],
 )
 def test_transform_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         LaBER(dqn_loss(), **kwargs)
 
 
-def test_custom_surrogate_callable():
+def test_custom_prediction_callable():
     loss = dqn_loss()
     calls = []
 
-    def surrogate(td):
+    def prediction(td):
         calls.append(td.batch_size)
         return td["next", "reward"].squeeze(-1), torch.zeros(td.batch_size)
 
     large = batch(40)
     large["next", "reward"][::2] = 0.0  # no mass: with eps=0 these rows are never kept
-    out = LaBER(loss, batch_size=8, surrogate=surrogate, eps=0.0)(large)
+    out = LaBER(loss, batch_size=8, prediction=prediction, eps=0.0)(large)
     assert calls == [torch.Size([40])] and out.batch_size == (8,)
     assert (out["next", "reward"] != 0).all()
+    # The last-layer rung takes the features from the callable too; the rows of zero features keep
+    # the output priority, the others are scaled up, and the zero-priority rows stay out.
+    features = torch.zeros(40, 3)
+    features[1::4] = 10.0
+    laber = LaBER(loss, batch_size=8, prediction=lambda td: (*prediction(td), features), surrogate="last-layer",
+                  eps=0.0)
+    assert (laber(large)["next", "reward"] != 0).all()
+    with pytest.raises(ValueError, match=r"\(pred, target, features\) for 'last-layer', got 2"):
+        LaBER(loss, batch_size=8, prediction=prediction, surrogate="last-layer")(large)
     with pytest.raises(ValueError, match="empty large batch"):
         LaBER(loss, batch_size=8)(batch(0))
     with pytest.raises(ValueError, match="one batch dimension"):

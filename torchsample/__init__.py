@@ -6,13 +6,18 @@ training batch in proportion to it, with importance weights.
 
 The ops (:func:`laber_downsample`, :func:`laber_select`, the surrogates and weights) need torch
 alone (and triton on CUDA); the TorchRL parts (:class:`LaBER`, :class:`LaBERSampler`,
-:class:`LaBERLoss`, :class:`C51Loss`, :func:`make_update`) import torchrl when first used.
+:class:`LaBERLoss`, :class:`C51Loss`, :func:`grad_norm_scores`, :func:`make_update`) import torchrl
+when first used, and with it every built-in :class:`torchsample.targets.Critic` view (C51's too).
+
+The surrogate ladder (``surrogate=`` of :class:`LaBER`, :func:`laber_select` and
+:func:`grad_norm_scores`): ``"output"``, ``"last-layer"``, ``"exact"`` (:data:`SURROGATES`); the
+loss whose output gradient is scored (``loss=``): :data:`LOSS_KINDS`.
 """
 from __future__ import annotations
 
 import importlib
 
-from .codes import SURROGATES, WEIGHTINGS, Surrogate, Weighting
+from .codes import LOSS_KINDS, SURROGATES, WEIGHTINGS, LossKind, Surrogate, Weighting
 from .ops import LaBERSample, laber_downsample, laber_select
 from .surrogates import categorical_priority, td_priority
 from .weights import importance_weights
@@ -26,6 +31,7 @@ _TORCHRL_PARTS = {
     "categorical_projection": "c51",
     "pred_and_target": "targets",
     "critic_of": "targets",
+    "grad_norm_scores": "targets",
     "make_update": "update",
     "LFIW": "lfiw",
     "FastSlowReplay": "lfiw",
@@ -40,6 +46,7 @@ __all__ = [
     "categorical_projection",
     "pred_and_target",
     "critic_of",
+    "grad_norm_scores",
     "make_update",
     "LFIW",
     "FastSlowReplay",
@@ -51,8 +58,10 @@ __all__ = [
     "categorical_priority",
     "importance_weights",
     "Surrogate",
+    "LossKind",
     "Weighting",
     "SURROGATES",
+    "LOSS_KINDS",
     "WEIGHTINGS",
 ]
 __version__ = "0.1.0"
@@ -62,6 +71,7 @@ def __getattr__(name: str):
     module = _TORCHRL_PARTS.get(name)
     if module is None:
         raise AttributeError(f"module 'torchsample' has no attribute {name!r}")
+    importlib.import_module(".c51", __name__)  # registers C51's Critic view, which targets never imports
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value

@@ -4,8 +4,8 @@
   no data-dependent branch, so that it compiles with ``fullgraph=True``;
 * :class:`C51Critic`: the :class:`torchsample.targets.Critic` view of ``DistributionalDQNLoss``
   (registered with :func:`torchsample.targets.critic_of` on import): the chosen action's
-  log-distribution ``log p(s, a)`` against the projected Double-Q target ``m``, the surrogate
-  ``||softmax(z) - m||_2`` (Lahire et al., App. D), the per-sample cross-entropy;
+  log-distribution ``log p(s, a)`` against the projected Double-Q target ``m``, the output gradient
+  norm ``||softmax(z) - m||_2`` (Lahire et al., App. D), the per-sample cross-entropy;
 * :class:`C51Loss`: TorchRL's ``DistributionalDQNLoss`` computed by the above, so that it compiles.
 """
 from __future__ import annotations
@@ -104,11 +104,11 @@ def _target(loss: DistributionalDQNLoss, td: TensorDictBase) -> Tensor:
 class C51Critic(Critic):
     """``DistributionalDQNLoss``: ``log p(s, a)`` ``[N, K]`` against the projected target ``m`` ``[N, K]``."""
 
-    surrogate = "categorical"
+    loss_kind = "categorical"
 
-    def prediction(self, td: TensorDictBase) -> Tensor:
+    def prediction(self, td: TensorDictBase, params: TensorDictBase | None = None) -> Tensor:
         loss = self.loss
-        log_ps = _log_probs(loss, td.clone(False), loss.value_network_params)  # [N, K, A]
+        log_ps = _log_probs(loss, td.clone(False), loss.value_network_params if params is None else params)  # [N, K, A]
         return _atoms_of_action(log_ps, td.get(loss.tensor_keys.action), loss.action_space)
 
     @torch.no_grad()

@@ -1,36 +1,52 @@
-"""The integer codes of the surrogates and weightings, defined once.
+"""The integer codes of the surrogate ladder, the losses and the weightings, defined once.
+
+Three names, three meanings:
+
+* :class:`Surrogate`, the rung of the ladder: which per-sample gradient norm scores a row,
+  ``"output"`` (the loss gradient at the network's output), ``"last-layer"`` (with respect to the
+  last linear layer's weight and bias) or ``"exact"`` (with respect to every parameter);
+* :class:`LossKind`, the formula of the loss gradient at the output: ``"l2"``, ``"huber"`` or
+  ``"categorical"`` (C51's cross-entropy), or ready priorities;
+* :class:`Weighting`, the importance weights.
 
 The fused kernel branches on them as ``tl.constexpr``; the ops, the float32 reference and the tests
-import them from here. The public API speaks in names (``surrogate="huber"``, ``weighting="max"``);
-:func:`Surrogate.of` and :func:`Weighting.of` turn a name into its code.
+import them from here. The public API speaks in names (``surrogate="last-layer"``, ``loss="huber"``,
+``weighting="max"``); ``.of(name)`` turns a name into its code, with a ``ValueError`` that lists the
+choices.
 
 Examples:
-    >>> from torchsample.codes import Surrogate, Weighting
-    >>> Surrogate.of("huber"), int(Weighting.of("max"))
-    (<Surrogate.HUBER: 2>, 2)
-    >>> Surrogate.CATEGORICAL.label
-    'categorical'
+    >>> from torchsample.codes import LossKind, Surrogate, Weighting
+    >>> Surrogate.of("last-layer"), LossKind.of("huber"), int(Weighting.of("max"))
+    (<Surrogate.LAST_LAYER: 1>, <LossKind.HUBER: 2>, 2)
+    >>> Surrogate.LAST_LAYER.label, LossKind.CATEGORICAL.label
+    ('last-layer', 'categorical')
+    >>> Surrogate.of("full")
+    Traceback (most recent call last):
+    ...
+    ValueError: surrogate must be one of ('output', 'last-layer', 'exact'), got 'full'
 """
 from __future__ import annotations
 
 from enum import IntEnum
 
-__all__ = ["Surrogate", "Weighting", "SURROGATES", "WEIGHTINGS"]
+__all__ = ["Surrogate", "LossKind", "Weighting", "SURROGATES", "LOSS_KINDS", "WEIGHTINGS"]
+
+# The keyword each enum's names are passed as, for the error messages.
+_KEYWORDS = {"Surrogate": "surrogate", "LossKind": "loss", "Weighting": "weighting"}
 
 
 class _Named(IntEnum):
     @property
     def label(self) -> str:
-        """The name the public API uses (``"l2"``, ``"mean"``...)."""
-        return self.name.lower()
+        """The name the public API uses (``"last-layer"``, ``"l2"``, ``"mean"``...)."""
+        return self.name.lower().replace("_", "-")
 
     @classmethod
     def of(cls, label: str):
         """The code of ``label``; a ``ValueError`` that lists the choices otherwise."""
-        try:
-            return cls[label.upper()]
-        except (KeyError, AttributeError):
-            raise ValueError(f"{cls.__name__.lower()} must be one of {cls.labels()}, got {label!r}") from None
+        if label in cls.labels():
+            return cls[label.upper().replace("-", "_")]
+        raise ValueError(f"{_KEYWORDS[cls.__name__]} must be one of {cls.labels()}, got {label!r}")
 
     @classmethod
     def labels(cls) -> tuple[str, ...]:
@@ -38,7 +54,15 @@ class _Named(IntEnum):
 
 
 class Surrogate(_Named):
-    """What the kernel computes a priority from: ``p_i`` itself, or a surrogate of the gradient norm."""
+    """The rung of the ladder: the per-sample gradient norm a row is scored by."""
+
+    OUTPUT = 0  # ||dl_i / d out_i||: |q - y|, min(|q - y|, delta), ||softmax(z) - m||
+    LAST_LAYER = 1  # ||dl_i / d(W, b)|| of the last Linear: ||g_i|| sqrt(||h_i||^2 + 1)
+    EXACT = 2  # ||dl_i / d theta|| over every parameter (ghost norms)
+
+
+class LossKind(_Named):
+    """What the kernel computes a row's output gradient norm from: ``p_i`` itself, or a loss's formula."""
 
     PRIORITY = 0  # ready priorities (laber_downsample)
     L2 = 1  # |pred - target|
@@ -47,7 +71,7 @@ class Surrogate(_Named):
 
     @classmethod
     def labels(cls) -> tuple[str, ...]:
-        # The surrogates a caller may name; ready priorities go through laber_downsample.
+        # The losses a caller may name; ready priorities go through laber_downsample.
         return tuple(member.label for member in cls if member is not cls.PRIORITY)
 
 
@@ -59,5 +83,6 @@ class Weighting(_Named):
     MAX = 2  # min_{j in minibatch}(p_j) / p_i
 
 
-SURROGATES = Surrogate.labels()  # ("l2", "huber", "categorical")
+SURROGATES = Surrogate.labels()  # ("output", "last-layer", "exact")
+LOSS_KINDS = LossKind.labels()  # ("l2", "huber", "categorical")
 WEIGHTINGS = Weighting.labels()  # ("mean", "lazy", "max")

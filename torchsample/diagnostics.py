@@ -35,6 +35,7 @@ __all__ = [
     "dormant_fraction",
     "DORMANT_TAU",
     "grad_norm",
+    "critic_diagnostics",
 ]
 
 # Sokar et al. (2023)'s threshold for DQN (see dormant_fraction); the thesis states none of its own.
@@ -280,6 +281,80 @@ def grad_norm(parameters: Iterable[Tensor] | nn.Module) -> Tensor:
     if not grads:
         return torch.tensor(0.0)
     return torch.nn.utils.get_total_norm(grads)
+
+
+def critic_diagnostics(loss: nn.Module, large, batch_size: int) -> dict[str, float]:
+    """Everything above, for a TorchRL loss's critic on one large batch, as floats ready to log.
+
+    On the ``N`` rows of ``large``, with one TD target per row shared by every rung
+    (:func:`torchsample.grad_norm_scores`):
+
+    * ``tv/uniform``, ``tv/output``, ``tv/last-layer`` (App. H): :func:`tv_distance` of each
+      sampling distribution to the exact per-sample gradient norms';
+    * ``second_moment/{uniform,ideal,output,last-layer}`` (App. C): :func:`second_moment`;
+    * ``grad_norm``: ``||g_bar||``, the norm of the large batch's mean gradient ``g_bar = mean_i g_i``;
+    * ``grad_variance``: ``(mean_i ||g_i||^2 - ||g_bar||^2) / B``, the trace of the covariance of
+      the mean gradient of ``B = batch_size`` rows drawn uniformly with replacement (the gradient
+      variance the small-batch thesis tracks, for the batch the agent trains on);
+    * ``srank`` and ``dormant_fraction`` of the penultimate features (:func:`srank`,
+      :func:`dormant_fraction`; the last hidden layer only, as the features are what the last
+      linear layer reads).
+
+    Twin critics (SAC, TD3): each figure is the mean over the critics.
+
+    Args:
+        loss: a TorchRL loss with a :class:`torchsample.targets.Critic` view (DQN, C51, SAC, TD3).
+        large: ``[N]`` transitions, e.g. ``m * B`` rows drawn uniformly from the buffer.
+        batch_size: ``B``, the agent's training batch.
+
+    Examples:
+        >>> import torch
+        >>> from tensordict import TensorDict
+        >>> from torchrl.modules import MLP, QValueActor
+        >>> from torchrl.objectives import DQNLoss
+        >>> net = MLP(in_features=4, out_features=2, num_cells=[16])
+        >>> loss = DQNLoss(QValueActor(net, in_keys=["observation"], action_space="categorical"),
+        ...                delay_value=True, action_space="categorical")
+        >>> loss.make_value_estimator(gamma=0.99)
+        >>> large = TensorDict({"observation": torch.randn(64, 4), "action": torch.randint(2, (64,)),
+        ...     ("next", "observation"): torch.randn(64, 4), ("next", "reward"): torch.randn(64, 1),
+        ...     ("next", "done"): torch.zeros(64, 1, dtype=torch.bool),
+        ...     ("next", "terminated"): torch.zeros(64, 1, dtype=torch.bool)}, [64])
+        >>> out = critic_diagnostics(loss, large, batch_size=16)
+        >>> sorted(out)  # doctest: +NORMALIZE_WHITESPACE
+        ['dormant_fraction', 'grad_norm', 'grad_variance', 'second_moment/ideal', 'second_moment/last-layer',
+         'second_moment/output', 'second_moment/uniform', 'srank', 'tv/last-layer', 'tv/output', 'tv/uniform']
+        >>> out["tv/last-layer"] <= 1 and out["grad_variance"] >= 0
+        True
+    """
+    from .targets import critic_of  # torchrl loads with the losses, not with this module
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"critic_diagnostics: batch_size must be an int >= 1, got {batch_size!r}")
+    critic = critic_of(loss)
+    target = critic.target(large)
+    exact = critic.grad_norms(large, "exact", target=target)
+    rungs = {name: critic.grad_norms(large, name, target=target) for name in ("output", "last-layer")}
+    out = sampling_diagnostics(exact, rungs)
+
+    # The mean gradient of each critic: one backward of the mean per-sample loss over its parameters.
+    leaves = [p for p in critic.params.values(True, True) if p.requires_grad]
+    with torch.enable_grad():
+        pred = critic.prediction(large)
+        per_sample = critic.per_sample_loss(pred, target.expand_as(pred) if target.dim() < pred.dim() else target)
+        grads = torch.autograd.grad(per_sample.mean(-1).sum(), leaves, allow_unused=True)
+    grads = [g for g in grads if g is not None]
+    twin = exact.dim() == 2  # stacked [C, ...] parameters: critic c's gradient is slice c
+    mean_sq = torch.stack([g.flatten(1 if twin else 0).square().sum(-1) for g in grads]).sum(0).double()
+    out["grad_norm"] = mean_sq.sqrt()
+    out["grad_variance"] = (exact.double().square().mean(-1) - mean_sq).clamp_min(0) / batch_size
+
+    with torch.no_grad():
+        _, features = critic.prediction_and_features(large)
+    out["srank"] = srank(features).double()
+    feature_rows = features if twin else features.unsqueeze(0)
+    out["dormant_fraction"] = torch.stack([dormant_fraction(h) for h in feature_rows])
+    return {name: float(value.double().mean()) for name, value in sorted(out.items())}
 
 
 def _distribution(name: str, p: Tensor) -> Tensor:

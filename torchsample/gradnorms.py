@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .codes import SURROGATES, Surrogate
+from .codes import LOSS_KINDS, LossKind
 
 __all__ = [
     "output_gradient",
@@ -87,17 +87,17 @@ def output_gradient(pred: Tensor, target: Tensor, loss: str = "l2", *, huber_del
         >>> output_gradient(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]), "categorical")
         tensor([[-0.5000,  0.5000]])
     """
-    if loss not in SURROGATES:
-        raise ValueError(f"output_gradient: loss must be one of {SURROGATES}, got {loss!r}")
-    kind = Surrogate.of(loss)
+    if loss not in LOSS_KINDS:
+        raise ValueError(f"output_gradient: loss must be one of {LOSS_KINDS}, got {loss!r}")
+    kind = LossKind.of(loss)
     if not isinstance(pred, Tensor) or not isinstance(target, Tensor):
         raise TypeError(f"pred and target must be tensors, got {type(pred).__name__} and {type(target).__name__}")
     if pred.shape != target.shape:
         raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
     pred, target = pred.detach().float(), target.detach().float()
-    if kind is Surrogate.L2:
+    if kind is LossKind.L2:
         return 2.0 * (pred - target)
-    if kind is Surrogate.HUBER:
+    if kind is LossKind.HUBER:
         if not huber_delta > 0:
             raise ValueError(f"output_gradient: huber_delta must be > 0, got {huber_delta}")
         return (pred - target).clamp_(-huber_delta, huber_delta)
@@ -181,16 +181,21 @@ class LayerInputCapture(contextlib.AbstractContextManager):
 
     ``features`` is the input of the layer's most recent call, as the forward saw it (with its
     graph, and batched if the call ran under ``torch.vmap``: read it inside the vmapped function
-    and return it from there, see :func:`capture_last_layer_input`).
+    and return it from there, see :func:`capture_last_layer_input`). A capture that stays entered
+    across calls (its hook registered once, outside ``torch.compile``, where registering it is a
+    graph break) records only while ``recording`` is true, so that the other forwards of the
+    network (the training step, TorchRL's vmapped critics) leave nothing behind.
     """
 
     def __init__(self, layer: nn.Module) -> None:
         self.layer = layer
+        self.recording = True
         self._features: Tensor | None = None
         self._handle = None
 
     def _hook(self, module: nn.Module, inputs: tuple, output: Any) -> None:
-        self._features = inputs[0]
+        if self.recording:
+            self._features = inputs[0]
 
     def __enter__(self) -> LayerInputCapture:
         self._features = None
@@ -206,6 +211,15 @@ class LayerInputCapture(contextlib.AbstractContextManager):
         if self._features is None:
             raise RuntimeError(f"{type(self.layer).__name__} was not called inside the capture block")
         return self._features
+
+    def pop(self) -> Tensor:
+        """``features``, which the capture then forgets: a capture that stays entered across calls
+        would otherwise keep the activation alive, and under ``torch.vmap`` a batched tensor must not
+        outlive the vmapped function (``torch.compile`` fails on it: "Cannot access storage of
+        BatchedTensorImpl", torch 2.14)."""
+        features = self.features
+        self._features = None
+        return features
 
 
 def capture_last_layer_input(module: nn.Module, layer: nn.Module | None = None) -> LayerInputCapture:

@@ -7,11 +7,11 @@ A row whose priorities are all zero (possible only with ``eps=0``) is sampled un
 Where each runs:
 
 * **CUDA**: one launch of the fused Triton kernel ``torch.ops.torchsample.laber_fused``
-  (:mod:`torchsample.kernels.laber`): surrogate, ``+eps``, prefix sum, Philox uniforms, search and
-  weights, with no host synchronisation. Its random state lives on the device (or is drawn from
-  ``generator``), so the call can sit inside a captured CUDA graph. Priority *values* are not
-  checked there, as that needs a host sync; set ``TORCHSAMPLE_CHECK_VALUES=1`` to check them at
-  the cost of one sync per call.
+  (:mod:`torchsample.kernels.laber`): the priority (output or last-layer rung), ``+eps``, prefix
+  sum, Philox uniforms, search and weights, with no host synchronisation. Its random state lives
+  on the device (or is drawn from ``generator``), so the call can sit inside a captured CUDA graph.
+  Priority *values* are not checked there, as that needs a host sync; set
+  ``TORCHSAMPLE_CHECK_VALUES=1`` to check them at the cost of one sync per call.
 * **CPU**: plain torch (``torch.multinomial``). A ``torch.library`` wrapper was measured here at
   about 50 us of overhead a call, more than the work itself, so there is none. Value checks ride
   on ``torch.multinomial``'s own: the fast path pays nothing for them. Values in ``(-eps, 0)`` are
@@ -29,7 +29,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .codes import SURROGATES, WEIGHTINGS, Surrogate, Weighting
+from .codes import LOSS_KINDS, SURROGATES, WEIGHTINGS, LossKind, Weighting
+from .gradnorms import last_layer_norm
 from .surrogates import _check_pair, categorical_priority, td_priority
 from .weights import importance_weights
 
@@ -112,7 +113,7 @@ def laber_downsample(
         if CHECK_VALUES_ON_CUDA:
             _check_values(priorities.float(), "priorities")
         p3 = priorities.unsqueeze(-1)
-        return _fused(p3, p3, batch_size, Surrogate.PRIORITY, weighting, eps, 1.0, generator, rng_state)
+        return _fused(p3, p3, None, batch_size, LossKind.PRIORITY, weighting, eps, 1.0, generator, rng_state)
     p = priorities if dtype is torch.float32 else priorities.float()
     # A cached 0-dim eps tensor: adding a Python float costs ~1.5 us more a call on CPU (measured).
     return _downsample(p + _scalar(eps), batch_size, weighting, generator, "priorities")
@@ -123,28 +124,44 @@ def laber_select(
     target: Tensor,
     batch_size: int,
     *,
-    surrogate: str = "l2",
+    loss: str = "l2",
+    surrogate: str = "output",
+    features: Optional[Tensor] = None,
     weighting: str = "mean",
     eps: float = 1e-6,
     huber_delta: float = 1.0,
     generator: Optional[torch.Generator] = None,
     rng_state: Optional[Tensor] = None,
 ) -> LaBERSample:
-    """Surrogate priorities and the LaBER down-sample in one call (one kernel launch on CUDA).
+    """Per-sample gradient-norm priorities and the LaBER down-sample in one call (one kernel launch on CUDA).
 
-    The priority of row ``i`` is the surrogate of the loss gradient norm
-    (:mod:`torchsample.surrogates`), then the draw is :func:`laber_downsample`'s:
+    The priority of row ``i`` is a rung of the surrogate ladder (``surrogate``) of the gradient norm
+    of ``loss``, then the draw is :func:`laber_downsample`'s. ``"output"``, the norm at the network's
+    output (:mod:`torchsample.surrogates`):
 
-    * ``"l2"``: ``p_i = |pred_i - target_i|``; ``pred``/``target`` are ``[N]`` or ``[C, N]``;
-    * ``"huber"``: ``p_i = min(|pred_i - target_i|, huber_delta)``; same shapes;
-    * ``"categorical"``: ``p_i = ||softmax(pred_i) - target_i||_2``; ``pred`` are logits and
-      ``target`` a distribution, ``[N, K]`` or ``[C, N, K]``.
+    * ``loss="l2"``: ``p_i = |pred_i - target_i|``; ``pred``/``target`` are ``[N]`` or ``[C, N]``;
+    * ``loss="huber"``: ``p_i = min(|pred_i - target_i|, huber_delta)``; same shapes;
+    * ``loss="categorical"``: ``p_i = ||softmax(pred_i) - target_i||_2``; ``pred`` are logits (or
+      log-probabilities) and ``target`` a distribution, ``[N, K]`` or ``[C, N, K]``.
+
+    ``"last-layer"``, the exact norm with respect to the last linear layer's weight and bias
+    (:func:`torchsample.gradnorms.last_layer_norm`): the output priority above times
+    ``sqrt(||h_i||^2 + 1)``, ``h_i = features[..., i, :]`` the penultimate features of the forward
+    that computed ``pred``. Each is the gradient norm up to the loss's constant factor (2 for
+    TorchRL's l2, ``(q - y)^2``), which does not change the draw.
+
+    ``"exact"`` needs the network, which this op does not see: use :class:`torchsample.LaBER`
+    (``surrogate="exact"``), or :func:`torchsample.grad_norm_scores` /
+    :func:`torchsample.gradnorms.exact_grad_norms` and then :func:`laber_downsample`.
 
     Args:
         pred: predictions (or logits) of the large batch, no gradient needed.
         target: TD targets (or target distributions), same shape, dtype and device as ``pred``.
         batch_size: ``B``, rows drawn per critic.
-        surrogate: ``"l2"`` (default), ``"huber"`` or ``"categorical"``.
+        loss: ``"l2"`` (default), ``"huber"`` or ``"categorical"``: the loss's output gradient.
+        surrogate: ``"output"`` (default) or ``"last-layer"``.
+        features: ``"last-layer"`` only: ``[N, D]`` or ``[C, N, D]`` penultimate features, any float
+            dtype, on ``pred``'s device (e.g. 128 for the MinAtar network, 256 for a MuJoCo critic).
         weighting, eps, generator, rng_state: as in :func:`laber_downsample`.
         huber_delta: the Huber threshold (1.0, as ``smooth_l1_loss``).
 
@@ -159,31 +176,42 @@ def laber_select(
         >>> out.index.shape, out.weight.shape, out.priority.shape
         (torch.Size([2, 32]), torch.Size([2, 32]), torch.Size([2, 128]))
         >>> logits, m = torch.randn(128, 51), torch.softmax(torch.randn(128, 51), -1)
-        >>> laber_select(logits, m, 32, surrogate="categorical").index.shape
+        >>> laber_select(logits, m, 32, loss="categorical").index.shape
         torch.Size([32])
+        >>> h = torch.randn(2, 128, 64)                          # each critic's penultimate features
+        >>> out = laber_select(q, y, 32, surrogate="last-layer", features=h, eps=0.0)
+        >>> torch.allclose(out.priority, (q - y).abs() * (h.norm(dim=-1) ** 2 + 1).sqrt())
+        True
     """
     _check_common(batch_size, weighting, eps)
-    if surrogate not in SURROGATES:
-        raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
+    if loss not in LOSS_KINDS:
+        raise ValueError(f"loss must be one of {LOSS_KINDS}, got {loss!r}")
+    _check_surrogate(surrogate, features)
     if not huber_delta > 0:
         raise ValueError(f"huber_delta must be > 0, got {huber_delta}")
     _check_pair("pred", pred, "target", target)
-    categorical = surrogate == "categorical"
+    categorical = loss == "categorical"
     dims = (2, 3) if categorical else (1, 2)
     if pred.dim() not in dims:
         expected = "[N, K] or [C, N, K]" if categorical else "[N] or [C, N]"
-        raise ValueError(f"pred must be {expected} for surrogate={surrogate!r}, got shape {tuple(pred.shape)}")
+        raise ValueError(f"pred must be {expected} for loss={loss!r}, got shape {tuple(pred.shape)}")
     if pred.shape[dims[0] - 1] == 0 or pred.numel() == 0:
         raise ValueError("pred is empty (N == 0 or K == 0): there is nothing to down-sample")
+    rows = pred.shape[:-1] if categorical else pred.shape
+    if features is not None:
+        _check_features(features, rows, pred.device)
     if pred.is_cuda:
         if CHECK_VALUES_ON_CUDA:
             _check_values(torch.stack([pred.float(), target.float()]).abs(), "pred and target")
         pred3, target3 = (pred, target) if categorical else (pred.unsqueeze(-1), target.unsqueeze(-1))
-        return _fused(pred3, target3, batch_size, Surrogate.of(surrogate), weighting, eps, huber_delta, generator, rng_state)
+        return _fused(pred3, target3, features, batch_size, LossKind.of(loss), weighting, eps, huber_delta, generator,
+                      rng_state)
     if categorical:
         p = categorical_priority(pred, target)
     else:
-        p = td_priority(pred, target, loss=surrogate, huber_delta=huber_delta)
+        p = td_priority(pred, target, loss=loss, huber_delta=huber_delta)
+    if features is not None:
+        p = last_layer_norm(p, features)
     # p is a fresh float32 tensor, so eps can go in place.
     return _downsample(p.add_(_scalar(eps)), batch_size, weighting, generator, "priorities computed from pred and target")
 
@@ -243,8 +271,10 @@ def _downsample_traceable(p: Tensor, batch_size: int, weighting: str) -> LaBERSa
 # CUDA path
 
 
-def _fused(pred3, target3, batch_size, surrogate_code, weighting, eps, huber_delta, generator, state) -> LaBERSample:
-    """One launch of the fused kernel on ``[C, N, K]`` inputs; squeezes the critic dim back.
+def _fused(pred3, target3, features, batch_size, loss_code, weighting, eps, huber_delta, generator,
+           state) -> LaBERSample:
+    """One launch of the fused kernel on ``[C, N, K]`` inputs (and ``[C, N, D]`` features for the
+    last-layer rung); squeezes the critic dim back.
 
     ``state`` is the caller's random state (``rng_state=``, checked by the launcher); without one,
     the device's default state, or a fresh one drawn from ``generator``.
@@ -258,12 +288,14 @@ def _fused(pred3, target3, batch_size, surrogate_code, weighting, eps, huber_del
     squeeze = pred3.dim() == 2
     if squeeze:
         pred3, target3 = pred3.unsqueeze(0), target3.unsqueeze(0)
+        features = None if features is None else features.unsqueeze(0)
     index, weight, priority = torch.ops.torchsample.laber_fused(
         pred3,
         target3,
+        features,
         state,
         batch_size,
-        int(surrogate_code),
+        int(loss_code),
         int(Weighting.of(weighting)),
         float(eps),
         float(huber_delta),
@@ -288,6 +320,35 @@ def _check_common(batch_size, weighting: str, eps: float) -> None:
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+
+
+def _check_surrogate(surrogate: str, features: Optional[Tensor]) -> None:
+    if surrogate == "output" and features is None or surrogate == "last-layer" and features is not None:
+        return
+    if surrogate == "exact":
+        raise ValueError(
+            "laber_select cannot compute surrogate='exact': it needs the network's parameters, which it does not "
+            "see; use torchsample.LaBER(loss, B, surrogate='exact'), or torchsample.grad_norm_scores (or "
+            "torchsample.gradnorms.exact_grad_norms) and then laber_downsample"
+        )
+    if surrogate not in SURROGATES:
+        raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
+    if features is None:
+        raise ValueError("surrogate='last-layer' needs features=: the penultimate features [N, D] or [C, N, D]")
+    raise ValueError("features= is the last-layer rung's input: pass surrogate='last-layer' with it")
+
+
+def _check_features(features, rows: torch.Size, device: torch.device) -> None:
+    if not isinstance(features, Tensor):
+        raise TypeError(f"features must be a tensor, got {type(features).__name__}")
+    if features.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"features must be a floating-point tensor, got {features.dtype}")
+    if features.dim() != len(rows) + 1 or features.shape[:-1] != rows or features.shape[-1] == 0:
+        shape = "[" + ", ".join(map(str, rows)) + ", D]"
+        raise ValueError(f"features must be {shape} (one row of D > 0 features per prediction), "
+                         f"got shape {tuple(features.shape)}")
+    if features.device != device:
+        raise ValueError(f"features must be on pred's device {device}, got {features.device}")
 
 
 def _check_values(p: Tensor, name: str) -> None:

@@ -40,7 +40,7 @@ class LaBERSampler(Sampler):
 
     Args:
         laber: the :class:`torchsample.LaBER` module that keeps the rows (its loss, weighting, eps,
-            surrogate, critics and generator).
+            surrogate rung, critics and generator).
         m: the large batch is ``m * B`` rows (the paper uses 4).
         inner: the sampler that draws the large batch: ``RandomSampler()`` (default, LaBER) or a
             ``PrioritizedSampler`` (PER-LaBER).

@@ -1,4 +1,4 @@
-"""Surrogate priorities: cheap stand-ins for the per-sample gradient norm.
+"""The ``"output"`` rung of the surrogate ladder: cheap stand-ins for the per-sample gradient norm.
 
 LaBER (Lahire et al., 2022, Sec. 3.2) samples transition ``i`` with probability proportional to
 ``||dL(q_i, y_i)/dq_i||``, the norm of the loss gradient with respect to the network's output. It
@@ -13,18 +13,16 @@ Huber (``delta``)      ``min(|q_i - y_i|, delta)``
 C51 cross-entropy      ``|| softmax(z_i) - m_i ||_2`` over the atoms (App. D)
 =====================  ==========================================================
 
-These are the plain-torch definitions. The CPU path of :func:`torchsample.laber_select` calls them,
-and the fused CUDA kernel is tested against them.
+These are the plain-torch definitions, one per ``loss=`` of :func:`torchsample.laber_select`, whose
+CPU path calls them and whose fused CUDA kernel is tested against them. The sharper rungs,
+``"last-layer"`` and ``"exact"``, are in :mod:`torchsample.gradnorms`.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .codes import SURROGATES
-
-__all__ = ["td_priority", "categorical_priority", "SURROGATES"]
-
+__all__ = ["td_priority", "categorical_priority"]
 
 
 def td_priority(pred: Tensor, target: Tensor, *, loss: str = "l2", huber_delta: float = 1.0) -> Tensor:

@@ -1,12 +1,15 @@
 """``torchsample.LaBER``: which rows of a large batch LaBER keeps, as a TorchRL module.
 
-``laber(large)`` scores every row of a large batch with the loss module's own networks (forward
-only, no gradient), calls the fused op :func:`torchsample.laber_select` and returns the kept rows
-with their importance weights in ``"priority_weight"``. :class:`torchsample.LaBERSampler` puts the
-same selection on TorchRL's sampler extension point, so that a replay buffer samples with it.
+``laber(large)`` scores every row of a large batch with the loss module's own networks at a rung of
+the surrogate ladder (``"output"`` and ``"last-layer"``: one forward, no gradient, then the fused op
+:func:`torchsample.laber_select`; ``"exact"``: ghost norms, then :func:`torchsample.laber_downsample`)
+and returns the kept rows with their importance weights in ``"priority_weight"``.
+:class:`torchsample.LaBERSampler` puts the same selection on TorchRL's sampler extension point, so
+that a replay buffer samples with it.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable, NamedTuple, Optional
 
 import torch
@@ -15,7 +18,8 @@ from torch import Tensor, nn
 from torchrl.envs.transforms import Transform
 
 from . import c51  # noqa: F401  (registers C51's Critic view)
-from .codes import SURROGATES, WEIGHTINGS
+from .codes import LOSS_KINDS, SURROGATES, WEIGHTINGS
+from .gradnorms import capture_last_layer_input, last_layer_norm
 from .ops import laber_downsample, laber_select
 from .surrogates import td_priority
 from .targets import TARGET, critic_of
@@ -32,7 +36,7 @@ class Selection(NamedTuple):
         index: int64 positions into the large batch: ``[B]``, or ``[B, 1 + C]`` for independent twin
             critics (column 0 the actor's uniform rows, column ``1 + c`` critic ``c``'s draws).
         weight: LaBER's importance weights, same shape (1 in the actor's column).
-        target: the TD target of each kept row, same shape; ``None`` with a custom surrogate.
+        target: the TD target of each kept row, same shape; ``None`` with a custom ``prediction``.
         td_error: ``[B, 1 + C]`` only: each kept row's largest ``|TD|`` over the critics, PER's
             priority (the update trains each critic on other rows, so LaBER computes it here).
     """
@@ -46,13 +50,21 @@ class Selection(NamedTuple):
 class LaBER(Transform):
     """Large Batch Experience Replay (Lahire, Geist and Rachelson, ICML 2022): keep ``B`` rows of a large batch.
 
-    LaBER scores each row of a large batch (``m * B`` rows drawn by the buffer) with a surrogate of
-    its per-sample gradient norm, computed by one no-grad forward of the loss's own networks, and
-    keeps ``B`` of them, drawn i.i.d. with probability ``p_i / sum_j p_j``, with importance weights
-    (``weighting``: ``mean_j(p_j) / p_i`` by default) in ``"priority_weight"``. The surrogate
-    follows the loss (:mod:`torchsample.targets`): ``|q - y|`` for ``DQNLoss(loss_function="l2")``,
-    ``min(|q - y|, 1)`` for ``"smooth_l1"``, ``||softmax(z) - m||_2`` for C51, and one priority
-    row per critic for ``SACLoss`` / ``TD3Loss``.
+    LaBER scores each row of a large batch (``m * B`` rows drawn by the buffer) with its per-sample
+    gradient norm, or a surrogate of it, computed with the loss's own networks, and keeps ``B`` of
+    them, drawn i.i.d. with probability ``p_i / sum_j p_j``, with importance weights
+    (``weighting``: ``mean_j(p_j) / p_i`` by default) in ``"priority_weight"``. The rung of the
+    ladder (``surrogate``, :func:`torchsample.grad_norm_scores`):
+
+    * ``"output"`` (default; the paper's): the gradient norm at the network's output, one no-grad
+      forward. It follows the loss (:mod:`torchsample.targets`): ``|q - y|`` for
+      ``DQNLoss(loss_function="l2")``, ``min(|q - y|, 1)`` for ``"smooth_l1"``,
+      ``||softmax(z) - m||_2`` for C51, one priority row per critic for ``SACLoss`` / ``TD3Loss``;
+    * ``"last-layer"``: that times ``sqrt(||h_i||^2 + 1)``, ``h_i`` the input of the last
+      ``nn.Linear`` in the same forward: the exact gradient norm with respect to the last layer's
+      weight and bias (App. C: most of the per-sample variation is there);
+    * ``"exact"`` (exact-gradient LaBER): the gradient norm over every parameter of the critic, by
+      ghost norms (one forward and one backward of the large batch, grad enabled locally).
 
     Two ways to use it:
 
@@ -75,15 +87,21 @@ class LaBER(Transform):
     (``"target_value"``), which the update reuses, and, for ``[B, 1 + C]``, PER's ``"td_error"``.
 
     The transform holds the loss module without registering it: it stays out of ``state_dict``
-    and out of ``eval()``. The call traces under ``torch.compile(fullgraph=True)``.
+    and out of ``eval()``. The call traces under ``torch.compile(fullgraph=True)`` for the output
+    and last-layer rungs (the last layer's forward hook is registered once, here); ``"exact"``
+    registers hooks and runs a backward inside the call, which breaks the graph.
 
     Args:
         loss_module: the TorchRL loss whose critic is trained on the kept rows.
         batch_size: ``B``, rows kept (the large batch is e.g. ``4 * B`` rows).
         weighting: ``"mean"`` (default), ``"lazy"`` or ``"max"``.
         eps: added to every priority (1e-6).
-        surrogate: ``None`` (follow the loss), or a callable ``td -> (pred, target)`` for any other
-            loss; then ``surrogate_kind`` names the formula (``"l2"``, ``"huber"``, ``"categorical"``).
+        surrogate: ``"output"`` (default), ``"last-layer"`` or ``"exact"``.
+        prediction: ``None`` (the loss's own, :func:`torchsample.targets.critic_of`), or a callable
+            ``td -> (pred, target)`` for any other loss, ``td -> (pred, target, features)`` with
+            ``surrogate="last-layer"``; not with ``"exact"``, which needs the network.
+        loss: with ``prediction``: the formula of the loss's output gradient, ``"l2"`` (default),
+            ``"huber"`` or ``"categorical"``; without, it follows the loss module.
         critics: ``"independent"`` (default) or ``"joint"``, for losses with several critics.
         generator: a ``torch.Generator`` for reproducible draws (eager only). On CUDA it seeds the
             module's own kernel state (the buffer ``rng_state``, made on the loss's GPU) once.
@@ -104,6 +122,11 @@ class LaBER(Transform):
         >>> batch = LaBER(loss, batch_size=32)(large)
         >>> batch.batch_size, batch["priority_weight"].shape, batch["target_value"].shape
         (torch.Size([32]), torch.Size([32]), torch.Size([32]))
+        >>> exact = LaBER(loss, batch_size=32, surrogate="exact")   # exact-gradient LaBER
+        >>> exact
+        LaBER(batch_size=32, surrogate='exact', loss='huber', weighting='mean', critics='independent', eps=1e-06)
+        >>> exact(large).batch_size
+        torch.Size([32])
     """
 
     def __init__(
@@ -113,8 +136,9 @@ class LaBER(Transform):
         *,
         weighting: str = "mean",
         eps: float = 1e-6,
-        surrogate: Optional[Callable[[TensorDictBase], tuple[Tensor, Tensor]]] = None,
-        surrogate_kind: str = "l2",
+        surrogate: str = "output",
+        prediction: Optional[Callable[[TensorDictBase], tuple[Tensor, ...]]] = None,
+        loss: Optional[str] = None,
         critics: str = "independent",
         generator: Optional[torch.Generator] = None,
     ) -> None:
@@ -125,20 +149,35 @@ class LaBER(Transform):
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
         if critics not in CRITICS:
             raise ValueError(f"critics must be one of {CRITICS}, got {critics!r}")
-        if surrogate is not None and not callable(surrogate):
-            raise TypeError(f"surrogate must be a callable td -> (pred, target) or None, got {type(surrogate).__name__}")
-        if surrogate_kind not in SURROGATES:
-            raise ValueError(f"surrogate_kind must be one of {SURROGATES}, got {surrogate_kind!r}")
+        if surrogate not in SURROGATES:
+            raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
+        if prediction is not None and not callable(prediction):
+            raise TypeError(f"prediction must be a callable td -> (pred, target) or None, "
+                            f"got {type(prediction).__name__}")
+        if loss is not None and loss not in LOSS_KINDS:
+            raise ValueError(f"loss must be one of {LOSS_KINDS}, got {loss!r}")
+        if prediction is None and loss is not None:
+            raise ValueError("loss= names the formula of a custom prediction=; without one it follows the loss module")
+        if prediction is not None and surrogate == "exact":
+            raise ValueError("surrogate='exact' needs the loss module's networks: it cannot score a custom prediction=")
         # Held outside nn.Module's registry: not a submodule, so not in state_dict() nor eval().
         self.__dict__["_loss_module"] = loss_module
         self.__dict__["_generator"] = generator
-        if surrogate is None:
+        if prediction is None:
             critic = critic_of(loss_module)
             self.__dict__["_critic"] = critic
-            self.kind = critic.surrogate
+            self.loss_kind = critic.loss_kind
+            if surrogate == "last-layer":
+                # The hook is registered here, once, so that the selection traces under
+                # torch.compile(fullgraph=True); removed when this module is collected.
+                capture = capture_last_layer_input(critic.network).__enter__()
+                capture.recording = False  # but while LaBER scores (Critic.prediction_and_features)
+                weakref.finalize(self, capture.__exit__)
+                self.__dict__["_capture"] = capture
         else:
-            self.kind = surrogate_kind
-        self.__dict__["_surrogate"] = surrogate
+            self.loss_kind = "l2" if loss is None else loss
+        self.__dict__["_prediction"] = prediction
+        self.surrogate = surrogate
         self.batch_size = batch_size
         self.weighting = weighting
         self.eps = eps
@@ -197,37 +236,68 @@ class LaBER(Transform):
             raise ValueError("LaBER got an empty large batch: the buffer holds no data")
         B = self.batch_size if batch_size is None else batch_size
         generator = self.__dict__["_generator"]
-        surrogate = self.__dict__["_surrogate"]
+        custom = self.__dict__["_prediction"] is not None
         with torch.no_grad():
-            if surrogate is None:
-                critic = self.__dict__["_critic"]
-                pred, target = critic.prediction(large), critic.target(large)
-            else:
-                pred, target = surrogate(large)
+            pred, target, features, exact = self._score(large)
         options = dict(weighting=self.weighting, eps=self.eps)
-        if self.rng_state is not None and self.rng_state.device == pred.device:
+        scores = pred if exact is None else exact
+        if self.rng_state is not None and self.rng_state.device == scores.device:
             options["rng_state"] = self.rng_state  # seeded from generator, if any, at construction
         else:
             options["generator"] = generator
         # The kept rows carry their TD target, so that the update does not compute it again.
-        keep_target = surrogate is None and target.dim() == 1
-        several = self.kind != "categorical" and pred.dim() == 2 and pred.shape[0] > 1
+        keep_target = not custom and target.dim() == 1
+        several = (exact is not None or self.loss_kind != "categorical") and scores.dim() == 2 and scores.shape[0] > 1
         if not several:
-            drawn = laber_select(pred, target, B, surrogate=self.kind, **options)
-            return Selection(drawn.index, drawn.weight, target[drawn.index] if surrogate is None else None, None)
-        shared_target = target.expand_as(pred) if target.dim() == 1 else target
+            drawn = self._draw(pred, target, features, exact, B, options)
+            return Selection(drawn.index, drawn.weight, None if custom else target[drawn.index], None)
+        shared_target = target.expand(scores.shape) if target.dim() == 1 else target
         if self.critics == "joint":
-            per_critic = td_priority(pred, shared_target, loss="huber" if self.kind == "huber" else "l2")
+            # The norm over every critic's parameters: sqrt(sum_c p_c^2).
+            per_critic = exact
+            if per_critic is None:
+                per_critic = td_priority(pred, shared_target, loss="huber" if self.loss_kind == "huber" else "l2")
+                if features is not None:
+                    per_critic = last_layer_norm(per_critic, features)
             drawn = laber_downsample(per_critic.square().sum(0).sqrt(), B, **options)
             return Selection(drawn.index, drawn.weight, target[drawn.index] if keep_target else None, None)
-        drawn = laber_select(pred, shared_target, B, surrogate=self.kind, **options)  # [C, B]
+        drawn = self._draw(pred, shared_target, features, exact, B, options)  # [C, B]
         # Column 0: the actor's rows, uniform over the large batch; column 1 + c: critic c's rows.
-        uniform = torch.randint(N, (B, 1), device=pred.device, generator=generator)
+        uniform = torch.randint(N, (B, 1), device=scores.device, generator=generator)
         index = torch.cat([uniform, drawn.index.T], 1)
         weight = torch.cat([torch.ones_like(drawn.weight[:1].T), drawn.weight.T], 1)
+        if pred is None:  # "exact" scored without the critics' outputs; PER's priority needs them
+            with torch.no_grad():
+                pred = self.__dict__["_critic"].prediction(large)
         # PER's priority of every kept row: its largest |TD| over the critics, before this update.
         td_error = (pred - shared_target).abs().amax(0)[index]
         return Selection(index, weight, target[index] if keep_target else None, td_error)
+
+    def _score(self, large: TensorDictBase) -> tuple:
+        """``(pred, target, features, exact)`` of the large batch for this rung: ``features`` for
+        ``"last-layer"``, ``exact`` (the norms; ``pred`` is then ``None``) for ``"exact"``."""
+        prediction = self.__dict__["_prediction"]
+        if prediction is not None:
+            out = prediction(large)
+            if len(out) != (3 if self.surrogate == "last-layer" else 2):
+                raise ValueError(f"prediction must return (pred, target) for surrogate='output' and "
+                                 f"(pred, target, features) for 'last-layer', got {len(out)} values")
+            pred, target, *features = out
+            return pred, target, features[0] if features else None, None
+        critic = self.__dict__["_critic"]
+        target = critic.target(large)
+        if self.surrogate == "exact":
+            return None, target, None, critic.exact_grad_norms(large, target)
+        if self.surrogate == "last-layer":
+            pred, features = critic.prediction_and_features(large, self.__dict__["_capture"])
+            return pred, target, features, None
+        return critic.prediction(large), target, None, None
+
+    def _draw(self, pred, target, features, exact, B: int, options: dict):
+        if exact is not None:
+            return laber_downsample(exact, B, **options)
+        return laber_select(pred, target, B, loss=self.loss_kind, surrogate=self.surrogate, features=features,
+                            **options)
 
     @property
     def _keys(self) -> tuple:
@@ -235,5 +305,5 @@ class LaBER(Transform):
         return ("priority_weight", "td_error") if keys is None else (keys.priority_weight, keys.priority)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(batch_size={self.batch_size}, weighting={self.weighting!r}, "
-                f"surrogate={self.kind!r}, critics={self.critics!r}, eps={self.eps})")
+        return (f"{type(self).__name__}(batch_size={self.batch_size}, surrogate={self.surrogate!r}, "
+                f"loss={self.loss_kind!r}, weighting={self.weighting!r}, critics={self.critics!r}, eps={self.eps})")

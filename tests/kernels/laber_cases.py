@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from scipy import stats
 
-from torchsample.codes import Surrogate as S
+from torchsample.codes import LossKind as L
 from torchsample.codes import Weighting as W
 from torchsample.kernels import laber
 from torchsample.kernels.laber import allocate_buffers, block_sizes, launch_laber, new_rng_state
@@ -55,37 +55,44 @@ def search_kernel(u_ptr, index_ptr, priority_ptr, scratch_ptr, N, n_tiles, tile_
     tl.store(index_ptr + offs, index, mask=mask)
 
 
-def make_inputs(surrogate: int, C: int, N: int, K: int, dtype: torch.dtype, seed: int = 0):
+def make_inputs(loss: int, C: int, N: int, K: int, dtype: torch.dtype, seed: int = 0, D: int = 0):
+    """``(pred, target, features)``: ``[C, N, K]`` inputs of ``loss``, and ``[C, N, D]`` features of
+    the last-layer rung (``None`` for ``D = 0``, the output rung), a quarter of their rows zero."""
     g = torch.Generator().manual_seed(seed)
-    if surrogate == S.CATEGORICAL:
+    features = None
+    if D > 0:
+        features = torch.randn(C, N, D, generator=g) * torch.rand(C, N, 1, generator=g) * 3
+        features[:, 1::4] = 0.0  # ||h|| = 0: the factor is 1, the output priority alone
+        features = features.to(DEVICE, dtype)
+    if loss == L.CATEGORICAL:
         pred = torch.randn(C, N, K, generator=g) * 2
         target = torch.softmax(torch.randn(C, N, K, generator=g), -1)
     else:
         pred = torch.randn(C, N, 1, generator=g)
         target = torch.randn(C, N, 1, generator=g)
-        if surrogate == S.PRIORITY:
+        if loss == L.PRIORITY:
             pred = pred.abs()
             pred[:, ::4] = 0.0  # items without mass: never drawn when eps == 0
             target = pred
-    return pred.to(DEVICE, dtype), target.to(DEVICE, dtype)
+    return pred.to(DEVICE, dtype), target.to(DEVICE, dtype), features
 
 
 def fresh_state(seed: int, slots: int = laber.RNG_SLOTS) -> torch.Tensor:
     return new_rng_state(DEVICE, torch.Generator().manual_seed(seed), slots)
 
 
-def poisoned_buffers(pred, B, surrogate) -> laber.Buffers:
-    buffers = allocate_buffers(pred, B, surrogate)
+def poisoned_buffers(pred, B, loss, D=0) -> laber.Buffers:
+    buffers = allocate_buffers(pred, B, loss, D)
     buffers.index.fill_(-1)
     for t in buffers[1:]:
         t.fill_(float("nan"))
     return buffers
 
 
-def run(pred, target, state, B, surrogate, weighting, eps=0.0, huber_delta=1.0, kernel=None):
+def run(pred, target, state, B, loss, weighting, eps=0.0, huber_delta=1.0, kernel=None, features=None):
     """One launch into poisoned buffers; checks that every output was written."""
-    buffers = poisoned_buffers(pred, B, surrogate)
-    index, weight, priority = launch_laber(pred, target, state, B, surrogate, weighting, eps, huber_delta,
+    buffers = poisoned_buffers(pred, B, loss, 0 if features is None else features.shape[-1])
+    index, weight, priority = launch_laber(pred, target, features, state, B, loss, weighting, eps, huber_delta,
                                            buffers=buffers, kernel=kernel)
     assert ((index >= 0) & (index < pred.shape[1])).all(), "an index is unwritten or out of range"
     assert torch.isfinite(weight).all() and (weight > 0).all(), "a weight is unwritten or not positive"
@@ -107,45 +114,54 @@ def coarse_chi_square_pvalue(index: torch.Tensor, priority: torch.Tensor, bins: 
     return stats.chisquare(counts[keep].numpy(), expected.numpy()).pvalue
 
 
-def kind(s, K):
-    return f"{S(s).label}-K{K}"
+def kind(s, K, D=0):
+    return f"{L(s).label}-K{K}" + (f"-last-layer-D{D}" if D else "")
 
 
-# (surrogate, K, weighting, C, N, B, dtype): every surrogate, weighting and dtype, N from 1 to 2^20
+# (loss, K, weighting, C, N, B, dtype[, D]): every loss, weighting and dtype, N from 1 to 2^20
 # (one tile, several, a last tile of one item), B from 1 to 4096 (one round of draws or several, a
-# last round of one draw); sized so that the interpreter runs them all in about a minute.
+# last round of one draw); the last-layer rung with D features (one block of them or several, a
+# partial last one; tiles of 64 rows for D >= 32, so N = 4097 spans 65); sized so that the
+# interpreter runs them all in about a minute.
 MATCH = [
-    (S.PRIORITY, 1, W.MEAN, 1, 1, 1, "fp32"),
-    (S.HUBER, 1, W.MAX, 2, 1, 32, "fp32"),
-    (S.CATEGORICAL, 51, W.LAZY, 2, 1, 33, "fp32"),
-    (S.PRIORITY, 1, W.MEAN, 2, 127, 513, "fp32"),
-    (S.L2, 1, W.LAZY, 2, 127, 97, "fp16"),
-    (S.HUBER, 1, W.MAX, 1, 127, 97, "bf16"),
-    (S.CATEGORICAL, 1, W.MEAN, 2, 127, 97, "fp32"),
-    (S.CATEGORICAL, 51, W.MAX, 2, 127, 128, "bf16"),
-    (S.CATEGORICAL, 51, W.LAZY, 1, 127, 97, "fp16"),
-    (S.L2, 1, W.MAX, 1, 128, 1024, "fp32"),
-    (S.CATEGORICAL, 51, W.MEAN, 2, 1000, 97, "fp32"),
-    (S.PRIORITY, 1, W.LAZY, 2, 4097, 1025, "fp32"),
-    (S.HUBER, 1, W.MEAN, 2, 4097, 97, "fp32"),
-    (S.CATEGORICAL, 51, W.MAX, 1, 4097, 97, "fp32"),
-    (S.L2, 1, W.MEAN, 2, 8193, 4096, "fp32"),
-    (S.PRIORITY, 1, W.MAX, 2, 65537, 1025, "fp32"),
-    (S.HUBER, 1, W.LAZY, 1, 65537, 97, "bf16"),
-    (S.PRIORITY, 1, W.MEAN, 1, 2**20, 4096, "fp32"),
+    (L.PRIORITY, 1, W.MEAN, 1, 1, 1, "fp32"),
+    (L.HUBER, 1, W.MAX, 2, 1, 32, "fp32"),
+    (L.CATEGORICAL, 51, W.LAZY, 2, 1, 33, "fp32"),
+    (L.PRIORITY, 1, W.MEAN, 2, 127, 513, "fp32"),
+    (L.L2, 1, W.LAZY, 2, 127, 97, "fp16"),
+    (L.HUBER, 1, W.MAX, 1, 127, 97, "bf16"),
+    (L.CATEGORICAL, 1, W.MEAN, 2, 127, 97, "fp32"),
+    (L.CATEGORICAL, 51, W.MAX, 2, 127, 128, "bf16"),
+    (L.CATEGORICAL, 51, W.LAZY, 1, 127, 97, "fp16"),
+    (L.L2, 1, W.MAX, 1, 128, 1024, "fp32"),
+    (L.CATEGORICAL, 51, W.MEAN, 2, 1000, 97, "fp32"),
+    (L.PRIORITY, 1, W.LAZY, 2, 4097, 1025, "fp32"),
+    (L.HUBER, 1, W.MEAN, 2, 4097, 97, "fp32"),
+    (L.CATEGORICAL, 51, W.MAX, 1, 4097, 97, "fp32"),
+    (L.L2, 1, W.MEAN, 2, 8193, 4096, "fp32"),
+    (L.PRIORITY, 1, W.MAX, 2, 65537, 1025, "fp32"),
+    (L.HUBER, 1, W.LAZY, 1, 65537, 97, "bf16"),
+    (L.PRIORITY, 1, W.MEAN, 1, 2**20, 4096, "fp32"),
+    (L.L2, 1, W.MEAN, 2, 1, 33, "fp32", 7),
+    (L.L2, 1, W.MAX, 2, 127, 97, "fp32", 40),
+    (L.HUBER, 1, W.LAZY, 1, 4097, 97, "bf16", 128),
+    (L.CATEGORICAL, 51, W.MEAN, 2, 127, 97, "fp16", 200),
+    (L.CATEGORICAL, 51, W.MAX, 1, 1000, 513, "fp32", 256),
 ]
 
 
-@pytest.mark.parametrize("surrogate, K, weighting, C, N, B, dtype", [
-    pytest.param(*case, id=f"{kind(case[0], case[1])}-{W(case[2]).label}-C{case[3]}-N{case[4]}-B{case[5]}-{case[6]}")
+@pytest.mark.parametrize("loss, K, weighting, C, N, B, dtype, D", [
+    pytest.param(*case, *(0,) * (8 - len(case)), id=f"{kind(case[0], case[1], *case[7:])}-{W(case[2]).label}-"
+                                                    f"C{case[3]}-N{case[4]}-B{case[5]}-{case[6]}")
     for case in MATCH])
-def test_kernel_matches_reference(surrogate, K, weighting, C, N, B, dtype):
-    pred, target = make_inputs(surrogate, C, N, K, DTYPES[dtype])
+def test_kernel_matches_reference(loss, K, weighting, C, N, B, dtype, D):
+    pred, target, features = make_inputs(loss, C, N, K, DTYPES[dtype], D=D)
     state = fresh_state(N + K + B)
     u = kernel_uniforms(state, C, B)
-    index, weight, priority = run(pred, target, state, B, surrogate, weighting, eps=0.0, huber_delta=0.7)
-    ref_index, ref_weight, ref_priority = laber_naive(pred, target, u, surrogate, weighting, 0.0, 0.7)
-    tol = {"fp32": 1e-6, "fp16": 1e-3, "bf16": 1e-2}[dtype] if surrogate != S.CATEGORICAL else 2e-5
+    index, weight, priority = run(pred, target, state, B, loss, weighting, eps=0.0, huber_delta=0.7, features=features)
+    ref_index, ref_weight, ref_priority = laber_naive(pred, target, u, loss, weighting, 0.0, 0.7, features)
+    # The softmax and the feature norms are summed in another order than the reference's.
+    tol = 2e-5 if loss == L.CATEGORICAL or D else {"fp32": 1e-6, "fp16": 1e-3, "bf16": 1e-2}[dtype]
     torch.testing.assert_close(priority, ref_priority, rtol=tol, atol=tol)
     has_mass = priority.sum(1) > 0  # an all-zero row (N == 1 here) draws uniformly
     assert (priority.gather(1, index)[has_mass] > 0).all(), "drew an item with zero priority"
@@ -165,10 +181,10 @@ def test_kernel_matches_reference(surrogate, K, weighting, C, N, B, dtype):
 @pytest.mark.parametrize("N, K", [(127, 1), (1000, 51), (65536, 1)], ids=["N127-K1", "N1000-K51", "N65536-K1"])
 def test_kernel_draws_follow_the_priorities(N, K):
     C = 2  # two rows, two streams of uniforms
-    surrogate = S.CATEGORICAL if K > 1 else S.PRIORITY
-    pred, target = make_inputs(surrogate, C, N, K, torch.float32, seed=1)
+    loss = L.CATEGORICAL if K > 1 else L.PRIORITY
+    pred, target, _ = make_inputs(loss, C, N, K, torch.float32, seed=1)
     B = 10_000
-    index, _, priority = run(pred, target, fresh_state(3), B, surrogate, W.MEAN)
+    index, _, priority = run(pred, target, fresh_state(3), B, loss, W.MEAN)
     for c in range(C):
         assert coarse_chi_square_pvalue(index[c], priority[c]) > ALPHA
 
@@ -181,7 +197,7 @@ def test_draws_resolve_small_items_behind_a_large_prefix():
     N, B = 2**20, 8192
     p = torch.ones(1, N, 1)
     p[:, N // 2:] = 2.0**-6
-    index, _, _ = run(p.to(DEVICE), p.to(DEVICE), fresh_state(7), B, S.PRIORITY, W.MEAN)
+    index, _, _ = run(p.to(DEVICE), p.to(DEVICE), fresh_state(7), B, L.PRIORITY, W.MEAN)
     index = index[0].cpu()
     light = index >= N // 2
     counts = torch.cat([(~light).sum().view(1), torch.bincount(index[light] % 4, minlength=4)]).double()
@@ -202,9 +218,9 @@ def test_effective_probabilities_at_4m_are_within_2_to_the_minus_47():
     p[0, N // 2:N // 2 + 4096] *= 2.0**-10  # light items behind half the mass
     p[0, 3 * N // 4:3 * N // 4 + 64] = 0.0  # zero-mass chunks
     p = p.to(DEVICE)
-    blocks = block_sizes(N, 1, 1, S.PRIORITY)
-    buffers = poisoned_buffers(p, 1, S.PRIORITY)
-    launch_laber(p, p, fresh_state(0), 1, S.PRIORITY, W.MEAN, 0.0, 1.0, buffers=buffers)
+    blocks = block_sizes(N, 1, 1, L.PRIORITY)
+    buffers = poisoned_buffers(p, 1, L.PRIORITY)
+    launch_laber(p, p, None, fresh_state(0), 1, L.PRIORITY, W.MEAN, 0.0, 1.0, buffers=buffers)
     priority = buffers.priority[0]
     n_tiles = triton.cdiv(N, blocks["BLOCK_N"])
     tile_prefix = buffers.scratch[0, n_tiles * (blocks["BLOCK_N"] // blocks["CHUNK"]):][:n_tiles]
@@ -240,7 +256,7 @@ def test_effective_probabilities_at_4m_are_within_2_to_the_minus_47():
 def test_all_zero_row_is_uniform_with_unit_weight():
     p = torch.zeros(2, 40, 1, device=DEVICE)
     p[1, 5] = 2.0
-    index, weight, _ = run(p, p, fresh_state(4), 8000, S.PRIORITY, W.MEAN)
+    index, weight, _ = run(p, p, fresh_state(4), 8000, L.PRIORITY, W.MEAN)
     assert (weight[0] == 1).all() and (index[1] == 5).all()
     torch.testing.assert_close(weight[1], torch.full_like(weight[1], (2.0 / 40) / 2.0))
     counts = torch.bincount(index[0].cpu(), minlength=40).double().numpy()
@@ -252,16 +268,16 @@ def test_state_advances_and_generators_reproduce(N):
     """The counter advances by C * B per call and every ticket is back to 0, however many rows share
     an arrival slot (the draws do not depend on it)."""
     C, B = 3, 50
-    pred, target = make_inputs(S.L2, C, N, 1, torch.float32)
+    pred, target, _ = make_inputs(L.L2, C, N, 1, torch.float32)
     state = torch.tensor([1234] + [0] * (2 + laber.RNG_SLOTS), device=DEVICE)
-    first = run(pred, target, state, B, S.L2, W.MEAN)
+    first = run(pred, target, state, B, L.L2, W.MEAN)
     assert state[1].item() == C * B and (state[2:] == 0).all()
-    second = run(pred, target, state, B, S.L2, W.MEAN)
+    second = run(pred, target, state, B, L.L2, W.MEAN)
     assert state[1].item() == 2 * C * B and (state[2:] == 0).all()
     assert not torch.equal(first[0], second[0])
-    a = run(pred, target, fresh_state(9), B, S.L2, W.MAX)
+    a = run(pred, target, fresh_state(9), B, L.L2, W.MAX)
     one_slot = fresh_state(9, slots=1)  # all three rows complete in the last of their 3 * T programs
-    b = run(pred, target, one_slot, B, S.L2, W.MAX)
+    b = run(pred, target, one_slot, B, L.L2, W.MAX)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert one_slot[1].item() == C * B and (one_slot[2:] == 0).all()
 
@@ -275,9 +291,9 @@ def test_rows_of_several_tiles_spread_over_programs():
             grids.append(grid)
             return laber.laber_fused_kernel[grid]
 
-    pred, target = make_inputs(S.PRIORITY, 2, 65537, 1, torch.float32)
-    run(pred, target, fresh_state(5), 8, S.PRIORITY, W.MEAN, kernel=Recording())
-    assert block_sizes(65537, 1, 8, S.PRIORITY)["BLOCK_N"] == 4096 and grids == [(2 * 17,)]
+    pred, target, _ = make_inputs(L.PRIORITY, 2, 65537, 1, torch.float32)
+    run(pred, target, fresh_state(5), 8, L.PRIORITY, W.MEAN, kernel=Recording())
+    assert block_sizes(65537, 1, 8, L.PRIORITY)["BLOCK_N"] == 4096 and grids == [(2 * 17,)]
 
 
 def test_unbiased_mean_weights():
@@ -286,7 +302,7 @@ def test_unbiased_mean_weights():
     N, B, reps = 128, 32, 300
     g = torch.randn(N, generator=torch.Generator().manual_seed(5)).to(DEVICE) * 3 + 1
     p = (g.abs() + 0.1).view(1, N, 1)
-    index, weight, _ = run(p, p, fresh_state(6), reps * B, S.PRIORITY, W.MEAN)
+    index, weight, _ = run(p, p, fresh_state(6), reps * B, L.PRIORITY, W.MEAN)
     estimates = (weight * g[index]).view(reps, B).mean(-1).double()
     z = (estimates.mean() - g.double().mean()) / (estimates.std() / math.sqrt(reps))
     assert abs(z.item()) < stats.norm.isf(ALPHA / 2)

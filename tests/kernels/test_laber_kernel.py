@@ -28,6 +28,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from torchsample.codes import LossKind as L  # noqa: E402
 from torchsample.codes import Surrogate as S  # noqa: E402
 from torchsample.codes import Weighting as W  # noqa: E402
 from torchsample.kernels.laber import block_sizes, laber_fused_kernel, new_rng_state  # noqa: E402
@@ -63,30 +64,35 @@ def test_kernel_on_cuda_matches_reference():
 # Ahead-of-time compilation, and what its PTX shows
 
 SIGNATURE = {
-    "pred_ptr": "*fp32", "target_ptr": "*fp32", "priority_ptr": "*fp32", "scratch_ptr": "*fp64", "index_ptr": "*i64",
-    "weight_ptr": "*fp32", "state_ptr": "*i64", "C": "i32", "N": "i32", "K": "i32", "B": "i32", "n_tiles": "i32",
-    "n_slots": "i32", "eps": "fp32", "huber_delta": "fp32", "tile_steps": "i32", "stride_pc": "i64", "stride_pn": "i64",
-    "stride_pk": "i64", "stride_tc": "i64", "stride_tn": "i64", "stride_tk": "i64", "SURROGATE": "constexpr",
-    "WEIGHTING": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "CHUNK": "constexpr",
-    "BLOCK_B": "constexpr", "BLOCK_T": "constexpr",
+    "pred_ptr": "*fp32", "target_ptr": "*fp32", "h_ptr": "*fp32", "priority_ptr": "*fp32", "scratch_ptr": "*fp64",
+    "index_ptr": "*i64", "weight_ptr": "*fp32", "state_ptr": "*i64", "C": "i32", "N": "i32", "K": "i32", "D": "i32",
+    "B": "i32", "n_tiles": "i32", "n_slots": "i32", "eps": "fp32", "huber_delta": "fp32", "tile_steps": "i32",
+    "stride_pc": "i64", "stride_pn": "i64", "stride_pk": "i64", "stride_tc": "i64", "stride_tn": "i64",
+    "stride_tk": "i64", "stride_hc": "i64", "stride_hn": "i64", "stride_hd": "i64", "LOSS": "constexpr",
+    "SURROGATE": "constexpr", "WEIGHTING": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+    "BLOCK_D": "constexpr", "CHUNK": "constexpr", "BLOCK_B": "constexpr", "BLOCK_T": "constexpr",
 }
 PARAM = {name: i for i, name in enumerate(SIGNATURE)}
-# Every branch of both constexprs at least once, both warp counts, full tiles and partial ones,
-# low-precision inputs on two of them.
+# Every branch of the three constexprs at least once, both warp counts, full tiles and partial ones,
+# low-precision inputs on three of them; the last-layer rung (D features a row) on a scalar loss and
+# on the categorical one (the MinAtar network's D = 128, a MuJoCo critic's 256).
 VARIANTS = [
-    pytest.param(S.PRIORITY, W.MEAN, 1, 100_000, 32, "fp32", id="priority-mean-N100000-fp32"),
-    pytest.param(S.L2, W.LAZY, 1, 1000, 32, "fp16", id="l2-lazy-N1000-fp16"),
-    pytest.param(S.HUBER, W.MAX, 1, 1000, 4096, "fp32", id="huber-max-B4096-fp32"),
-    pytest.param(S.CATEGORICAL, W.MEAN, 51, 1000, 32, "bf16", id="categorical-mean-K51-bf16"),
+    pytest.param(L.PRIORITY, W.MEAN, 1, 100_000, 32, "fp32", 0, id="priority-mean-N100000-fp32"),
+    pytest.param(L.L2, W.LAZY, 1, 1000, 32, "fp16", 0, id="l2-lazy-N1000-fp16"),
+    pytest.param(L.HUBER, W.MAX, 1, 1000, 4096, "fp32", 0, id="huber-max-B4096-fp32"),
+    pytest.param(L.CATEGORICAL, W.MEAN, 51, 1000, 32, "bf16", 0, id="categorical-mean-K51-bf16"),
+    pytest.param(L.HUBER, W.MEAN, 1, 100_000, 256, "bf16", 256, id="last-layer-huber-mean-D256-bf16"),
+    pytest.param(L.CATEGORICAL, W.MAX, 51, 1000, 32, "fp32", 128, id="last-layer-categorical-max-K51-D128-fp32"),
 ]
 
 
 @functools.cache
-def compile_for(arch: int, surrogate: int, weighting: int, K: int, N: int, B: int, dtype: str):
-    signature = {**SIGNATURE, "pred_ptr": f"*{dtype}", "target_ptr": f"*{dtype}"}
-    blocks = block_sizes(N, K, B, surrogate)
+def compile_for(arch: int, loss: int, weighting: int, K: int, N: int, B: int, dtype: str, D: int):
+    signature = {**SIGNATURE, "pred_ptr": f"*{dtype}", "target_ptr": f"*{dtype}", "h_ptr": f"*{dtype}"}
+    blocks = block_sizes(N, K, B, loss, D)
     num_warps = blocks.pop("num_warps")
-    constexprs = {"SURROGATE": int(surrogate), "WEIGHTING": int(weighting), **blocks}
+    surrogate = S.LAST_LAYER if D else S.OUTPUT
+    constexprs = {"LOSS": int(loss), "SURROGATE": int(surrogate), "WEIGHTING": int(weighting), **blocks}
     return triton.compile(ASTSource(fn=laber_fused_kernel, signature=signature, constexprs=constexprs),
                           target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 
@@ -98,10 +104,10 @@ def skip_if_interpreted():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", [80, 90], ids=["sm80", "sm90"])
-@pytest.mark.parametrize("surrogate, weighting, K, N, B, dtype", VARIANTS)
-def test_kernel_compiles_ahead_of_time(arch, surrogate, weighting, K, N, B, dtype):
+@pytest.mark.parametrize("loss, weighting, K, N, B, dtype, D", VARIANTS)
+def test_kernel_compiles_ahead_of_time(arch, loss, weighting, K, N, B, dtype, D):
     skip_if_interpreted()
-    compiled = compile_for(arch, surrogate, weighting, K, N, B, dtype)
+    compiled = compile_for(arch, loss, weighting, K, N, B, dtype, D)
     assert f".target sm_{arch}" in compiled.asm["ptx"]
     assert len(compiled.asm["cubin"]) > 1000
 
@@ -162,8 +168,8 @@ def unsynced_reloads(ptx: str, buffers: set) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("surrogate, weighting, K, N, B, dtype", VARIANTS)
-def test_sm90_ptx_orders_memory(surrogate, weighting, K, N, B, dtype):
+@pytest.mark.parametrize("loss, weighting, K, N, B, dtype, D", VARIANTS)
+def test_sm90_ptx_orders_memory(loss, weighting, K, N, B, dtype, D):
     """Issue 10, items 1, 2 and 6, read in the sm_90 PTX.
 
     1. Mean and lazy weights come from registers: nothing loads the index or weight outputs back;
@@ -175,7 +181,7 @@ def test_sm90_ptx_orders_memory(surrogate, weighting, K, N, B, dtype):
        what other programs wrote (every thread's loads come after the acquire).
     """
     skip_if_interpreted()
-    ptx = compile_for(90, surrogate, weighting, K, N, B, dtype).asm["ptx"]
+    ptx = compile_for(90, loss, weighting, K, N, B, dtype, D).asm["ptx"]
     outputs = {PARAM["priority_ptr"], PARAM["scratch_ptr"], PARAM["index_ptr"], PARAM["weight_ptr"]}
     assert unsynced_reloads(ptx, outputs) == []
     accesses = global_accesses(ptx)
@@ -198,7 +204,7 @@ def test_sm90_ptx_orders_memory(surrogate, weighting, K, N, B, dtype):
 
 
 @pytest.mark.parametrize("state", ["default", "explicit"])
-@pytest.mark.parametrize("op", ["downsample", "select-huber", "select-categorical"])
+@pytest.mark.parametrize("op", ["downsample", "select-huber", "select-categorical", "select-last-layer"])
 def test_cuda_dispatch_is_one_fused_op(op, state, monkeypatch):
     """The CUDA path of the public ops is a single ``torchsample::laber_fused`` call, with a fake
     implementation that gives the right shapes, on the caller's ``rng_state`` if given (else the
@@ -215,19 +221,23 @@ def test_cuda_dispatch_is_one_fused_op(op, state, monkeypatch):
         kwargs = {"rng_state": rng_state} if state == "explicit" else {}
         if op == "downsample":
             out = laber_downsample(x, 32, weighting="max", **kwargs)
+        elif op == "select-last-layer":
+            out = laber_select(x, y, 32, loss="huber", surrogate="last-layer", features=h, **kwargs)
         else:
-            out = laber_select(x, y, 32, surrogate=op.split("-")[1], **kwargs)
+            out = laber_select(x, y, 32, loss=op.split("-")[1], **kwargs)
         return out.index, out.weight, out.priority
 
     shape = (2, 128, 51) if op == "select-categorical" else (2, 128)
     with FakeTensorMode():
         x, y = torch.empty(shape, device="cuda"), torch.empty(shape, device="cuda")
+        h = torch.empty(2, 128, 64, device="cuda", dtype=torch.bfloat16)
         rng_state = torch.empty(3 + 64, dtype=torch.int64, device="cuda")
         graph = make_fx(fn)(x, y, rng_state)
         index, weight, priority = graph(x, y, rng_state)
     calls = [n for n in graph.graph.nodes if n.op == "call_function"]
     fused = [n for n in calls if n.target == torch.ops.torchsample.laber_fused.default]
-    assert len(fused) == 1 and fused[0].args[2].name == list(graph.graph.nodes)[2].name  # the state given
+    assert len(fused) == 1 and fused[0].args[3].name == list(graph.graph.nodes)[2].name  # the state given
+    assert (fused[0].args[2] is None) == (op != "select-last-layer")  # the features, for the last-layer rung
     assert not [n for n in calls if "multinomial" in str(n.target) or "cumsum" in str(n.target)]
     assert index.shape == weight.shape == (2, 32) and index.dtype == torch.int64 and priority.shape == (2, 128)
 
