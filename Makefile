@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo compare bench bench-full bench-kernel gpu-check compat clean
+.PHONY: install test demo compare small-batch bench bench-full bench-kernel gpu-check compat clean
 
 # pyproject.toml states the supported ranges; CI installs the one combination it tests.
 $(STAMP): pyproject.toml constraints/ci.txt
@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml constraints/ci.txt
 
 install: $(STAMP)
 
+# Two workers (pytest-xdist); loadgroup keeps the Ray tests in one worker (one cluster at a time).
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup
 
 demo: $(STAMP)
 	$(PY) -m agents.compare --algo dqn --env-id CartPole-v1 \
@@ -32,6 +33,15 @@ compare: $(STAMP)
 		--extra="--exploration-steps 20000 --eval-every 5000" --out runs/compare/dqn-breakout
 	$(COMPARE) --algo sac --env-id Pendulum-v1 --total-steps 8000 --extra="--eval-every 1000" --out runs/compare/sac-pendulum
 	$(COMPARE) --algo td3 --env-id Pendulum-v1 --total-steps 8000 --extra="--eval-every 1000" --out runs/compare/td3-pendulum
+
+# The small-batch study (README): uniform against laber-mean at batch sizes 8 to 128, the same number of
+# gradient steps at every size; MinAtar cut as in `compare`. Not measured as a whole yet: from `compare`'s
+# run times, expect several hours on 2 cores.
+SMALL_BATCH := $(PY) -m agents.compare --algo dqn --samplers uniform laber-mean --seeds 0 1 2 --batch-sizes 8 16 32 64 128
+small-batch: $(STAMP)
+	$(SMALL_BATCH) --env-id CartPole-v1 --out runs/small-batch/cartpole
+	$(SMALL_BATCH) --env-id MinAtar/Breakout-v1 --total-steps 40000 \
+		--extra="--exploration-steps 20000 --eval-every 5000" --out runs/small-batch/breakout
 
 bench: $(STAMP)
 	$(PY) perf/bench_downsample.py --quick

@@ -23,7 +23,9 @@ from tensordict import TensorDict
 from torchrl.data import LazyTensorStorage, PrioritizedSampler, RandomSampler, TensorDictReplayBuffer
 from tqdm import tqdm
 
-from torchsample import LaBER
+from torchsample import LaBER, grad_norm_scores
+from torchsample.diagnostics import critic_diagnostics
+from torchsample.lfiw import LFIW, FastSlowReplay, RatioNetwork
 
 C = TypeVar("C")
 
@@ -50,6 +52,14 @@ class RunOptions:
     """continue from <out>/checkpoint exactly where it stopped (buffer, optimizer, sampler, RNGs)"""
     progress: bool = True
     """show a progress bar"""
+    diagnostics_every: int = 0
+    """steps between diagnostics of the critic on m * batch-size rows drawn uniformly from the buffer, to
+    <out>/diagnostics.csv: App. H's total variation of each surrogate (and uniform) to the exact gradient
+    norms', App. C's second moments, the gradient norm and variance, srank, dormant fraction
+    (torchsample.diagnostics.critic_diagnostics; costs a backward per row-batch, so steps/s drops; 0: off)"""
+    logger: Literal["csv", "tensorboard", "wandb"] = "csv"
+    """TorchRL logger that also receives every scalar, under <out>/<logger>/ (wandb offline, no network);
+    <out>/train.csv and <out>/eval.csv are written whichever is chosen"""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -65,12 +75,18 @@ def seed_everything(seed: int) -> None:
 
 
 def make_env(env_id: str, seed: int) -> gym.Env:
-    """A gymnasium env; ``MinAtar/*`` ids are registered on demand."""
-    if env_id.startswith("MinAtar/"):
-        import minatar.gym
+    """A gymnasium env; ``MinAtar/*`` ids are registered on demand, ``ALE/*`` ids come preprocessed
+    (``agents.atari.make_atari_env``: 84x84 grey, 4 frames, frame skip 4, sticky actions)."""
+    if env_id.startswith("ALE/"):
+        from agents.atari import make_atari_env
 
-        minatar.gym.register_envs()
-    env = gym.make(env_id)
+        env = make_atari_env(env_id)
+    else:
+        if env_id.startswith("MinAtar/"):
+            import minatar.gym
+
+            minatar.gym.register_envs()
+        env = gym.make(env_id)
     env.reset(seed=seed)
     env.action_space.seed(seed)
     return env
@@ -115,6 +131,12 @@ class SamplerSpec:
     """the buffer draws ``m * B`` rows (else ``B``)"""
     weighting: Optional[str] = None
     """LaBER down-samples the large batch to ``B`` rows with these weights (None: no down-sample)"""
+    priority: Literal["td", "exact"] = "td"
+    """with ``prioritized``: PER's ``|TD|`` (the loss's ``"td_error"``), or GER's exact per-sample gradient
+    norm over the critic's parameters (:func:`torchsample.grad_norm_scores`), of the rows each update used"""
+    lfiw: bool = False
+    """LFIW (Sinha et al.): a fast and a slow buffer, the slow rows weighted by a learned density ratio
+    before any down-sample; actor-critic agents only (SAC, TD3), as in the paper"""
 
 
 SAMPLERS = {
@@ -124,6 +146,15 @@ SAMPLERS = {
     "laber-lazy": SamplerSpec(prioritized=False, large=True, weighting="lazy"),
     "laber-max": SamplerSpec(prioritized=False, large=True, weighting="max"),
     "large-batch": SamplerSpec(prioritized=False, large=True),  # the LaBER paper's fairness baseline
+    # PER-LaBER (the LaBER paper's): PER draws the large batch, LaBER keeps B, the weights multiply.
+    "per-laber-mean": SamplerSpec(prioritized=True, large=True, weighting="mean"),
+    # GER (the LaBER paper's): PER with exact per-sample gradient norms as priorities; GER-LaBER: GER
+    # draws the large batch, LaBER keeps B (exact-gradient LaBER is laber-mean with --surrogate exact).
+    "ger": SamplerSpec(prioritized=True, large=False, priority="exact"),
+    "ger-laber-mean": SamplerSpec(prioritized=True, large=True, weighting="mean", priority="exact"),
+    "lfiw": SamplerSpec(prioritized=False, large=False, lfiw=True),
+    # LFIW weighs the large slow batch (its normaliser a mean over D_s), then LaBER keeps B: docs/lfiw.md.
+    "lfiw-laber-mean": SamplerSpec(prioritized=False, large=True, weighting="mean", lfiw=True),
 }
 # The agents' --sampler choices, SAMPLERS' names (tyro lists a Literal's values in --help).
 SamplerName = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
@@ -137,6 +168,8 @@ def make_buffer(sampler: str, *, buffer_size: int, batch_size: int, m: int, devi
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {sampler!r}")
     spec = SAMPLERS[sampler]
+    if spec.lfiw:
+        raise ValueError(f"{sampler!r} keeps two buffers, a fast and a slow one: Replay builds them (FastSlowReplay)")
     inner = PrioritizedSampler(buffer_size, alpha=per_alpha, beta=per_beta) if spec.prioritized else RandomSampler()
     return TensorDictReplayBuffer(storage=LazyTensorStorage(buffer_size, device=device), sampler=inner,
                                   batch_size=m * batch_size if spec.large else batch_size)
@@ -149,8 +182,27 @@ class Replay:
     * ``sample(progress)``: the buffer's draw, ``B`` or ``m * B`` rows; PER's importance exponent
       ``beta`` is annealed linearly from ``per_beta`` to 1 over ``progress`` in [0, 1] (Schaul et al.);
     * ``downsample(batch)``, inside the update: LaBER keeps ``B`` of the ``m * B`` rows, scored with
-      ``loss_module``'s own networks (the other samplers pass the batch through);
-    * ``after_update(batch)``: PER's new priorities, the ``"td_error"`` the loss wrote.
+      ``loss_module``'s own networks (the other samplers pass the batch through); rows that carry a
+      ``"priority_weight"`` (PER's, LFIW's) keep it multiplied into LaBER's;
+    * ``after_update(batch)``: PER's new priorities, the ``"td_error"`` the loss (or LaBER) wrote for
+      the rows the update used; GER's, their exact per-sample gradient norms after the update
+      (``sqrt(sum_c n_c^2)`` over twin critics: the norm over both critics' parameters);
+    * ``diagnostics()``: :func:`torchsample.diagnostics.critic_diagnostics` on ``m * B`` rows drawn
+      uniformly from the buffer (the same rows whatever the sampler), ``{}`` before the first update.
+
+    ``surrogate`` is the LaBER samplers' rung: ``"output"`` (the paper's), ``"last-layer"`` or
+    ``"exact"`` (exact-gradient LaBER).
+
+    LFIW (``lfiw``, ``lfiw-laber-mean``; Sinha et al., Algorithm 1; ``docs/lfiw.md``): every
+    transition goes to a fast buffer (the latest ``lfiw_fast_size``) and to the slow one (``buffer``,
+    ``buffer_size``). Once the slow buffer holds more than ``lfiw_fast_size`` rows, ``sample`` first
+    trains the ratio network one step on ``B`` slow rows against ``B`` fast rows (Eq. 10), then
+    writes the self-normalised weights ``w~`` (Eq. 11) of the slow rows it returns (all ``m * B``
+    of them before LaBER's down-sample) into ``"priority_weight"``, which weighs the critics' TD
+    loss (Eq. 12); before that, weight 1. ``lfiw_stats()`` gives what to log of the ratio, and
+    ``checkpoint_modules()`` what a checkpoint must keep besides ``buffer``. Only actor-critic
+    losses (SAC, TD3: the paper's) are accepted; ``ratio_features`` is the width of
+    ``cat(observation, action)``.
 
     A new sampler is a new :data:`SAMPLERS` entry (``--sampler`` offers every name there).
 
@@ -165,28 +217,100 @@ class Replay:
     """
 
     def __init__(self, sampler: str, loss_module, *, buffer_size: int, batch_size: int, m: int, device: torch.device,
-                 critics: str = "independent", per_alpha: float = 0.6, per_beta: float = 0.4) -> None:
-        self.buffer = make_buffer(sampler, buffer_size=buffer_size, batch_size=batch_size, m=m, device=device,
-                                  per_alpha=per_alpha, per_beta=per_beta)
-        self.spec, self.per_beta = SAMPLERS[sampler], per_beta
+                 critics: str = "independent", surrogate: str = "output", per_alpha: float = 0.6,
+                 per_beta: float = 0.4, ratio_features: Optional[int] = None, lfiw_fast_size: int = 10_000, lfiw_temperature: float = 5.0,
+                 lfiw_f: str = "js") -> None:
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {sampler!r}")
+        self.spec, self.per_beta, self.batch_size, self.m = SAMPLERS[sampler], per_beta, batch_size, m
+        self.loss_module, self.updates = loss_module, 0
+        self.lfiw = self.fast_slow = self.ratio_loss = self.weighted = None
+        if self.spec.lfiw:
+            if not hasattr(loss_module, "actor_network"):
+                raise ValueError(
+                    f"--sampler {sampler}: LFIW re-weights the critic of an actor-critic agent (SAC, TD3, as in "
+                    f"Sinha et al.); {type(loss_module).__name__} has no actor. Use it with agents.sac or agents.td3")
+            if ratio_features is None:
+                raise ValueError(f"--sampler {sampler} needs ratio_features, the width of cat(observation, action)")
+            self.fast_slow = FastSlowReplay(lfiw_fast_size, buffer_size, device=device)
+            self.buffer = self.fast_slow.slow  # the checkpoint's buffer; the fast one is in checkpoint_modules()
+            # threshold: LFIW's default, the fast buffer's size (before it the two buffers hold the same rows)
+            self.lfiw = LFIW(RatioNetwork(ratio_features).to(device), replay=self.fast_slow, f=lfiw_f,
+                             temperature=lfiw_temperature)
+            self.rows = m * batch_size if self.spec.large else batch_size
+        else:
+            self.buffer = make_buffer(sampler, buffer_size=buffer_size, batch_size=batch_size, m=m, device=device,
+                                      per_alpha=per_alpha, per_beta=per_beta)
         # critics: LaBER with twin critics, one down-sample per critic ("independent") or one shared ("joint").
-        self.laber = (LaBER(loss_module, batch_size=batch_size, weighting=self.spec.weighting, critics=critics)
-                      if self.spec.weighting is not None else None)
+        self.laber = (LaBER(loss_module, batch_size=batch_size, weighting=self.spec.weighting, critics=critics,
+                            surrogate=surrogate) if self.spec.weighting is not None else None)
 
     def add(self, transition: TensorDict) -> None:
-        self.buffer.add(transition)
+        (self.buffer if self.fast_slow is None else self.fast_slow).add(transition)
 
     def sample(self, progress: float) -> TensorDict:
+        if self.lfiw is not None:
+            return self._lfiw_sample()
         if self.spec.prioritized:
             self.buffer.sampler.beta = self.per_beta + (1.0 - self.per_beta) * min(max(progress, 0.0), 1.0)
         return self.buffer.sample()
+
+    def _lfiw_sample(self) -> TensorDict:
+        # Algorithm 1: past the threshold, w_psi takes a step (Eq. 10) before it weighs the critics' rows.
+        if self.lfiw.active:
+            self.ratio_loss = self.lfiw.update(self.fast_slow.sample_slow(self.batch_size),
+                                               self.fast_slow.sample_fast(self.batch_size))
+        # w~ is normalised over these rows, a uniform sample of D_s: the large batch, before LaBER's down-sample.
+        self.weighted = self.lfiw(self.fast_slow.sample_slow(self.rows))
+        return self.weighted
 
     def downsample(self, batch: TensorDict) -> TensorDict:
         return batch if self.laber is None else self.laber(batch)
 
     def after_update(self, batch: TensorDict) -> None:
-        if self.spec.prioritized:
-            self.buffer.update_priority(batch["index"], batch["td_error"])
+        self.updates += 1
+        if not self.spec.prioritized:
+            return
+        # Flat: PER-LaBER's twin-critic batches are [B, 1 + C], one storage index per priority, and
+        # TorchRL reads a 2-D index as one into a multi-dimensional storage.
+        rows = batch.reshape(-1)
+        if self.spec.priority == "exact":
+            norms = grad_norm_scores(self.loss_module, rows, "exact")
+            priority = norms if norms.dim() == 1 else norms.square().sum(0).sqrt()
+        else:
+            priority = rows["td_error"]
+        self.buffer.update_priority(rows["index"], priority.reshape(-1))
+
+    def diagnostics(self) -> dict[str, float]:
+        """:func:`torchsample.diagnostics.critic_diagnostics` of the loss's critic on ``m * B`` rows drawn
+        uniformly from the (slow) buffer; ``{}`` before the first update."""
+        if self.updates == 0 or self.loss_module is None:
+            return {}
+        storage = self.buffer.storage
+        # On a forked RNG: a run with diagnostics draws the same actions and batches as one without.
+        devices = [storage.device] if storage.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            index = torch.randint(len(storage), (self.m * self.batch_size,))
+            rows = storage[index].set("index", index.to(storage.device))
+            # The buffer's own sample transform, as for a training batch (Atari re-stacks its frames there).
+            return critic_diagnostics(self.loss_module, self.buffer.transform(rows), self.batch_size)
+
+    def lfiw_stats(self) -> dict[str, float]:
+        """The ratio network's mean, std and ESS (:func:`torchsample.lfiw.ratio_stats`) on the last
+        weighted slow batch (the large one with LaBER), its last loss (Eq. 10; minus it bounds
+        ``D_f(fast || slow)`` from below) and the slow buffer's size; ``{}`` without LFIW or before
+        the threshold, when no weighting happens."""
+        if self.lfiw is None or not self.lfiw.active or self.ratio_loss is None:
+            return {}
+        stats = {key: value.item() for key, value in self.lfiw.stats(self.weighted).items()}
+        return {**stats, "ratio_loss": self.ratio_loss.item(), "slow_size": len(self.fast_slow.slow)}
+
+    def checkpoint_modules(self) -> dict:
+        """What a checkpoint keeps besides ``buffer`` (as objects with ``state_dict``): with LFIW the
+        ratio network, its optimiser and the fast buffer (small: ``lfiw_fast_size`` rows)."""
+        if self.lfiw is None:
+            return {}
+        return {"lfiw": self.lfiw, "lfiw_optimizer": self.lfiw.optimizer, "lfiw_fast_buffer": self.fast_slow.fast}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,19 +337,52 @@ def evaluate(env_id: str, policy: Callable[[np.ndarray], np.ndarray], episodes: 
 # Logging
 
 
-class Logger:
-    """Appends rows to ``<run_dir>/<name>.csv`` (and TensorBoard when it is installed)."""
+def make_torchrl_logger(kind: str, log_dir: Path, exp_name: str):
+    """TorchRL's ``CSVLogger``, ``TensorboardLogger`` or ``WandbLogger`` (``kind``) writing under ``log_dir``.
 
-    def __init__(self, run_dir: Path, config) -> None:
+    wandb runs offline: ``WANDB_MODE=offline`` is set before ``wandb.init`` reads it, so no login and
+    no network; ``wandb sync <log_dir>/wandb/offline-run-*`` uploads the run later.
+    """
+    from torchrl.record.loggers import CSVLogger, TensorboardLogger, WandbLogger
+
+    if kind == "csv":
+        return CSVLogger(exp_name, log_dir=str(log_dir))
+    if kind == "tensorboard":
+        return TensorboardLogger(exp_name, log_dir=str(log_dir))
+    if kind == "wandb":
+        os.environ["WANDB_MODE"] = "offline"
+        return WandbLogger(exp_name, offline=True, save_dir=str(log_dir), project="torchsample", mode="offline",
+                           log_env_packages=False)
+    raise ValueError(f"logger must be one of csv, tensorboard, wandb, got {kind!r}")
+
+
+class Logger:
+    """Appends rows to ``<run_dir>/<name>.csv`` and sends the same scalars to TorchRL's logger
+    ``config.logger`` (``"<name>/<key>"`` at ``step``), under ``<run_dir>/<config.logger>/``.
+
+    The wide CSV files (one row per call, columns ``step,<key>,...``) are what ``agents.compare``
+    reads; TorchRL's ``CSVLogger`` writes one two-column file per scalar without a header, so it is
+    the extra sink here, not a replacement.
+
+    Examples:
+        >>> import tempfile
+        >>> run_dir = Path(tempfile.mkdtemp())
+        >>> logger = Logger(run_dir, RunOptions(logger="csv"), exp_name="demo")
+        >>> logger.log("eval", 100, eval_return=1.5)
+        >>> logger.close()
+        >>> (run_dir / "eval.csv").read_text().splitlines()
+        ['step,eval_return', '100,1.5']
+        >>> (run_dir / "csv" / "demo" / "scalars" / "eval" / "eval_return.csv").read_text().splitlines()
+        ['100,1.5']
+    """
+
+    def __init__(self, run_dir: Path, config, exp_name: str = "run") -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.txt").write_text("\n".join(f"{k}={v}" for k, v in asdict(config).items()) + "\n")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(self.run_dir / "tb"))
-        except Exception:  # tensorboard is optional
-            self.tb = None
+        self.sink = make_torchrl_logger(config.logger, self.run_dir / config.logger, exp_name)
+        if config.logger == "wandb":  # the run's config beside its curves on the dashboard
+            self.sink.log_hparams({k: str(v) for k, v in asdict(config).items()})
 
     def log(self, name: str, step: int, **values: float) -> None:
         path = self.run_dir / f"{name}.csv"
@@ -235,9 +392,11 @@ class Logger:
             if new:
                 writer.writerow(["step", *values])
             writer.writerow([step, *values.values()])
-        if self.tb is not None:
-            for key, value in values.items():
-                self.tb.add_scalar(f"{name}/{key}", value, step)
+        self.sink.log_metrics({f"{name}/{key}": float(value) for key, value in values.items()}, step=step)
+
+    def close(self) -> None:
+        """Flush and close the TorchRL logger (wandb: finish the offline run)."""
+        self.sink.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,9 +562,12 @@ class TrainingLoop:
     """
 
     def __init__(self, cfg, name: str, env: gym.Env, buffer: TensorDictReplayBuffer, state: dict,
-                 policy: Callable[[np.ndarray], np.ndarray], *, burn_in: int, bar_every: int, recent: int) -> None:
+                 policy: Callable[[np.ndarray], np.ndarray], *, burn_in: int, bar_every: int, recent: int,
+                 diagnose: Optional[Callable[[], dict]] = None) -> None:
         self.cfg, self.policy, self.bar_every, self.recent = cfg, policy, bar_every, recent
-        self.logger = Logger(cfg.out, cfg)
+        self.diagnose = diagnose  # Replay.diagnostics, every cfg.diagnostics_every steps
+        run_name = f"{name}-{cfg.sampler}-{cfg.env_id.replace('/', '-')}-seed{cfg.seed}"
+        self.logger = Logger(cfg.out, cfg, exp_name=run_name)
         self.checkpoints = Checkpointer(cfg, cfg.out, state, buffer, cfg.total_steps)
         start_step, self.env, saved = self.checkpoints.resume(env, cfg.seed)
         self.obs, self.episode_return, self.episode_returns = saved["obs"], saved["episode_return"], saved["episode_returns"]
@@ -435,6 +597,10 @@ class TrainingLoop:
             self.last_eval = evaluate(cfg.env_id, self.policy, cfg.eval_episodes, seed=10_000 + cfg.seed)
             self.logger.log("eval", step + 1, eval_return=self.last_eval, wall_time=time.time() - self.t_start,
                             steps_per_s=self.timer.rate(step))
+        if self.diagnose is not None and cfg.diagnostics_every > 0 and (step + 1) % cfg.diagnostics_every == 0:
+            values = self.diagnose()
+            if values:
+                self.logger.log("diagnostics", step + 1, **values)
         if self.checkpoints.after_step(step + 1, self.env, obs=obs, episode_return=self.episode_return,
                                        episode_returns=self.episode_returns):
             self.stopped_at = step + 1
@@ -449,6 +615,7 @@ class TrainingLoop:
         """``{"final_eval", "wall_time"}``, and ``"stopped_at"`` when ``--stop-after`` ended the run."""
         self.bar.close()
         self.env.close()
+        self.logger.close()
         result = {"final_eval": self.last_eval, "wall_time": time.time() - self.t_start}
         return result if self.stopped_at is None else {**result, "stopped_at": self.stopped_at}
 

@@ -1,4 +1,4 @@
-"""TD3 (Fujimoto et al., 2018) with a choice of replay sampler: uniform, PER, LaBER or a large batch.
+"""TD3 (Fujimoto et al., 2018) with a choice of replay sampler: uniform, PER, LaBER, LFIW or a large batch.
 
 One file, top to bottom: config, networks, loss, sampler, update, loop. A deterministic tanh actor
 explores with Gaussian noise; TorchRL's ``TD3Loss`` trains twin critics on a target smoothed with
@@ -39,9 +39,15 @@ class Config(RunOptions):
     env_id: str = "Pendulum-v1"
     """gymnasium id with a Box action space: Pendulum-v1, HalfCheetah-v5, Hopper-v5, ..."""
     sampler: SamplerName = "laber-mean"
-    """how training rows are drawn from the buffer (large-batch: uniform with m * batch-size rows)"""
+    """how training rows are drawn from the buffer (large-batch: uniform with m * batch-size rows;
+    per-laber-mean, ger-laber-mean: PER or GER draws m * batch-size rows, LaBER keeps batch-size; ger: PER with
+    exact gradient-norm priorities; lfiw, lfiw-laber-mean: the critics' rows weighted by a fast-vs-slow
+    density ratio, Sinha et al., docs/lfiw.md)"""
     m: int = 4
     """LaBER's large batch is m * batch-size rows, scored and down-sampled to batch-size"""
+    surrogate: Literal["output", "last-layer", "exact"] = "output"
+    """what LaBER scores the large batch with: the loss gradient at the output (the paper's), with respect to
+    the last linear layer (||g|| sqrt(||h||^2 + 1)), or over every parameter (exact, by ghost norms)"""
     critics: Literal["independent", "joint"] = "independent"
     """LaBER with twin critics: one down-sample per critic (the paper's) or one from sqrt(sum p_c^2)"""
     batch_size: int = 100
@@ -72,6 +78,15 @@ class Config(RunOptions):
     """std of the Gaussian exploration noise, in units of the action bound"""
     policy_delay: int = 2
     """critic updates per actor and target-network update"""
+    lfiw_fast_size: int = 10_000
+    """lfiw*: the fast buffer, the latest transitions; no re-weighting until the slow buffer (buffer-size)
+    holds more than this, so a run shorter than it is uniform replay (10^4: ours, docs/lfiw.md)"""
+    lfiw_temperature: float = 5.0
+    """lfiw*: T in w^(1/T) / mean(w^(1/T)); larger is closer to uniform, 1 the estimated ratio as it is"""
+    lfiw_f: Literal["js", "kl"] = "js"
+    """lfiw*: the f-divergence whose variational bound trains the ratio network (Eq. 10)"""
+    lfiw_log_every: int = 1_000
+    """lfiw*: steps between rows of lfiw.csv: the ratio's mean, std and effective sample size"""
     eval_every: int = 5_000
     """steps between deterministic evaluations"""
     eval_episodes: int = 5
@@ -128,9 +143,12 @@ def main(cfg: Config) -> dict:
                                  capturable=device.type == "cuda")
     target_updater = SoftUpdate(loss_module, tau=cfg.tau)
 
-    # The sampler: the buffer draws B rows (uniform, per) or m*B rows (large-batch, laber-*).
+    # The sampler: the buffer draws B rows (uniform, per, lfiw) or m*B rows (large-batch, *laber-*); LFIW
+    # draws from its slow buffer and weighs the rows for the critics (Sinha et al., Alg. 1).
     replay = Replay(cfg.sampler, loss_module, buffer_size=cfg.buffer_size, batch_size=cfg.batch_size, m=cfg.m,
-                    device=device, critics=cfg.critics)
+                    surrogate=cfg.surrogate, device=device, critics=cfg.critics, lfiw_fast_size=cfg.lfiw_fast_size,
+                    lfiw_temperature=cfg.lfiw_temperature, lfiw_f=cfg.lfiw_f,
+                    ratio_features=env.observation_space.shape[0] + env.action_space.shape[0])  # w_psi(s, a)
 
     def objective(data, with_actor: bool):
         data = replay.downsample(data)  # LaBER: B rows per critic, scored by that critic's surrogate
@@ -161,8 +179,10 @@ def main(cfg: Config) -> dict:
 
     # Episode returns, evaluations, checkpoints (--resume, --stop-after), the progress bar.
     loop = TrainingLoop(cfg, "td3", env, replay.buffer,
-                        {"loss": loss_module, "optimizer": optimizer, "target_updater": target_updater}, policy,
-                        burn_in=cfg.learning_starts + 200, bar_every=500, recent=5)
+                        {"loss": loss_module, "optimizer": optimizer, "target_updater": target_updater,
+                         **replay.checkpoint_modules()}, policy,
+                        burn_in=cfg.learning_starts + 200, bar_every=500, recent=5,
+                        diagnose=replay.diagnostics)
     env, obs = loop.env, loop.obs
     for step in loop.steps():
         action = env.action_space.sample() if step < cfg.learning_starts else policy(obs, explore=True)
@@ -176,7 +196,9 @@ def main(cfg: Config) -> dict:
             _, data = update(replay.sample(progress=step / cfg.total_steps), with_actor)
             if with_actor:
                 target_updater.step()
-            replay.after_update(data)  # PER: the new priorities (the larger of the critics' |TD|)
+            replay.after_update(data)  # PER: the larger of the critics' |TD|; GER: the exact gradient norms
+            if (step + 1) % cfg.lfiw_log_every == 0 and (ratio := replay.lfiw_stats()):  # {} before the threshold
+                loop.logger.log("lfiw", step + 1, **ratio)
 
         if loop.end_step(step, obs):
             break

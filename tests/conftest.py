@@ -1,6 +1,12 @@
 """Shared test fixtures and the skip predicate for CUDA-only tests."""
+import os
+
 import pytest
 import torch
+
+# make test runs two pytest-xdist workers on two cores: one torch thread each, not two each.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")

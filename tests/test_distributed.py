@@ -17,7 +17,9 @@ ray = pytest.importorskip("ray")
 
 from agents import distributed  # noqa: E402
 
-pytestmark = pytest.mark.slow
+# One Ray cluster at a time on a machine: under pytest-xdist every test here runs in one worker
+# (make test passes --dist loadgroup).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

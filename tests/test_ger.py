@@ -1,0 +1,78 @@
+"""GER and GER-LaBER in the agents (``--sampler ger``, ``ger-laber-mean``, built by
+``agents.common.Replay``): after an update, PER's sum tree holds the exact per-sample gradient norms
+of the rows the update used, measured one row at a time by autograd; and ``--diagnostics-every``
+writes the diagnostics."""
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torchrl.objectives import SoftUpdate
+
+from agents import common
+from tests import setups
+from tests.test_diagnostics import per_row_gradients
+from torchsample import LaBERLoss
+from torchsample.targets import critic_of
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+B, M, ROWS = 8, 4, 400
+
+
+def filled_replay(family: str, sampler: str):
+    loss = setups.LOSSES[family]()
+    SoftUpdate(loss, tau=0.005)  # the agents' target updater (without one TorchRL warns)
+    replay = common.Replay(sampler, loss, buffer_size=1_000, batch_size=B, m=M, device=CPU)
+    replay.buffer.extend(setups.batch(ROWS, continuous=setups.CONTINUOUS[family]))
+    return replay, loss
+
+
+@pytest.mark.parametrize("sampler", ["ger", "ger-laber-mean"])
+@pytest.mark.parametrize("family", ["dqn", "sac"])
+def test_ger_priorities_are_the_exact_gradient_norms_of_the_rows_used(family, sampler):
+    replay, loss = filled_replay(family, sampler)
+    optimizer = torch.optim.SGD(loss.parameters(), lr=0.1)
+    batch = replay.downsample(replay.sample(progress=0.0))
+    optimizer.zero_grad()
+    losses = LaBERLoss(loss)(batch)
+    sum(value for key, value in losses.items() if key.startswith("loss")).backward()
+    optimizer.step()  # the priorities are measured with the parameters after the update
+
+    rows = batch.reshape(-1)
+    torch.manual_seed(3)  # SAC's target draws the next action: the same draw for the sampler and here
+    replay.after_update(batch)
+    torch.manual_seed(3)
+    critic = critic_of(loss)
+    target = critic.target(rows)
+    # Over every critic parameter: the joint norm of the twin critics' per-row gradients.
+    exact = per_row_gradients(critic, rows, target).square().sum((0, 2)).sqrt()
+
+    tree, alpha, eps = replay.buffer.sampler._sum_tree, replay.buffer.sampler._alpha, replay.buffer.sampler._eps
+    index = rows["index"]
+    # A row drawn twice (LaBER draws with replacement) keeps its last write, under SAC's random target
+    # another value than the first: check the rows drawn once.
+    once = [i for i in range(len(index)) if (index == index[i]).sum() == 1]
+    assert len(once) >= 3
+    for i in once:
+        assert tree[int(index[i])] == pytest.approx((exact[i].item() + eps) ** alpha, rel=1e-3)
+    untouched = sorted(set(range(ROWS)) - set(index.tolist()))[:5]
+    assert all(tree[i] == pytest.approx(1.0) for i in untouched)  # new rows: the default priority
+
+
+def test_diagnostics_every_writes_the_diagnostics_csv(tmp_path):
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "agents.dqn", "--env-id", "CartPole-v1", "--sampler", "uniform",
+                    "--total-steps", "600", "--learning-starts", "200", "--train-freq", "16", "--gradient-steps", "2",
+                    "--eval-every", "600", "--eval-episodes", "1", "--diagnostics-every", "200", "--no-progress",
+                    "--out", str(out)], cwd=ROOT, check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    rows = list(csv.DictReader((out / "diagnostics.csv").open()))
+    # None at step 200: the first update comes at step 207 (train-freq 16), and diagnostics wait for it.
+    assert [row["step"] for row in rows] == ["400", "600"]
+    for row in rows:
+        assert 0 <= float(row["tv/output"]) <= 2 and 0 <= float(row["tv/last-layer"]) <= 2
+        assert float(row["grad_variance"]) >= 0 and float(row["srank"]) >= 1

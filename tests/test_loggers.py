@@ -1,0 +1,99 @@
+"""``--logger csv|tensorboard|wandb``: every agent sends its scalars through TorchRL's logger of that
+name, and ``<out>/train.csv`` / ``<out>/eval.csv`` (what ``agents.compare`` reads) stay as they were.
+Each sink is read back: TorchRL's CSV files, TensorBoard's event files (``EventAccumulator``) and
+wandb's offline run (no network)."""
+import csv
+import os
+from pathlib import Path
+
+import pytest
+
+from agents import common
+from tests.test_agents import AGENT_ARGS, AGENTS, DISCRETE, read_csv, run_agent
+
+
+def _log_three_rows(run_dir: Path, logger: str) -> None:
+    log = common.Logger(run_dir, common.RunOptions(logger=logger), exp_name="demo")
+    log.log("train", 10, episode_return=1.0, epsilon=0.5)
+    log.log("eval", 20, eval_return=2.5, steps_per_s=float("nan"))
+    log.log("train", 15, episode_return=3.0, epsilon=0.4)  # an earlier step than the eval row before it
+    log.close()
+
+
+def _tensorboard_scalars(log_dir: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = {p.parent for p in log_dir.rglob("events.out.tfevents.*")}
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("logger", ["csv", "tensorboard", "wandb"])
+def test_the_wide_csv_files_are_the_same_whatever_the_logger(logger, tmp_path):
+    _log_three_rows(tmp_path, logger)
+    with (tmp_path / "train.csv").open() as f:
+        rows = list(csv.reader(f))
+    assert rows == [["step", "episode_return", "epsilon"], ["10", "1.0", "0.5"], ["15", "3.0", "0.4"]]
+    assert (tmp_path / "eval.csv").read_text().splitlines() == ["step,eval_return,steps_per_s", "20,2.5,nan"]
+    assert (tmp_path / "config.txt").read_text().splitlines()[-1] == f"logger={logger}"
+
+
+def test_torchrl_csv_logger_writes_one_file_per_scalar(tmp_path):
+    _log_three_rows(tmp_path, "csv")
+    scalars = tmp_path / "csv" / "demo" / "scalars"
+    assert (scalars / "train" / "episode_return.csv").read_text().splitlines() == ["10,1.0", "15,3.0"]
+    assert (scalars / "eval" / "eval_return.csv").read_text().splitlines() == ["20,2.5"]
+
+
+def test_tensorboard_event_files_hold_the_scalars(tmp_path):
+    _log_three_rows(tmp_path, "tensorboard")
+    scalars = _tensorboard_scalars(tmp_path / "tensorboard")
+    assert scalars["train/episode_return"] == [(10, 1.0), (15, 3.0)]
+    assert scalars["eval/eval_return"] == [(20, 2.5)]
+    assert not (tmp_path / "csv").exists()
+
+
+def test_wandb_runs_offline_under_the_run_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # the logger itself must keep wandb off the network
+    monkeypatch.setenv("WANDB_API_KEY", "")
+    _log_three_rows(tmp_path, "wandb")
+    (run,) = (tmp_path / "wandb").rglob("offline-run-*")
+    assert run.is_dir()
+    (records,) = run.glob("run-*.wandb")
+    data = records.read_bytes()
+    for key in (b"train/episode_return", b"eval/eval_return", b"epsilon"):
+        assert key in data, key
+    assert os.environ["WANDB_MODE"] in ("offline", "dryrun")  # TorchRL re-sets it to "dryrun", wandb's old name
+
+
+def test_unknown_logger_is_a_value_error(tmp_path):
+    with pytest.raises(ValueError, match="logger must be one of csv, tensorboard, wandb"):
+        common.make_torchrl_logger("mlflow", tmp_path, "demo")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("logger", ["tensorboard", "wandb"])
+def test_agent_logs_through_the_chosen_logger(logger, tmp_path):
+    """A DQN run on CartPole: its eval.csv keeps its columns, and the chosen sink got the same values."""
+    run_agent("dqn", *DISCRETE, "--sampler", "uniform", "--logger", logger, "--out", str(tmp_path))
+    evals = read_csv(tmp_path / "eval.csv")
+    assert list(evals[0]) == ["step", "eval_return", "wall_time", "steps_per_s"] and evals[0]["step"] == "300"
+    train = read_csv(tmp_path / "train.csv")
+    assert list(train[0]) == ["step", "episode_return", "epsilon"]
+    if logger == "tensorboard":
+        scalars = _tensorboard_scalars(tmp_path / "tensorboard")
+        assert scalars["eval/eval_return"] == [(300, pytest.approx(float(evals[0]["eval_return"])))]
+        assert [step for step, _ in scalars["train/episode_return"]] == [int(r["step"]) for r in train]
+    else:
+        (run,) = (tmp_path / "wandb").rglob("offline-run-*")
+        assert b"eval/eval_return" in next(run.glob("run-*.wandb")).read_bytes()
+
+
+@pytest.mark.parametrize("algo", list(AGENT_ARGS))
+def test_every_agent_parses_the_logger_flag(algo, capsys):
+    agent = AGENTS[algo]
+    assert common.cli(agent.env_defaults, agent.Config.env_id, []).logger == "csv"  # the default
+    assert common.cli(agent.env_defaults, agent.Config.env_id, ["--logger", "wandb"]).logger == "wandb"
+    with pytest.raises(SystemExit):
+        common.cli(agent.env_defaults, agent.Config.env_id, ["--logger", "mlflow"])
