@@ -63,13 +63,23 @@ def test_ger_priorities_are_the_exact_gradient_norms_of_the_rows_used(family, sa
     assert all(tree[i] == pytest.approx(1.0) for i in untouched)  # new rows: the default priority
 
 
-def test_diagnostics_every_writes_the_diagnostics_csv(tmp_path):
-    out = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "agents.dqn", "--env-id", "CartPole-v1", "--sampler", "uniform",
+def run_dqn(out: Path, *args: str) -> None:
+    subprocess.run([sys.executable, "-m", "agents.dqn", "--env-id", "CartPole-v1", "--sampler", "laber-mean",
                     "--total-steps", "600", "--learning-starts", "200", "--train-freq", "16", "--gradient-steps", "2",
-                    "--eval-every", "600", "--eval-episodes", "1", "--diagnostics-every", "200", "--no-progress",
-                    "--out", str(out)], cwd=ROOT, check=True, capture_output=True,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+                    "--eval-every", "600", "--eval-episodes", "1", "--no-progress", "--out", str(out), *args],
+                   cwd=ROOT, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_diagnostics_every_writes_the_diagnostics_csv_and_leaves_the_run_as_it_was(tmp_path):
+    out = tmp_path / "run"
+    run_dqn(out, "--diagnostics-every", "200")
+    run_dqn(tmp_path / "plain")
+    # Forked RNG: the same episodes and evaluation as without diagnostics.
+    for name in ("train.csv", "eval.csv"):
+        with_diagnostics, plain = (list(csv.DictReader((d / name).open())) for d in (out, tmp_path / "plain"))
+        drop = ("wall_time", "steps_per_s")
+        assert [{k: v for k, v in r.items() if k not in drop} for r in with_diagnostics] == \
+               [{k: v for k, v in r.items() if k not in drop} for r in plain]
     rows = list(csv.DictReader((out / "diagnostics.csv").open()))
     # None at step 200: the first update comes at step 207 (train-freq 16), and diagnostics wait for it.
     assert [row["step"] for row in rows] == ["400", "600"]
