@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo compare small-batch bench bench-full bench-kernel gpu-check compat clean
+.PHONY: install test demo compare small-batch ladder bench bench-full bench-kernel gpu-check compat clean
 
 # pyproject.toml states the supported ranges; CI installs the one combination it tests.
 $(STAMP): pyproject.toml constraints/ci.txt
@@ -42,6 +42,15 @@ small-batch: $(STAMP)
 	$(SMALL_BATCH) --env-id CartPole-v1 --out runs/small-batch/cartpole
 	$(SMALL_BATCH) --env-id MinAtar/Breakout-v1 --total-steps 40000 \
 		--extra="--exploration-steps 20000 --eval-every 5000" --out runs/small-batch/breakout
+
+# The surrogate ladder and the paper's samplers (README): DQN CartPole-v1 30k steps, 2 seeds, diagnostics
+# every 2500 steps; the last-layer and exact rungs of laber-mean in folders of their own.
+LADDER := $(PY) -m agents.compare --algo dqn --env-id CartPole-v1 --seeds 0 1 --total-steps 30000
+ladder: $(STAMP)
+	$(LADDER) --samplers uniform per laber-mean ger per-laber-mean ger-laber-mean \
+		--extra="--diagnostics-every 2500" --out runs/ladder/dqn-cartpole
+	$(LADDER) --samplers laber-mean --extra="--surrogate last-layer --diagnostics-every 2500" --out runs/ladder/dqn-cartpole-last-layer
+	$(LADDER) --samplers laber-mean --extra="--surrogate exact --diagnostics-every 2500" --out runs/ladder/dqn-cartpole-exact
 
 bench: $(STAMP)
 	$(PY) perf/bench_downsample.py --quick

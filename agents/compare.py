@@ -12,6 +12,9 @@ Reinforcement Learning at the Edge of the Statistical Precipice").
 return, the optimality gap of the normalised return (:data:`SCORE_RANGES`) and the probability of
 improvement over ``uniform`` (when it is among the samplers), each with a 95% stratified-bootstrap CI;
 wall time and steps/s. A run that fails is reported (exit code and its last lines), the others kept.
+Runs with ``--diagnostics-every`` (in ``--extra``) also give ``diagnostics.png``: the total variation
+of each surrogate's sampling to exact sampling over training (the paper's App. H) beside the gradient
+norm and variance, srank and dormant fraction.
 
 **A batch-size sweep** (``--batch-sizes``) runs samplers x seeds x batch sizes into
 ``<out>/bs<k>/<sampler>/seed<j>/``, writes the one-task files per batch size in ``<out>/bs<k>/``, and
@@ -413,6 +416,56 @@ def plot_curves(out: Path, title: str, runs: list[Run], samplers: list[str], rep
     return path
 
 
+TV_COLUMNS = {"tv/uniform": "uniform", "tv/output": "output", "tv/last-layer": "last-layer"}
+NETWORK_COLUMNS = ["grad_norm", "grad_variance", "srank", "dormant_fraction"]
+
+
+def plot_diagnostics(out: Path, title: str, runs: list[Run], samplers: list[str]) -> Optional[Path]:
+    """``diagnostics.png`` from the runs' ``diagnostics.csv`` (``--diagnostics-every``), None if none wrote one.
+
+    First panel, the paper's App. H figure for these runs: the total variation ``sum_i |P(i) - Q(i)|``
+    of uniform, output-surrogate and last-layer sampling to exact-gradient sampling, mean over every
+    run (each run measures its own critic on uniform draws of its buffer). Then one panel per network
+    diagnostic (gradient norm and variance, srank, dormant fraction), a line per sampler, mean over seeds.
+    """
+    logs = {}
+    for r in runs:
+        log = read_csv_columns(r.folder / "diagnostics.csv") if r.returncode == 0 else None
+        if log is not None:
+            logs.setdefault(r.sampler, []).append(log)
+    if not logs:
+        return None
+
+    def mean_curve(curves: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+        length = min(len(c["step"]) for c in curves)
+        return curves[0]["step"][:length], np.mean([c[key][:length] for c in curves], axis=0)
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 1 + len(NETWORK_COLUMNS), figsize=(4 * (1 + len(NETWORK_COLUMNS)), 3.6))
+    everything = [c for curves in logs.values() for c in curves]
+    for key, label in TV_COLUMNS.items():
+        steps, values = mean_curve(everything, key)
+        axes[0].plot(steps, values, label=label)
+    axes[0].set_title(f"TV to exact sampling (n={len(everything)})")
+    axes[0].set_ylim(0, 2)
+    axes[0].legend()
+    for ax, key in zip(axes[1:], NETWORK_COLUMNS):
+        for sampler in samplers:
+            if sampler in logs:
+                ax.plot(*mean_curve(logs[sampler], key), label=sampler)
+        ax.set_title(key)
+    axes[-1].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("environment steps")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{title}: diagnostics (mean over seeds)")
+    fig.tight_layout()
+    path = out / "diagnostics.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------
 # The batch-size sweep
 
@@ -633,6 +686,9 @@ def main(cfg: Config) -> list[dict]:
         print(write_tables(out, title, cfg.env_id, rows_by_batch[b], mine))
         print(f"plot: {plot_curves(out, title, mine, cfg.samplers, max(cfg.bootstrap // 5, 100))}\n"
               f"table: {out / 'results.md'}, {out / 'results.csv'}")
+        diagnostics = plot_diagnostics(out, title, mine, cfg.samplers)
+        if diagnostics is not None:
+            print(f"diagnostics: {diagnostics}")
     if not cfg.batch_sizes:
         return rows_by_batch[None]
     rows = sweep_rows(cfg, runs, rows_by_batch)

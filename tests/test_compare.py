@@ -239,3 +239,15 @@ def test_batch_size_sweep_runs_each_size_at_the_same_gradient_steps(tmp_path):
 def test_batch_sizes_refuse_a_batch_size_in_extra(tmp_path):
     with pytest.raises(ValueError, match="--batch-sizes"):
         compare.main(compare.Config(batch_sizes=[8], extra="--batch-size 32", out=tmp_path))
+
+
+def test_diagnostics_plot_from_the_runs_diagnostics_and_none_without(tmp_path):
+    rows = [{"step": s, "tv/uniform": 1.0, "tv/output": 0.1, "tv/last-layer": 0.05, "grad_norm": 2.0,
+             "grad_variance": 0.5, "srank": 40, "dormant_fraction": 0.2} for s in (1000, 2000)]
+    runs = [compare.Run(sampler, seed, fake_run(tmp_path / sampler / f"seed{seed}", "CartPole-v1", [10, 20],
+                                                diagnostics=rows), returncode=0)
+            for sampler in ("uniform", "laber-mean") for seed in (0, 1)]
+    path = compare.plot_diagnostics(tmp_path, "DQN", runs, ["uniform", "laber-mean"])
+    assert path == tmp_path / "diagnostics.png" and path.stat().st_size > 10_000
+    bare = [compare.Run("uniform", 0, fake_run(tmp_path / "bare", "CartPole-v1", [10, 20]), returncode=0)]
+    assert compare.plot_diagnostics(tmp_path / "bare", "DQN", bare, ["uniform"]) is None
