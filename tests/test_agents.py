@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensordict import TensorDict
 from torchrl.data import PrioritizedSampler
 from torchrl.objectives import SoftUpdate
 
@@ -335,7 +336,7 @@ def test_replay_anneals_per_beta_and_updates_priorities():
     rows = torch.arange(64)
     td_error = torch.zeros(64)
     td_error[5] = 1e6
-    replay.after_update({"index": rows, "td_error": td_error})
+    replay.after_update(TensorDict({"index": rows, "td_error": td_error}, [64]))  # the rows an update used
     assert set(replay.sample(progress=1.0)["index"].tolist()) == {5}
 
 
