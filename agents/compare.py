@@ -24,6 +24,10 @@ sampler. Every run gets the same arguments but ``--batch-size``, so the same ``-
 ``--learning-starts``, ``--train-freq`` and ``--gradient-steps``: the number of gradient steps is the
 same at every batch size (the table's "gradient steps" column counts them from each run's config.txt).
 
+**Adding to a comparison** (``--reuse``): a run whose folder already holds a finished run with the same
+arguments is kept and not launched again, so more seeds or samplers can be added to an existing ``<out>``
+and an interrupted comparison finished; the tables count kept and new runs alike.
+
 **Several tasks** (``--aggregate DIR ...``) runs nothing: it reads existing one-task ``<out>`` folders
 and writes ``<out>/aggregate.md``, ``aggregate.csv``, ``profiles.png`` (rliable's performance profiles)
 and ``aggregate.png`` (mean, IQM and optimality gap with CIs) over the normalised returns.
@@ -92,6 +96,10 @@ class Config:
     """existing one-task <out> folders to aggregate across tasks into <out>; runs nothing"""
     bootstrap: int = 5000
     """bootstrap resamples for the confidence intervals"""
+    reuse: bool = False
+    """keep each run whose folder already holds a finished run with the same arguments (see
+    :func:`finished_run`) and launch only the others: to add seeds or samplers to a comparison, or to
+    finish an interrupted one"""
 
 
 @dataclass
@@ -103,6 +111,7 @@ class Run:
     returncode: Optional[int] = None
     log_tail: str = ""
     wall_time: float = float("nan")
+    reused: bool = False  # found finished in its folder (--reuse), not run again
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,14 +222,83 @@ def normalise(returns: np.ndarray, env_id: str) -> Optional[np.ndarray]:
 # Runs and what they wrote
 
 
-def launch(cfg: Config, run: Run) -> Run:
+def command(cfg: Config, run: Run) -> list[str]:
+    """The agent's command line for one run."""
     cmd = [sys.executable, "-m", f"agents.{cfg.algo}", "--env-id", cfg.env_id, "--sampler", run.sampler,
            "--seed", str(run.seed), "--out", str(run.folder), "--no-progress", "--threads", "1"]
     if cfg.total_steps is not None:
         cmd += ["--total-steps", str(cfg.total_steps)]
     if run.batch_size is not None:
         cmd += ["--batch-size", str(run.batch_size)]
-    cmd += shlex.split(cfg.extra)
+    return cmd + shlex.split(cfg.extra)
+
+
+def _same_value(given: list[str], recorded: str) -> bool:
+    """Whether a flag's values on a command line equal a config.txt value (numbers compared as numbers,
+    tuples and lists item by item)."""
+    items = [x.strip().strip("'\"") for x in recorded[1:-1].split(",")] if recorded[:1] in "([" else [recorded]
+    items = [x for x in items if x]
+    if len(items) != len(given):
+        return False
+    for a, b in zip(given, items):
+        try:
+            if float(a) != float(b):
+                return False
+        except ValueError:
+            if a != b:
+                return False
+    return True
+
+
+def finished_run(args: list[str], folder: Path) -> Optional[float]:
+    """The wall time of the finished run in ``folder`` if it was made with the agent arguments ``args``,
+    else None.
+
+    Finished: ``eval.csv``'s last row is at ``total_steps`` (the loop always evaluates at the last step).
+    Same arguments: every ``--flag value...`` in ``args`` equals ``flag``'s value in the run's
+    ``config.txt`` (``--no-flag`` reads as ``flag=False``, a bare ``--flag`` as ``True``); a flag the
+    config does not record counts as different, so an unknown run is rerun, never reused.
+
+    Examples:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> _ = (folder / "config.txt").write_text("seed=1\\nprogress=False\\nlr=0.001\\ntotal_steps=600\\n")
+        >>> _ = (folder / "eval.csv").write_text("step,eval_return,wall_time,steps_per_s\\n600,9.0,12.5,48.0\\n")
+        >>> finished_run(["--seed", "1", "--no-progress", "--lr", "1e-3"], folder)
+        12.5
+        >>> finished_run(["--seed", "2"], folder) is None
+        True
+    """
+    config, evals = read_config(folder), read_eval(folder)
+    if not config or evals is None or "total_steps" not in config:
+        return None
+    if int(evals["step"][-1]) != int(config["total_steps"]):
+        return None
+    i = 0
+    while i < len(args):
+        if not args[i].startswith("--"):
+            return None  # a stray value: not a command line this function understands
+        key, values = args[i][2:].replace("-", "_"), []
+        i += 1
+        while i < len(args) and not args[i].startswith("--"):
+            values.append(args[i])
+            i += 1
+        if not values and key not in config and key.startswith("no_"):
+            key, values = key[3:], ["False"]
+        elif not values:
+            values = ["True"]
+        if key not in config or not _same_value(values, config[key]):
+            return None
+    return float(evals["wall_time"][-1])
+
+
+def launch(cfg: Config, run: Run) -> Run:
+    cmd = command(cfg, run)
+    if cfg.reuse:
+        wall_time = finished_run(cmd[3:], run.folder)
+        if wall_time is not None:
+            run.wall_time, run.returncode, run.reused = wall_time, 0, True
+            return run
     run.folder.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with open(run.folder / "stdout.log", "w") as log:
@@ -672,6 +750,7 @@ def main(cfg: Config) -> list[dict]:
     with ThreadPoolExecutor(jobs) as pool:
         for run in pool.map(lambda r: launch(cfg, r), runs):
             status = "ok" if run.returncode == 0 else f"FAILED (exit {run.returncode})"
+            status += " (reused)" if run.reused else ""
             size = f"bs {run.batch_size} " if run.batch_size is not None else ""
             print(f"  {size}{run.sampler:12s} seed {run.seed}: {status} in {run.wall_time:.0f} s", flush=True)
             if run.returncode != 0:

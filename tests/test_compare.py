@@ -23,7 +23,7 @@ def read_csv(path: Path) -> list[dict]:
 
 def fake_run(folder: Path, env_id: str, returns: list[float], diagnostics: list[dict] = (), **config) -> Path:
     """A run folder as an agent leaves it: eval.csv, config.txt and, if given, diagnostics.csv."""
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     steps = [300 * (i + 1) for i in range(len(returns))]
     rows = "".join(f"{s},{r},{s / 100},100.0\n" for s, r in zip(steps, returns))
     (folder / "eval.csv").write_text("step,eval_return,wall_time,steps_per_s\n" + rows)
@@ -251,3 +251,44 @@ def test_diagnostics_plot_from_the_runs_diagnostics_and_none_without(tmp_path):
     assert path == tmp_path / "diagnostics.png" and path.stat().st_size > 10_000
     bare = [compare.Run("uniform", 0, fake_run(tmp_path / "bare", "CartPole-v1", [10, 20]), returncode=0)]
     assert compare.plot_diagnostics(tmp_path / "bare", "DQN", bare, ["uniform"]) is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# --reuse: finished runs are kept, the others launched
+
+
+def test_finished_run_matches_the_arguments_and_needs_the_last_evaluation(tmp_path):
+    folder = fake_run(tmp_path / "run", "CartPole-v1", [10.0, 20.0], seed=3, progress=False, lr=0.001,
+                      hidden="(256, 256)", out=tmp_path / "run")
+    args = ["--env-id", "CartPole-v1", "--seed", "3", "--out", str(tmp_path / "run"), "--no-progress",
+            "--lr", "1e-3", "--hidden", "256", "256", "--total-steps", "600"]
+    assert compare.finished_run(args, folder) == pytest.approx(6.0)  # eval.csv's last wall time
+    assert compare.finished_run(args[:-1] + ["900"], folder) is None  # another value
+    assert compare.finished_run(args + ["--hidden", "256"], folder) is None  # a tuple of another length
+    assert compare.finished_run(args + ["--surrogate", "exact"], folder) is None  # a flag the config lacks
+    assert compare.finished_run(args + ["--progress"], folder) is None  # --progress is True, the run had False
+    unfinished = fake_run(tmp_path / "short", "CartPole-v1", [10.0], seed=3)  # last evaluation at step 300 of 600
+    assert compare.finished_run(["--seed", "3"], unfinished) is None
+    assert compare.finished_run(["--seed", "3"], tmp_path / "missing") is None
+
+
+def test_reuse_launches_only_the_runs_not_finished(tmp_path, monkeypatch):
+    cfg = compare.Config(samplers=["uniform"], seeds=[0, 1], total_steps=600, out=tmp_path, reuse=True, bootstrap=200)
+    done = compare.Run("uniform", 0, tmp_path / "uniform" / "seed0")
+    args = compare.command(cfg, done)[3:]
+    recorded = {a[2:].replace("-", "_"): b for a, b in zip(args, args[1:]) if a.startswith("--") and not
+                b.startswith("--")}
+    recorded.pop("env_id")
+    fake_run(done.folder, "CartPole-v1", [100.0, 200.0], **{**recorded, "progress": False})
+    launched = []
+
+    def run(cmd, **kwargs):
+        launched.append(cmd)
+        folder = Path(cmd[cmd.index("--out") + 1])
+        fake_run(folder, "CartPole-v1", [50.0, 60.0], seed=1)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(compare.subprocess, "run", run)
+    rows = compare.main(cfg)
+    assert [c[c.index("--seed") + 1] for c in launched] == ["1"]
+    assert rows[0]["runs"] == 2 and rows[0]["mean"] == pytest.approx((200.0 + 60.0) / 2)
