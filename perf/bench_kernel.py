@@ -57,7 +57,7 @@ from torchsample.gradnorms import last_layer_norm  # noqa: E402
 
 EPS = 1e-6
 VARIANTS = ["laber", "naive", "multinomial"]
-COLUMNS = ["sweep", "surrogate", "C", "N", "B", "K", "variant", "mode", "median_us", "q20_us", "q80_us", "calls",
+COLUMNS = ["sweep", "score", "C", "N", "B", "K", "variant", "mode", "median_us", "q20_us", "q80_us", "calls",
            "draws_per_s", "input_GBps", "time_vs_naive", "value", "note"]
 P_VALUE_FLOOR = 1e-4  # a correct sampler fails a check this rarely
 
@@ -74,7 +74,7 @@ class Case:
 
     @property
     def kind(self) -> str:
-        """The loss, and the rung where it is not the output: the CSV's ``surrogate`` column, the key
+        """The loss, and the rung where it is not the output: the CSV's ``score`` column (what the kernel scores), the key
         perf/gpu_check.py groups the rows by."""
         return self.loss + (f"+last-layer-D{self.D}" if self.D else "")
 
@@ -180,7 +180,7 @@ def time_case(case: Case, device, samples: int, graphs: bool) -> list[dict]:
             print(f"  FAILED {case.label} {mode}: {notes[next(iter(timed), 'laber')]}", flush=True)
         naive = timings.get("naive")
         for name in fns:
-            row = {"sweep": case.sweep, "surrogate": case.kind, "C": case.C, "N": case.N, "B": case.B, "K": case.K,
+            row = {"sweep": case.sweep, "score": case.kind, "C": case.C, "N": case.N, "B": case.B, "K": case.K,
                    "variant": name, "mode": mode, "note": notes.get(name, "")}
             t = timings.get(name)
             if t is not None:
@@ -229,7 +229,7 @@ def bandwidth_floor(device, n: int, b: int, samples: int) -> list[dict]:
     read = nbytes / bandwidth
     floor = read + t["search"].median
     ratio = t["laber"].median / floor
-    base = {"sweep": "floor", "surrogate": "priority", "C": 1, "N": n, "B": b, "K": 1, "mode": "cold"}
+    base = {"sweep": "floor", "score": "priority", "C": 1, "N": n, "B": b, "K": 1, "mode": "cold"}
     rows = [
         {**base, "variant": "copy", "median_us": t["copy"].us, "input_GBps": bandwidth / 1e9,
          "note": f"copy_ of {nbytes} bytes; GBps = 2 * bytes / time (read + write)"},
@@ -311,7 +311,7 @@ def exactness(device, n: int, b: int, draws_per_item: int, graph: bool, variant:
     mirrored_expected = (prob[0] * prob[0].flip(0)).sum().item()
 
     mode = "graph" if graph else "eager"
-    base = {"sweep": "exactness", "surrogate": "priority", "C": 2, "N": n, "B": b, "K": 1, "variant": variant, "mode": mode}
+    base = {"sweep": "exactness", "score": "priority", "C": 2, "N": n, "B": b, "K": 1, "variant": variant, "mode": mode}
     checks = [
         ("chisquare-cells", stats.chi2.sf(coarse, coarse_dof), f"chi2 {coarse:.1f}, dof {coarse_dof}, "
          f"{int(total.sum())} draws; value = p-value, pass > {P_VALUE_FLOOR:g}"),
@@ -340,7 +340,7 @@ def exactness(device, n: int, b: int, draws_per_item: int, graph: bool, variant:
 
 def failures(rows: list[dict]) -> list[str]:
     """Timings of the fused op that failed and checks it failed (a missed target is not a failure)."""
-    failed = [f"{r['sweep']} {r.get('surrogate')} N={r.get('N')} {r['mode']}: {r['note']}"
+    failed = [f"{r['sweep']} {r.get('score')} N={r.get('N')} {r['mode']}: {r['note']}"
               for r in rows if r["variant"] == "laber" and str(r.get("note", "")).startswith("failed")]
     return failed + [f"{r['sweep']} {r['mode']}: {r['note']}" for r in rows
                      if r["variant"] == "laber" and str(r.get("note", "")).startswith("FAIL")]
@@ -370,7 +370,7 @@ def main() -> None:
     print(f"{describe(env)}\nmedians of {samples} interleaved samples; eager: back-to-back calls; "
           f"graph: calls inside a replayed CUDA graph\n", flush=True)
     rows = []
-    print("| sweep | surrogate | C | N | B | K | mode | laber (us) | naive (us) | multinomial (us) | naive / laber | "
+    print("| sweep | score | C | N | B | K | mode | laber (us) | naive (us) | multinomial (us) | naive / laber | "
           "laber GB/s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
     for case in cases(args.quick, cuda):
         case_rows = time_case(case, device, samples, graphs=cuda)

@@ -132,8 +132,8 @@ def kernel_section(rows: list[dict] | None) -> list[str]:
     timed = {}
     for r in rows:
         if r["mode"] in ("eager", "graph") and not r["sweep"].startswith(("floor", "exactness")):
-            timed[(r["surrogate"], r["C"], r["N"], r["B"], r["K"]), r["variant"], r["mode"]] = r
-    lines = ["| surrogate | C | N | B | K | eager laber (us) | naive / laber | graph laber (us) | naive / laber | "
+            timed[(r["score"], r["C"], r["N"], r["B"], r["K"]), r["variant"], r["mode"]] = r
+    lines = ["| score | C | N | B | K | eager laber (us) | naive / laber | graph laber (us) | naive / laber | "
              "multinomial graph (us) | laber graph GB/s |", "| --- " * 11 + "|"]
     small_graph, speedups = [], {"eager": [], "graph": []}
     for key in dict.fromkeys(k for k, _, _ in timed):
@@ -182,7 +182,7 @@ def kernel_section(rows: list[dict] | None) -> list[str]:
                      f"{result}: {note} |")
     if failed:
         lines += ["", "Failed timings of the fused op:", ""] + [
-            f"- {r['surrogate']} C={r['C']} N={r['N']} B={r['B']} K={r['K']} {r['mode']}: {r['note']}" for r in failed]
+            f"- {r['score']} C={r['C']} N={r['N']} B={r['B']} K={r['K']} {r['mode']}: {r['note']}" for r in failed]
     return lines + [""]
 
 

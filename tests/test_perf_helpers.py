@@ -82,7 +82,7 @@ def test_exactness_check_passes_torch_and_catches_a_biased_sampler(monkeypatch):
 
 def test_gpu_summary_renders_cuda_rows():
     """The summary's sections from rows shaped as the CUDA runs write them (no GPU needed)."""
-    timing = {"sweep": "N", "surrogate": "l2", "C": "1", "N": "16384", "B": "32", "K": "1", "note": ""}
+    timing = {"sweep": "N", "score": "l2", "C": "1", "N": "16384", "B": "32", "K": "1", "note": ""}
     kernel = [
         {**timing, "variant": "laber", "mode": "eager", "median_us": "10", "time_vs_naive": "0.25", "input_GBps": "13"},
         {**timing, "variant": "naive", "mode": "eager", "median_us": "40", "time_vs_naive": "1"},
