@@ -44,14 +44,13 @@ small-batch: $(STAMP)
 		--extra="--exploration-steps 20000 --eval-every 5000" --out runs/small-batch/breakout
 
 # The surrogate ladder and the paper's samplers (README): DQN CartPole-v1 30k steps, 3 seeds, diagnostics
-# every 2500 steps; the last-layer and exact rungs of laber-mean in folders of their own. --reuse keeps
-# the runs already finished.
-LADDER := $(PY) -m agents.compare --algo dqn --env-id CartPole-v1 --seeds 0 1 2 --total-steps 30000 --reuse
+# every 2500 steps, in one table: laber-mean at each rung (output, last-layer, exact), GER, PER-LaBER and
+# GER-LaBER against uniform and PER. --reuse keeps the runs already finished.
 ladder: $(STAMP)
-	$(LADDER) --samplers uniform per laber-mean ger per-laber-mean ger-laber-mean \
+	$(PY) -m agents.compare --algo dqn --env-id CartPole-v1 --seeds 0 1 2 --total-steps 30000 --reuse \
+		--samplers uniform per laber-mean "laber-mean-last-layer=laber-mean --surrogate last-layer" \
+		"laber-mean-exact=laber-mean --surrogate exact" ger per-laber-mean ger-laber-mean \
 		--extra="--diagnostics-every 2500" --out runs/ladder/dqn-cartpole
-	$(LADDER) --samplers laber-mean --extra="--surrogate last-layer --diagnostics-every 2500" --out runs/ladder/dqn-cartpole-last-layer
-	$(LADDER) --samplers laber-mean --extra="--surrogate exact --diagnostics-every 2500" --out runs/ladder/dqn-cartpole-exact
 
 bench: $(STAMP)
 	$(PY) perf/bench_downsample.py --quick

@@ -24,6 +24,10 @@ sampler. Every run gets the same arguments but ``--batch-size``, so the same ``-
 ``--learning-starts``, ``--train-freq`` and ``--gradient-steps``: the number of gradient steps is the
 same at every batch size (the table's "gradient steps" column counts them from each run's config.txt).
 
+**Variants**: a ``--samplers`` entry ``LABEL=SAMPLER ARGS...`` runs that sampler with more arguments of
+its own under its own label (folder and table row), e.g. the surrogate ladder in one table:
+``--samplers uniform laber-mean "laber-mean-exact=laber-mean --surrogate exact"``.
+
 **Adding to a comparison** (``--reuse``): a run whose folder already holds a finished run with the same
 arguments is kept and not launched again, so more seeds or samplers can be added to an existing ``<out>``
 and an interrupted comparison finished; the tables count kept and new runs alike.
@@ -79,7 +83,8 @@ class Config:
     env_id: str = "CartPole-v1"
     """gymnasium id passed to every run"""
     samplers: list[str] = field(default_factory=lambda: ["laber-mean", "uniform", "per"])
-    """samplers to compare (any of the agent's --sampler choices)"""
+    """samplers to compare (any of the agent's --sampler choices); an entry "LABEL=SAMPLER ARGS..." is a
+    variant with more arguments of its own, e.g. "last-layer=laber-mean --surrogate last-layer\""""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     """one run per sampler and seed"""
     batch_sizes: list[int] = field(default_factory=list)
@@ -222,9 +227,38 @@ def normalise(returns: np.ndarray, env_id: str) -> Optional[np.ndarray]:
 # Runs and what they wrote
 
 
+def variant(entry: str) -> tuple[str, list[str]]:
+    """A ``--samplers`` entry as (label, agent arguments): a sampler name, or ``LABEL=SAMPLER ARGS...``
+    for a variant that differs from the others in more than the sampler. The label names the run
+    folders and the table's row.
+
+    Examples:
+        >>> variant("per")
+        ('per', ['--sampler', 'per'])
+        >>> variant("last-layer=laber-mean --surrogate last-layer")
+        ('last-layer', ['--sampler', 'laber-mean', '--surrogate', 'last-layer'])
+    """
+    label, _, rest = entry.partition("=")
+    words = shlex.split(rest) if rest else [label]
+    label = label.strip()
+    if not label or "/" in label or " " in label or not words or words[0].startswith("-"):
+        raise ValueError(f"--samplers entry {entry!r}: expected SAMPLER or LABEL=SAMPLER ARGS..., the label "
+                         "without spaces or '/'")
+    return label, ["--sampler", *words]
+
+
+def labels(cfg: Config) -> list[str]:
+    """The table rows: each ``--samplers`` entry's label (see :func:`variant`)."""
+    names = [variant(e)[0] for e in cfg.samplers]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--samplers: two entries share a label in {names}")
+    return names
+
+
 def command(cfg: Config, run: Run) -> list[str]:
-    """The agent's command line for one run."""
-    cmd = [sys.executable, "-m", f"agents.{cfg.algo}", "--env-id", cfg.env_id, "--sampler", run.sampler,
+    """The agent's command line for one run (``run.sampler`` is a ``--samplers`` entry's label)."""
+    entry = dict(variant(e) for e in cfg.samplers)[run.sampler]
+    cmd = [sys.executable, "-m", f"agents.{cfg.algo}", "--env-id", cfg.env_id, *entry,
            "--seed", str(run.seed), "--out", str(run.folder), "--no-progress", "--threads", "1"]
     if cfg.total_steps is not None:
         cmd += ["--total-steps", str(cfg.total_steps)]
@@ -255,9 +289,10 @@ def finished_run(args: list[str], folder: Path) -> Optional[float]:
     else None.
 
     Finished: ``eval.csv``'s last row is at ``total_steps`` (the loop always evaluates at the last step).
-    Same arguments: every ``--flag value...`` in ``args`` equals ``flag``'s value in the run's
-    ``config.txt`` (``--no-flag`` reads as ``flag=False``, a bare ``--flag`` as ``True``); a flag the
-    config does not record counts as different, so an unknown run is rerun, never reused.
+    Same arguments: every ``--flag value...`` in ``args`` but ``--out`` (the folder is the run's, wherever
+    it was written) equals ``flag``'s value in the run's ``config.txt`` (``--no-flag`` reads as
+    ``flag=False``, a bare ``--flag`` as ``True``); a flag the config does not record counts as
+    different, so an unknown run is rerun, never reused.
 
     Examples:
         >>> import tempfile
@@ -287,7 +322,7 @@ def finished_run(args: list[str], folder: Path) -> Optional[float]:
             key, values = key[3:], ["False"]
         elif not values:
             values = ["True"]
-        if key not in config or not _same_value(values, config[key]):
+        if key != "out" and (key not in config or not _same_value(values, config[key])):
             return None
     return float(evals["wall_time"][-1])
 
@@ -603,7 +638,7 @@ def plot_sweep(cfg: Config, rows: list[dict]) -> Path:
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.6 * nrows), squeeze=False)
     for ax, key in zip(axes.flat, panels):
-        for sampler in cfg.samplers:
+        for sampler in labels(cfg):
             mine = [r for r in rows if r["sampler"] == sampler and key in r]
             x = np.array([r["batch_size"] for r in mine])
             y = np.array([r[key] for r in mine])
@@ -742,9 +777,9 @@ def main(cfg: Config) -> list[dict]:
         return aggregate(cfg)
     if cfg.batch_sizes and "--batch-size" in shlex.split(cfg.extra):
         raise ValueError("--batch-sizes sets each run's --batch-size: leave it out of --extra")
-    batch_sizes = cfg.batch_sizes or [None]
+    batch_sizes, names = cfg.batch_sizes or [None], labels(cfg)
     runs = [Run(s, k, (cfg.out / f"bs{b}" if b is not None else cfg.out) / s / f"seed{k}", batch_size=b)
-            for b in batch_sizes for k in cfg.seeds for s in cfg.samplers]
+            for b in batch_sizes for k in cfg.seeds for s in names]
     jobs = cfg.jobs or os.cpu_count() or 1
     print(f"{len(runs)} runs of agents.{cfg.algo} on {cfg.env_id}, {jobs} at a time", flush=True)
     with ThreadPoolExecutor(jobs) as pool:
@@ -761,11 +796,11 @@ def main(cfg: Config) -> list[dict]:
         out = cfg.out / f"bs{b}" if b is not None else cfg.out
         title = f"{cfg.algo.upper()} on {cfg.env_id}" + (f", batch size {b}" if b is not None else "") + \
             f", {len(cfg.seeds)} seeds"
-        rows_by_batch[b] = summarise(mine, cfg.samplers, cfg.env_id, cfg.bootstrap)
+        rows_by_batch[b] = summarise(mine, names, cfg.env_id, cfg.bootstrap)
         print(write_tables(out, title, cfg.env_id, rows_by_batch[b], mine))
-        print(f"plot: {plot_curves(out, title, mine, cfg.samplers, max(cfg.bootstrap // 5, 100))}\n"
+        print(f"plot: {plot_curves(out, title, mine, names, max(cfg.bootstrap // 5, 100))}\n"
               f"table: {out / 'results.md'}, {out / 'results.csv'}")
-        diagnostics = plot_diagnostics(out, title, mine, cfg.samplers)
+        diagnostics = plot_diagnostics(out, title, mine, names)
         if diagnostics is not None:
             print(f"diagnostics: {diagnostics}")
     if not cfg.batch_sizes:

@@ -292,3 +292,28 @@ def test_reuse_launches_only_the_runs_not_finished(tmp_path, monkeypatch):
     rows = compare.main(cfg)
     assert [c[c.index("--seed") + 1] for c in launched] == ["1"]
     assert rows[0]["runs"] == 2 and rows[0]["mean"] == pytest.approx((200.0 + 60.0) / 2)
+
+
+def test_a_variant_entry_runs_its_sampler_with_its_arguments_under_its_label(tmp_path, monkeypatch):
+    cfg = compare.Config(samplers=["uniform", "last-layer=laber-mean --surrogate last-layer"], seeds=[0],
+                         total_steps=600, out=tmp_path, bootstrap=200)
+    launched = {}
+
+    def run(cmd, **kwargs):
+        folder = Path(cmd[cmd.index("--out") + 1])
+        launched[folder.parent.name] = cmd
+        fake_run(folder, "CartPole-v1", [50.0, 60.0])
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(compare.subprocess, "run", run)
+    rows = compare.main(cfg)
+    assert [r["sampler"] for r in rows] == ["uniform", "last-layer"]
+    cmd = " ".join(launched["last-layer"])
+    assert "--sampler laber-mean --surrogate last-layer" in cmd and "--sampler uniform" in " ".join(launched["uniform"])
+    assert "| last-layer | 1 |" in (tmp_path / "results.md").read_text()
+
+
+@pytest.mark.parametrize("entries", [["a/b=per"], ["x=--m 4"], ["=per"], ["per", "per=uniform"]])
+def test_bad_sampler_entries_are_refused(entries, tmp_path):
+    with pytest.raises(ValueError, match="--samplers"):
+        compare.main(compare.Config(samplers=entries, out=tmp_path))
