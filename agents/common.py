@@ -10,6 +10,7 @@ import csv
 import os
 import pickle
 import random
+import secrets
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -341,7 +342,9 @@ def make_torchrl_logger(kind: str, log_dir: Path, exp_name: str):
     """TorchRL's ``CSVLogger``, ``TensorboardLogger`` or ``WandbLogger`` (``kind``) writing under ``log_dir``.
 
     wandb runs offline: ``WANDB_MODE=offline`` is set before ``wandb.init`` reads it, so no login and
-    no network; ``wandb sync <log_dir>/wandb/offline-run-*`` uploads the run later.
+    no network; ``wandb sync <log_dir>/wandb/offline-run-*`` uploads the run later. The run's wandb id
+    is kept in ``<log_dir>/run_id``, so a ``--resume``d run logs to the same wandb run (a second
+    offline folder with the same id, which ``wandb sync`` appends) instead of starting another.
     """
     from torchrl.record.loggers import CSVLogger, TensorboardLogger, WandbLogger
 
@@ -351,8 +354,12 @@ def make_torchrl_logger(kind: str, log_dir: Path, exp_name: str):
         return TensorboardLogger(exp_name, log_dir=str(log_dir))
     if kind == "wandb":
         os.environ["WANDB_MODE"] = "offline"
-        return WandbLogger(exp_name, offline=True, save_dir=str(log_dir), project="torchsample", mode="offline",
-                           log_env_packages=False)
+        id_file = Path(log_dir) / "run_id"
+        if not id_file.exists():
+            id_file.parent.mkdir(parents=True, exist_ok=True)
+            id_file.write_text(secrets.token_hex(4))  # wandb's id form: 8 lower-case letters and digits
+        return WandbLogger(exp_name, offline=True, save_dir=str(log_dir), id=id_file.read_text().strip(),
+                           project="torchsample", mode="offline", log_env_packages=False)
     raise ValueError(f"logger must be one of csv, tensorboard, wandb, got {kind!r}")
 
 

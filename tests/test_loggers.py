@@ -97,3 +97,14 @@ def test_every_agent_parses_the_logger_flag(algo, capsys):
     assert common.cli(agent.env_defaults, agent.Config.env_id, ["--logger", "wandb"]).logger == "wandb"
     with pytest.raises(SystemExit):
         common.cli(agent.env_defaults, agent.Config.env_id, ["--logger", "mlflow"])
+
+
+def test_a_resumed_run_logs_to_the_same_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "")
+    _log_three_rows(tmp_path, "wandb")
+    _log_three_rows(tmp_path, "wandb")  # what --resume does: a new Logger on the same run folder
+    runs = sorted((tmp_path / "wandb").rglob("offline-run-*"))
+    assert len(runs) == 2
+    ids = {p.name.rsplit("-", 1)[1] for p in runs}
+    assert ids == {(tmp_path / "wandb" / "run_id").read_text().strip()}
+    assert {next(p.glob("run-*.wandb")).name for p in runs} == {f"run-{ids.pop()}.wandb"}
