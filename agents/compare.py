@@ -579,6 +579,46 @@ def plot_diagnostics(out: Path, title: str, runs: list[Run], samplers: list[str]
     return path
 
 
+def diagnostics_table(out: Path, title: str, runs: list[Run]) -> Optional[Path]:
+    """``diagnostics.md``: the App. H and App. C diagnostics pooled over every measurement of every run
+    (each run measures its own critic), None if no run wrote ``diagnostics.csv``.
+
+    Per column ``tv/*`` (total variation to exact sampling) and ``second_moment/*`` (App. C's second
+    moment of the weighted gradient estimate; also divided by ``second_moment/ideal``, exact
+    sampling's, measurement by measurement): the median and range. Then how often last-layer
+    sampling was closer to exact sampling than the output surrogate's (``tv/last-layer < tv/output``).
+    """
+    logs = [log for r in runs if r.returncode == 0
+            for log in [read_csv_columns(r.folder / "diagnostics.csv")] if log is not None]
+    if not logs:
+        return None
+    keys = dict.fromkeys(k for log in logs for k in log)
+    pooled = {k: np.concatenate([log[k] for log in logs if k in log]) for k in keys}
+    n = len(pooled["step"])
+    lines = [f"{title}: diagnostics of {len(logs)} runs, {n} measurements (each run's critic on uniform draws "
+             "of its buffer)", "", "| diagnostic | median [min, max] |", "| --- | --- |"]
+
+    def row(name: str, values: np.ndarray) -> None:
+        values = values[np.isfinite(values)]
+        if len(values):
+            lines.append(f"| {name} | {np.median(values):.3g} [{values.min():.3g}, {values.max():.3g}] |")
+
+    for key in [k for k in pooled if k.startswith("tv/")] + [k for k in pooled if k.startswith("second_moment/")]:
+        row(key, pooled[key])
+    if "second_moment/ideal" in pooled and len(pooled["second_moment/ideal"]) == n:
+        for key in [k for k in pooled if k.startswith("second_moment/") and k != "second_moment/ideal"]:
+            if len(pooled[key]) == n:
+                row(f"{key} / ideal", pooled[key] / pooled["second_moment/ideal"])
+    both = {"tv/last-layer", "tv/output"} <= pooled.keys()
+    if both and len(pooled["tv/last-layer"]) == len(pooled["tv/output"]) == n:
+        closer = int(np.sum(pooled["tv/last-layer"] < pooled["tv/output"]))
+        lines += ["", f"Last-layer sampling closer to exact sampling than output sampling: {closer} of {n} "
+                  "measurements."]
+    path = out / "diagnostics.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------
 # The batch-size sweep
 
@@ -802,7 +842,7 @@ def main(cfg: Config) -> list[dict]:
               f"table: {out / 'results.md'}, {out / 'results.csv'}")
         diagnostics = plot_diagnostics(out, title, mine, names)
         if diagnostics is not None:
-            print(f"diagnostics: {diagnostics}")
+            print(f"diagnostics: {diagnostics}, {diagnostics_table(out, title, mine)}")
     if not cfg.batch_sizes:
         return rows_by_batch[None]
     rows = sweep_rows(cfg, runs, rows_by_batch)

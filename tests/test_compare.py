@@ -253,6 +253,24 @@ def test_diagnostics_plot_from_the_runs_diagnostics_and_none_without(tmp_path):
     assert compare.plot_diagnostics(tmp_path / "bare", "DQN", bare, ["uniform"]) is None
 
 
+def test_diagnostics_table_pools_every_measurement(tmp_path):
+    def rows(tv_out, tv_last, ideal):
+        return [{"step": 1000 * (i + 1), "tv/uniform": 1.0, "tv/output": o, "tv/last-layer": last,
+                 "second_moment/uniform": 4.0 * m, "second_moment/ideal": m}
+                for i, (o, last, m) in enumerate(zip(tv_out, tv_last, ideal))]
+    two = rows([0.1, 0.3], [0.2, 0.2], [1, 2])
+    runs = [compare.Run("uniform", 0, fake_run(tmp_path / "a", "CartPole-v1", [1], two), returncode=0),
+            compare.Run("laber-mean", 0, fake_run(tmp_path / "b", "CartPole-v1", [1], rows([0.5], [0.4], [3])),
+                        returncode=0),
+            compare.Run("per", 0, fake_run(tmp_path / "c", "CartPole-v1", [1]), returncode=0)]  # no diagnostics
+    table = compare.diagnostics_table(tmp_path, "DQN", runs).read_text()
+    assert "2 runs, 3 measurements" in table
+    assert "| tv/output | 0.3 [0.1, 0.5] |" in table and "| tv/last-layer | 0.2 [0.2, 0.4] |" in table
+    assert "| second_moment/ideal | 2 [1, 3] |" in table and "| second_moment/uniform / ideal | 4 [4, 4] |" in table
+    assert "closer to exact sampling than output sampling: 2 of 3 measurements" in table
+    assert compare.diagnostics_table(tmp_path, "DQN", runs[2:]) is None
+
+
 # ---------------------------------------------------------------------------------------------------
 # --reuse: finished runs are kept, the others launched
 
