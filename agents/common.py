@@ -11,6 +11,7 @@ import os
 import pickle
 import random
 import secrets
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -338,16 +339,23 @@ def evaluate(env_id: str, policy: Callable[[np.ndarray], np.ndarray], episodes: 
 # Logging
 
 
-def make_torchrl_logger(kind: str, log_dir: Path, exp_name: str):
+def make_torchrl_logger(kind: str, log_dir: Path, exp_name: str, fresh: bool = True):
     """TorchRL's ``CSVLogger``, ``TensorboardLogger`` or ``WandbLogger`` (``kind``) writing under ``log_dir``.
+
+    A ``fresh`` run replaces what an earlier run of the same name left: the CSV and TensorBoard
+    loggers' ``<log_dir>/<exp_name>/`` is emptied (else both runs' points would mix in one curve); a
+    resumed run (``fresh=False``) adds to it.
 
     wandb runs offline: ``WANDB_MODE=offline`` is set before ``wandb.init`` reads it, so no login and
     no network; ``wandb sync <log_dir>/wandb/offline-run-*`` uploads the run later. The run's wandb id
     is kept in ``<log_dir>/run_id``, so a ``--resume``d run logs to the same wandb run (a second
-    offline folder with the same id, which ``wandb sync`` appends) instead of starting another.
+    offline folder with the same id, which ``wandb sync`` appends) instead of starting another; a
+    fresh run draws a new id (earlier offline runs stay, as runs of their own).
     """
     from torchrl.record.loggers import CSVLogger, TensorboardLogger, WandbLogger
 
+    if kind in ("csv", "tensorboard") and fresh:
+        shutil.rmtree(Path(log_dir) / exp_name, ignore_errors=True)
     if kind == "csv":
         return CSVLogger(exp_name, log_dir=str(log_dir))
     if kind == "tensorboard":
@@ -355,7 +363,7 @@ def make_torchrl_logger(kind: str, log_dir: Path, exp_name: str):
     if kind == "wandb":
         os.environ["WANDB_MODE"] = "offline"
         id_file = Path(log_dir) / "run_id"
-        if not id_file.exists():
+        if fresh or not id_file.exists():
             id_file.parent.mkdir(parents=True, exist_ok=True)
             id_file.write_text(secrets.token_hex(4))  # wandb's id form: 8 lower-case letters and digits
         return WandbLogger(exp_name, offline=True, save_dir=str(log_dir), id=id_file.read_text().strip(),
@@ -367,9 +375,14 @@ class Logger:
     """Appends rows to ``<run_dir>/<name>.csv`` and sends the same scalars to TorchRL's logger
     ``config.logger`` (``"<name>/<key>"`` at ``step``), under ``<run_dir>/<config.logger>/``.
 
-    The wide CSV files (one row per call, columns ``step,<key>,...``) are what ``agents.compare``
-    reads; TorchRL's ``CSVLogger`` writes one two-column file per scalar without a header, so it is
-    the extra sink here, not a replacement.
+    The wide CSV files (one row per call, columns ``step,<key>,...``; ``name`` one of :attr:`FILES`)
+    are what ``agents.compare`` reads; TorchRL's ``CSVLogger`` writes one two-column file per scalar
+    without a header, so it is the extra sink here, not a replacement.
+
+    A run that starts at ``start_step`` 0 replaces the files an earlier run left in ``run_dir`` (they
+    would otherwise carry both runs' rows); a run resumed from a checkpoint at ``start_step`` keeps
+    their rows up to that step and drops the later ones, which the interrupted run wrote after its
+    last checkpoint and the resumed run writes again.
 
     Examples:
         >>> import tempfile
@@ -383,15 +396,31 @@ class Logger:
         ['100,1.5']
     """
 
-    def __init__(self, run_dir: Path, config, exp_name: str = "run") -> None:
+    FILES = ("train", "eval", "diagnostics", "lfiw")
+
+    def __init__(self, run_dir: Path, config, exp_name: str = "run", start_step: int = 0) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        for name in self.FILES:
+            self._keep_rows_until(self.run_dir / f"{name}.csv", start_step)
         (self.run_dir / "config.txt").write_text("\n".join(f"{k}={v}" for k, v in asdict(config).items()) + "\n")
-        self.sink = make_torchrl_logger(config.logger, self.run_dir / config.logger, exp_name)
+        self.sink = make_torchrl_logger(config.logger, self.run_dir / config.logger, exp_name, fresh=start_step == 0)
         if config.logger == "wandb":  # the run's config beside its curves on the dashboard
             self.sink.log_hparams({k: str(v) for k, v in asdict(config).items()})
 
+    @staticmethod
+    def _keep_rows_until(path: Path, step: int) -> None:
+        if not path.exists():
+            return
+        if step == 0:
+            path.unlink()
+            return
+        header, *rows = path.read_text().splitlines(keepends=True)
+        path.write_text(header + "".join(r for r in rows if int(float(r.split(",", 1)[0])) <= step))
+
     def log(self, name: str, step: int, **values: float) -> None:
+        if name not in self.FILES:
+            raise ValueError(f"Logger writes {', '.join(f'{n}.csv' for n in self.FILES)}; got {name!r}")
         path = self.run_dir / f"{name}.csv"
         new = not path.exists()
         with path.open("a", newline="") as f:
@@ -574,9 +603,9 @@ class TrainingLoop:
         self.cfg, self.policy, self.bar_every, self.recent = cfg, policy, bar_every, recent
         self.diagnose = diagnose  # Replay.diagnostics, every cfg.diagnostics_every steps
         run_name = f"{name}-{cfg.sampler}-{cfg.env_id.replace('/', '-')}-seed{cfg.seed}"
-        self.logger = Logger(cfg.out, cfg, exp_name=run_name)
         self.checkpoints = Checkpointer(cfg, cfg.out, state, buffer, cfg.total_steps)
         start_step, self.env, saved = self.checkpoints.resume(env, cfg.seed)
+        self.logger = Logger(cfg.out, cfg, exp_name=run_name, start_step=start_step)
         self.obs, self.episode_return, self.episode_returns = saved["obs"], saved["episode_return"], saved["episode_returns"]
         self.timer, self.t_start, self.last_eval, self.stopped_at = StepTimer(burn_in), time.time(), float("nan"), None
         self.bar = tqdm(range(start_step, cfg.total_steps), initial=start_step, total=cfg.total_steps,

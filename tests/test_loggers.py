@@ -12,8 +12,8 @@ from agents import common
 from tests.test_agents import AGENT_ARGS, AGENTS, DISCRETE, read_csv, run_agent
 
 
-def _log_three_rows(run_dir: Path, logger: str) -> None:
-    log = common.Logger(run_dir, common.RunOptions(logger=logger), exp_name="demo")
+def _log_three_rows(run_dir: Path, logger: str, start_step: int = 0) -> None:
+    log = common.Logger(run_dir, common.RunOptions(logger=logger), exp_name="demo", start_step=start_step)
     log.log("train", 10, episode_return=1.0, epsilon=0.5)
     log.log("eval", 20, eval_return=2.5, steps_per_s=float("nan"))
     log.log("train", 15, episode_return=3.0, epsilon=0.4)  # an earlier step than the eval row before it
@@ -99,12 +99,40 @@ def test_every_agent_parses_the_logger_flag(algo, capsys):
         common.cli(agent.env_defaults, agent.Config.env_id, ["--logger", "mlflow"])
 
 
-def test_a_resumed_run_logs_to_the_same_wandb_run(tmp_path, monkeypatch):
+def test_a_resumed_run_logs_to_the_same_wandb_run_and_a_fresh_one_to_a_new_one(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "")
+
+    def ids():
+        return [p.name.rsplit("-", 1)[1] for p in sorted((tmp_path / "wandb").rglob("offline-run-*"))]
     _log_three_rows(tmp_path, "wandb")
-    _log_three_rows(tmp_path, "wandb")  # what --resume does: a new Logger on the same run folder
-    runs = sorted((tmp_path / "wandb").rglob("offline-run-*"))
-    assert len(runs) == 2
-    ids = {p.name.rsplit("-", 1)[1] for p in runs}
-    assert ids == {(tmp_path / "wandb" / "run_id").read_text().strip()}
-    assert {next(p.glob("run-*.wandb")).name for p in runs} == {f"run-{ids.pop()}.wandb"}
+    _log_three_rows(tmp_path, "wandb", start_step=12)  # what --resume does: a new Logger on the same run folder
+    first, resumed = ids()
+    assert first == resumed == (tmp_path / "wandb" / "run_id").read_text().strip()
+    for run in (tmp_path / "wandb").rglob("offline-run-*"):
+        assert (run / f"run-{first}.wandb").exists()
+    _log_three_rows(tmp_path, "wandb")  # a fresh run in the same folder
+    assert len(set(ids())) == 2 and ids().count(first) == 2
+
+
+@pytest.mark.parametrize("logger", ["csv", "tensorboard"])
+def test_a_fresh_run_replaces_an_earlier_runs_files_and_a_resumed_one_keeps_them_to_its_step(logger, tmp_path):
+    _log_three_rows(tmp_path, logger)
+    _log_three_rows(tmp_path, logger, start_step=12)  # resumed at 12: the rows at 10 stay, 15 and 20 are rewritten
+    assert (tmp_path / "train.csv").read_text().splitlines() == [
+        "step,episode_return,epsilon", "10,1.0,0.5", "10,1.0,0.5", "15,3.0,0.4"]
+    assert (tmp_path / "eval.csv").read_text().splitlines() == ["step,eval_return,steps_per_s", "20,2.5,nan"]
+    _log_three_rows(tmp_path, logger)  # a fresh run: only its own rows, in the wide files and TorchRL's
+    assert (tmp_path / "train.csv").read_text().splitlines() == [
+        "step,episode_return,epsilon", "10,1.0,0.5", "15,3.0,0.4"]
+    if logger == "csv":
+        scalars = tmp_path / "csv" / "demo" / "scalars"
+        assert (scalars / "train" / "episode_return.csv").read_text().splitlines() == ["10,1.0", "15,3.0"]
+    else:
+        assert _tensorboard_scalars(tmp_path / "tensorboard")["train/episode_return"] == [(10, 1.0), (15, 3.0)]
+
+
+def test_logger_refuses_a_file_it_does_not_own(tmp_path):
+    log = common.Logger(tmp_path, common.RunOptions(logger="csv"), exp_name="demo")
+    with pytest.raises(ValueError, match="got 'results'"):
+        log.log("results", 1, x=1.0)
+    log.close()
