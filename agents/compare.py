@@ -603,10 +603,14 @@ def diagnostics_table(out: Path, title: str, runs: list[Run]) -> Optional[Path]:
         if len(values):
             lines.append(f"| {name} | {np.median(values):.3g} [{values.min():.3g}, {values.max():.3g}] |")
 
-    for key in [k for k in pooled if k.startswith("tv/")] + [k for k in pooled if k.startswith("second_moment/")]:
-        row(key, pooled[key])
+    order = ["uniform", "output", "last-layer", "ideal"]  # coarsest to exact; other columns after these
+    rank = {**{f"tv/{k}": i for i, k in enumerate(order)}, **{f"second_moment/{k}": i for i, k in enumerate(order)}}
+    for prefix in ("tv/", "second_moment/"):
+        for key in sorted((k for k in pooled if k.startswith(prefix)), key=lambda k: (rank.get(k, len(order)), k)):
+            row(key, pooled[key])
     if "second_moment/ideal" in pooled and len(pooled["second_moment/ideal"]) == n:
-        for key in [k for k in pooled if k.startswith("second_moment/") and k != "second_moment/ideal"]:
+        for key in sorted((k for k in pooled if k.startswith("second_moment/") and k != "second_moment/ideal"),
+                          key=lambda k: (rank.get(k, len(order)), k)):
             if len(pooled[key]) == n:
                 row(f"{key} / ideal", pooled[key] / pooled["second_moment/ideal"])
     both = {"tv/last-layer", "tv/output"} <= pooled.keys()
