@@ -415,8 +415,9 @@ class Logger:
         if step == 0:
             path.unlink()
             return
-        header, *rows = path.read_text().splitlines(keepends=True)
-        path.write_text(header + "".join(r for r in rows if int(float(r.split(",", 1)[0])) <= step))
+        lines = path.read_text().splitlines(keepends=True)
+        if lines:  # an interrupted run may have left the file empty
+            path.write_text(lines[0] + "".join(r for r in lines[1:] if int(float(r.split(",", 1)[0])) <= step))
 
     def log(self, name: str, step: int, **values: float) -> None:
         if name not in self.FILES:
