@@ -37,7 +37,7 @@ compare: $(STAMP)
 # The small-batch study (README): uniform against laber-mean at batch sizes 8 to 128, the same number of
 # gradient steps at every size, diagnostics (srank, dormant neurons, gradient variance) along the way;
 # MinAtar cut as in `compare`. --reuse keeps the runs already finished, so an interrupted study resumes.
-# CartPole measured (README, about 40 minutes); MinAtar Breakout not yet (about 3 hours on 2 cores).
+# CartPole measured (README, about 26 minutes); MinAtar Breakout not yet (about 3 hours on 2 cores).
 SMALL_BATCH := $(PY) -m agents.compare --algo dqn --samplers uniform laber-mean --seeds 0 1 2 --batch-sizes 8 16 32 64 128 --reuse
 small-batch: $(STAMP)
 	$(SMALL_BATCH) --env-id CartPole-v1 --total-steps 20000 --extra="--diagnostics-every 2500" \
