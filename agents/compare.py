@@ -533,6 +533,23 @@ TV_COLUMNS = {"tv/uniform": "uniform", "tv/output": "output", "tv/last-layer": "
 NETWORK_COLUMNS = ["grad_norm", "grad_variance", "srank", "dormant_fraction"]
 
 
+def read_diagnostics(runs: list[Run]) -> dict[str, list[dict[str, np.ndarray]]]:
+    """``{sampler: [diagnostics.csv columns of each of its runs]}`` for the runs that finished and wrote one."""
+    logs = {}
+    for r in runs:
+        log = read_csv_columns(r.folder / "diagnostics.csv") if r.returncode == 0 else None
+        if log is not None:
+            logs.setdefault(r.sampler, []).append(log)
+    return logs
+
+
+def _coarse_to_exact(column: str) -> tuple[int, str]:
+    """Sort key of ``tv/*`` and ``second_moment/*`` columns: uniform, output, last-layer, ideal, then others."""
+    order = ["uniform", "output", "last-layer", "ideal"]
+    rung = column.split("/", 1)[-1]
+    return (order.index(rung) if rung in order else len(order), column)
+
+
 def plot_diagnostics(out: Path, title: str, runs: list[Run], samplers: list[str]) -> Optional[Path]:
     """``diagnostics.png`` from the runs' ``diagnostics.csv`` (``--diagnostics-every``), None if none wrote one.
 
@@ -541,11 +558,7 @@ def plot_diagnostics(out: Path, title: str, runs: list[Run], samplers: list[str]
     run (each run measures its own critic on uniform draws of its buffer). Then one panel per network
     diagnostic (gradient norm and variance, srank, dormant fraction), a line per sampler, mean over seeds.
     """
-    logs = {}
-    for r in runs:
-        log = read_csv_columns(r.folder / "diagnostics.csv") if r.returncode == 0 else None
-        if log is not None:
-            logs.setdefault(r.sampler, []).append(log)
+    logs = read_diagnostics(runs)
     if not logs:
         return None
 
@@ -588,8 +601,7 @@ def diagnostics_table(out: Path, title: str, runs: list[Run]) -> Optional[Path]:
     sampling's, measurement by measurement): the median and range. Then how often last-layer
     sampling was closer to exact sampling than the output surrogate's (``tv/last-layer < tv/output``).
     """
-    logs = [log for r in runs if r.returncode == 0
-            for log in [read_csv_columns(r.folder / "diagnostics.csv")] if log is not None]
+    logs = [log for per_sampler in read_diagnostics(runs).values() for log in per_sampler]
     if not logs:
         return None
     keys = dict.fromkeys(k for log in logs for k in log)
@@ -603,14 +615,11 @@ def diagnostics_table(out: Path, title: str, runs: list[Run]) -> Optional[Path]:
         if len(values):
             lines.append(f"| {name} | {np.median(values):.3g} [{values.min():.3g}, {values.max():.3g}] |")
 
-    order = ["uniform", "output", "last-layer", "ideal"]  # coarsest to exact; other columns after these
-    rank = {**{f"tv/{k}": i for i, k in enumerate(order)}, **{f"second_moment/{k}": i for i, k in enumerate(order)}}
-    for prefix in ("tv/", "second_moment/"):
-        for key in sorted((k for k in pooled if k.startswith(prefix)), key=lambda k: (rank.get(k, len(order)), k)):
-            row(key, pooled[key])
+    moments = sorted((k for k in pooled if k.startswith("second_moment/")), key=_coarse_to_exact)
+    for key in sorted((k for k in pooled if k.startswith("tv/")), key=_coarse_to_exact) + moments:
+        row(key, pooled[key])
     if "second_moment/ideal" in pooled and len(pooled["second_moment/ideal"]) == n:
-        for key in sorted((k for k in pooled if k.startswith("second_moment/") and k != "second_moment/ideal"),
-                          key=lambda k: (rank.get(k, len(order)), k)):
+        for key in [k for k in moments if k != "second_moment/ideal"]:
             if len(pooled[key]) == n:
                 row(f"{key} / ideal", pooled[key] / pooled["second_moment/ideal"])
     both = {"tv/last-layer", "tv/output"} <= pooled.keys()
@@ -846,7 +855,8 @@ def main(cfg: Config) -> list[dict]:
               f"table: {out / 'results.md'}, {out / 'results.csv'}")
         diagnostics = plot_diagnostics(out, title, mine, names)
         if diagnostics is not None:
-            print(f"diagnostics: {diagnostics}, {diagnostics_table(out, title, mine)}")
+            table = diagnostics_table(out, title, mine)
+            print(f"diagnostics: {diagnostics}, {table}")
     if not cfg.batch_sizes:
         return rows_by_batch[None]
     rows = sweep_rows(cfg, runs, rows_by_batch)
