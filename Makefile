@@ -37,13 +37,16 @@ compare: $(STAMP)
 # The small-batch study (README): uniform against laber-mean at batch sizes 8 to 128, the same number of
 # gradient steps at every size, diagnostics (srank, dormant neurons, gradient variance) along the way;
 # MinAtar cut as in `compare`. --reuse keeps the runs already finished, so an interrupted study resumes.
-# CartPole measured (README, about 26 minutes); MinAtar Breakout not yet (about 3 hours on 2 cores).
+# The diagnostics draw 512 rows at every batch size (m * B would move srank and the TVs with B).
+# CartPole measured (README, about 26 minutes, on m * B rows before --diagnostics-rows: `make
+# small-batch` reruns it, with the same returns); MinAtar Breakout not yet (about 3 hours on 2 cores).
 SMALL_BATCH := $(PY) -m agents.compare --algo dqn --samplers uniform laber-mean --seeds 0 1 2 --batch-sizes 8 16 32 64 128 --reuse
 small-batch: $(STAMP)
-	$(SMALL_BATCH) --env-id CartPole-v1 --total-steps 20000 --extra="--diagnostics-every 2500" \
+	$(SMALL_BATCH) --env-id CartPole-v1 --total-steps 20000 --extra="--diagnostics-every 2500 --diagnostics-rows 512" \
 		--out runs/small-batch/cartpole
 	$(SMALL_BATCH) --env-id MinAtar/Breakout-v1 --total-steps 40000 \
-		--extra="--exploration-steps 20000 --eval-every 5000 --diagnostics-every 5000" --out runs/small-batch/breakout
+		--extra="--exploration-steps 20000 --eval-every 5000 --diagnostics-every 5000 --diagnostics-rows 512" \
+		--out runs/small-batch/breakout
 
 # The surrogate ladder and the paper's samplers (README): DQN CartPole-v1 30k steps, 3 seeds, diagnostics
 # every 2500 steps, in one table: laber-mean at each rung (output, last-layer, exact), GER, PER-LaBER and

@@ -193,7 +193,7 @@ def main(cfg: Config) -> dict:
 
     # The sampler: the buffer draws B rows (uniform, per) or m*B rows (large-batch, laber-*).
     replay = Replay(cfg.sampler, loss_module, buffer_size=cfg.buffer_size, batch_size=cfg.batch_size, m=cfg.m,
-                    surrogate=cfg.surrogate, device=device)
+                    surrogate=cfg.surrogate, device=device, diagnostics_rows=cfg.diagnostics_rows)
     if is_atari(cfg.env_id):  # store 2 of a transition's 8 frames, re-stack them when drawn (agents/atari.py)
         replay.buffer.append_transform(FrameStackReplay(replay.buffer.storage, env.observation_space.shape))
 

@@ -55,10 +55,13 @@ class RunOptions:
     progress: bool = True
     """show a progress bar"""
     diagnostics_every: int = 0
-    """steps between diagnostics of the critic on m * batch-size rows drawn uniformly from the buffer, to
+    """steps between diagnostics of the critic on --diagnostics-rows rows drawn uniformly from the buffer, to
     <out>/diagnostics.csv: App. H's total variation of each surrogate (and uniform) to the exact gradient
     norms', App. C's second moments, the gradient norm and variance, srank, dormant fraction
     (torchsample.diagnostics.critic_diagnostics; costs a backward per row-batch, so steps/s drops; 0: off)"""
+    diagnostics_rows: int = 0
+    """rows the diagnostics draw (0: m * batch-size, the large batch LaBER scores). A fixed count makes
+    srank, the dormant fraction and the TVs comparable across batch sizes (srank is bounded by it)"""
     logger: Literal["csv", "tensorboard", "wandb"] = "csv"
     """TorchRL logger that also receives every scalar, under <out>/<logger>/ (wandb offline, no network);
     <out>/train.csv and <out>/eval.csv are written whichever is chosen"""
@@ -189,8 +192,9 @@ class Replay:
     * ``after_update(batch)``: PER's new priorities, the ``"td_error"`` the loss (or LaBER) wrote for
       the rows the update used; GER's, their exact per-sample gradient norms after the update
       (``sqrt(sum_c n_c^2)`` over twin critics: the norm over both critics' parameters);
-    * ``diagnostics()``: :func:`torchsample.diagnostics.critic_diagnostics` on ``m * B`` rows drawn
-      uniformly from the buffer (the same rows whatever the sampler), ``{}`` before the first update.
+    * ``diagnostics()``: :func:`torchsample.diagnostics.critic_diagnostics` on ``diagnostics_rows``
+      rows (0: ``m * B``) drawn uniformly from the buffer (the same rows whatever the sampler), ``{}``
+      before the first update.
 
     ``surrogate`` is the LaBER samplers' rung: ``"output"`` (the paper's), ``"last-layer"`` or
     ``"exact"`` (exact-gradient LaBER).
@@ -221,9 +225,12 @@ class Replay:
     def __init__(self, sampler: str, loss_module, *, buffer_size: int, batch_size: int, m: int, device: torch.device,
                  critics: str = "independent", surrogate: str = "output", per_alpha: float = 0.6,
                  per_beta: float = 0.4, ratio_features: Optional[int] = None, lfiw_fast_size: int = 10_000, lfiw_temperature: float = 5.0,
-                 lfiw_f: str = "js") -> None:
+                 lfiw_f: str = "js", diagnostics_rows: int = 0) -> None:
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {sampler!r}")
+        if isinstance(diagnostics_rows, bool) or not isinstance(diagnostics_rows, int) or diagnostics_rows < 0:
+            raise ValueError(f"diagnostics_rows must be an int >= 0 (0: m * batch_size), got {diagnostics_rows!r}")
+        self.diagnostics_rows = diagnostics_rows or m * batch_size
         self.spec, self.per_beta, self.batch_size, self.m = SAMPLERS[sampler], per_beta, batch_size, m
         self.loss_module, self.updates = loss_module, 0
         self.lfiw = self.fast_slow = self.ratio_loss = self.weighted = None
@@ -284,15 +291,15 @@ class Replay:
         self.buffer.update_priority(rows["index"], priority.reshape(-1))
 
     def diagnostics(self) -> dict[str, float]:
-        """:func:`torchsample.diagnostics.critic_diagnostics` of the loss's critic on ``m * B`` rows drawn
-        uniformly from the (slow) buffer; ``{}`` before the first update."""
+        """:func:`torchsample.diagnostics.critic_diagnostics` of the loss's critic on ``diagnostics_rows``
+        rows drawn uniformly from the (slow) buffer; ``{}`` before the first update."""
         if self.updates == 0 or self.loss_module is None:
             return {}
         storage = self.buffer.storage
         # On a forked RNG: a run with diagnostics draws the same actions and batches as one without.
         devices = [storage.device] if storage.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            index = torch.randint(len(storage), (self.m * self.batch_size,))
+            index = torch.randint(len(storage), (self.diagnostics_rows,))
             rows = storage[index].set("index", index.to(storage.device))
             # The buffer's own sample transform, as for a training batch (Atari re-stacks its frames there).
             return critic_diagnostics(self.loss_module, self.buffer.transform(rows), self.batch_size)

@@ -139,7 +139,7 @@ def main(cfg: Config) -> dict:
     # draws from its slow buffer and weighs the rows for the critics (Sinha et al., Alg. 1).
     replay = Replay(cfg.sampler, loss_module, buffer_size=cfg.buffer_size, batch_size=cfg.batch_size, m=cfg.m,
                     surrogate=cfg.surrogate, device=device, critics=cfg.critics, lfiw_fast_size=cfg.lfiw_fast_size,
-                    lfiw_temperature=cfg.lfiw_temperature, lfiw_f=cfg.lfiw_f,
+                    lfiw_temperature=cfg.lfiw_temperature, lfiw_f=cfg.lfiw_f, diagnostics_rows=cfg.diagnostics_rows,
                     ratio_features=env.observation_space.shape[0] + env.action_space.shape[0])  # w_psi(s, a)
 
     def objective(data):

@@ -63,6 +63,26 @@ def test_ger_priorities_are_the_exact_gradient_norms_of_the_rows_used(family, sa
     assert all(tree[i] == pytest.approx(1.0) for i in untouched)  # new rows: the default priority
 
 
+@pytest.mark.parametrize("batch_size, rows, drawn", [(2, 0, 2 * M), (8, 0, 8 * M), (2, 50, 50), (8, 50, 50)])
+def test_diagnostics_draw_a_fixed_row_count_whatever_the_batch_size(monkeypatch, batch_size, rows, drawn):
+    # The small-batch study compares srank and TVs across B: they must not be measured on m * B rows there.
+    seen = []
+    monkeypatch.setattr(common, "critic_diagnostics", lambda loss, large, b: seen.append((large.numel(), b)) or {})
+    loss = setups.LOSSES["dqn"]()
+    replay = common.Replay("laber-mean", loss, buffer_size=1_000, batch_size=batch_size, m=M, device=CPU,
+                           diagnostics_rows=rows)
+    replay.buffer.extend(setups.batch(ROWS, continuous=False))
+    replay.updates = 1  # diagnostics wait for the first update
+    replay.diagnostics()
+    assert seen == [(drawn, batch_size)]  # the gradient variance is still that of a batch of B
+
+
+@pytest.mark.parametrize("rows", [-1, 2.5, True])
+def test_diagnostics_rows_must_be_a_count(rows):
+    with pytest.raises(ValueError, match="diagnostics_rows must be an int >= 0"):
+        common.Replay("uniform", None, buffer_size=10, batch_size=2, m=M, device=CPU, diagnostics_rows=rows)
+
+
 def run_dqn(out: Path, *args: str) -> None:
     subprocess.run([sys.executable, "-m", "agents.dqn", "--env-id", "CartPole-v1", "--sampler", "laber-mean",
                     "--total-steps", "600", "--learning-starts", "200", "--train-freq", "16", "--gradient-steps", "2",
