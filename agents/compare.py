@@ -689,7 +689,8 @@ def plot_sweep(cfg: Config, rows: list[dict]) -> Path:
     panels = ["iqm", "wall_time_s", *diagnostics]
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.6 * nrows), squeeze=False)
+    # Constrained layout leaves room for the suptitle (tight_layout let it overlap the top panels' titles).
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.6 * nrows), squeeze=False, layout="constrained")
     for ax, key in zip(axes.flat, panels):
         for sampler in labels(cfg):
             mine = [r for r in rows if r["sampler"] == sampler and key in r]
@@ -709,7 +710,6 @@ def plot_sweep(cfg: Config, rows: list[dict]) -> Path:
         ax.set_visible(False)
     axes.flat[0].legend()
     fig.suptitle(f"{cfg.algo.upper()} on {cfg.env_id}: batch-size sweep at a fixed number of gradient steps")
-    fig.tight_layout()
     path = cfg.out / "sweep.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
