@@ -616,6 +616,8 @@ class TrainingLoop:
         self.logger = Logger(cfg.out, cfg, exp_name=run_name, start_step=start_step)
         self.obs, self.episode_return, self.episode_returns = saved["obs"], saved["episode_return"], saved["episode_returns"]
         self.timer, self.t_start, self.last_eval, self.stopped_at = StepTimer(burn_in), time.time(), float("nan"), None
+        # A resumed run's wall time goes on from its checkpoint's, so eval.csv holds the whole run's.
+        self.wall_before = saved.get("wall_time", 0.0)
         self.bar = tqdm(range(start_step, cfg.total_steps), initial=start_step, total=cfg.total_steps,
                         disable=not cfg.progress, mininterval=1.0, desc=f"{name} {cfg.sampler} {cfg.env_id}")
 
@@ -639,14 +641,14 @@ class TrainingLoop:
         cfg = self.cfg
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.total_steps:
             self.last_eval = evaluate(cfg.env_id, self.policy, cfg.eval_episodes, seed=10_000 + cfg.seed)
-            self.logger.log("eval", step + 1, eval_return=self.last_eval, wall_time=time.time() - self.t_start,
+            self.logger.log("eval", step + 1, eval_return=self.last_eval, wall_time=self.wall_time(),
                             steps_per_s=self.timer.rate(step))
         if self.diagnose is not None and cfg.diagnostics_every > 0 and (step + 1) % cfg.diagnostics_every == 0:
             values = self.diagnose()
             if values:
                 self.logger.log("diagnostics", step + 1, **values)
         if self.checkpoints.after_step(step + 1, self.env, obs=obs, episode_return=self.episode_return,
-                                       episode_returns=self.episode_returns):
+                                       episode_returns=self.episode_returns, wall_time=self.wall_time()):
             self.stopped_at = step + 1
             return True
         if step % self.bar_every == 0 or step + 1 == cfg.total_steps:  # the final bar shows the final figures
@@ -655,12 +657,16 @@ class TrainingLoop:
         self.timer.rate(step)
         return False
 
+    def wall_time(self) -> float:
+        """Seconds the run has taken, those before its checkpoint included when it was resumed."""
+        return self.wall_before + time.time() - self.t_start
+
     def close(self) -> dict:
         """``{"final_eval", "wall_time"}``, and ``"stopped_at"`` when ``--stop-after`` ended the run."""
         self.bar.close()
         self.env.close()
         self.logger.close()
-        result = {"final_eval": self.last_eval, "wall_time": time.time() - self.t_start}
+        result = {"final_eval": self.last_eval, "wall_time": self.wall_time()}
         return result if self.stopped_at is None else {**result, "stopped_at": self.stopped_at}
 
 

@@ -4,6 +4,7 @@ Each sink is read back: TorchRL's CSV files, TensorBoard's event files (``EventA
 wandb's offline run (no network)."""
 import csv
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,30 @@ def test_logger_refuses_a_file_it_does_not_own(tmp_path):
     with pytest.raises(ValueError, match="got 'results'"):
         log.log("results", 1, x=1.0)
     log.close()
+
+
+def test_a_resumed_runs_wall_time_counts_the_time_before_its_checkpoint(tmp_path):
+    # Each step sleeps 10 ms: the wall time at step 40 is at least the 40 steps' sleeps, the 30 before
+    # the checkpoint included, whatever else the machine does (a lower bound, so the test cannot flake).
+    def run(**options) -> None:
+        cfg = common.RunOptions(progress=False, **options)
+        cfg.out, cfg.total_steps, cfg.eval_every, cfg.eval_episodes = tmp_path, 50, 20, 1
+        cfg.env_id, cfg.sampler = "CartPole-v1", "uniform"
+        buffer = common.make_buffer("uniform", buffer_size=100, batch_size=2, m=1, device=common.torch.device("cpu"))
+        loop = common.TrainingLoop(cfg, "demo", common.make_env(cfg.env_id, 0), buffer, {}, lambda obs: 0,
+                                   burn_in=10, bar_every=10, recent=5)
+        obs = loop.obs
+        for step in loop.steps():
+            time.sleep(0.01)
+            next_obs, reward, terminated, truncated, _ = loop.env.step(1)
+            buffer.add(common.to_tensordict(obs, 1, reward, next_obs, terminated, truncated, common.torch.device("cpu")))
+            obs = loop.record(step, next_obs, reward, terminated or truncated)
+            if loop.end_step(step, obs):
+                break
+        loop.close()
+
+    run(stop_after=30)
+    run(resume=True)
+    rows = {int(r["step"]): float(r["wall_time"]) for r in csv.DictReader((tmp_path / "eval.csv").open())}
+    assert sorted(rows) == [20, 40, 50]
+    assert rows[20] >= 0.2 and rows[40] >= 0.4 and rows[50] >= 0.5
