@@ -48,14 +48,16 @@ small-batch: $(STAMP)
 		--extra="--exploration-steps 20000 --eval-every 5000 --diagnostics-every 5000 --diagnostics-rows 512" \
 		--out runs/small-batch/breakout
 
-# The surrogate ladder and the paper's samplers (README): DQN CartPole-v1 30k steps, 3 seeds, diagnostics
-# every 2500 steps, in one table: laber-mean at each rung (output, last-layer, exact), GER, PER-LaBER and
-# GER-LaBER against uniform and PER. --reuse keeps the runs already finished.
+# The surrogate ladder and the paper's samplers (README): DQN, 3 seeds, in one table per task: laber-mean
+# at each rung (output, last-layer, exact), GER, PER-LaBER and GER-LaBER against uniform and PER.
+# CartPole-v1 30k steps with diagnostics every 2500 steps; MinAtar Breakout 30k steps (learning only,
+# about 75 minutes on 2 cores). --reuse keeps the runs already finished.
+LADDER := $(PY) -m agents.compare --algo dqn --seeds 0 1 2 --total-steps 30000 --reuse \
+	--samplers uniform per laber-mean "laber-mean-last-layer=laber-mean --surrogate last-layer" \
+	"laber-mean-exact=laber-mean --surrogate exact" ger per-laber-mean ger-laber-mean
 ladder: $(STAMP)
-	$(PY) -m agents.compare --algo dqn --env-id CartPole-v1 --seeds 0 1 2 --total-steps 30000 --reuse \
-		--samplers uniform per laber-mean "laber-mean-last-layer=laber-mean --surrogate last-layer" \
-		"laber-mean-exact=laber-mean --surrogate exact" ger per-laber-mean ger-laber-mean \
-		--extra="--diagnostics-every 2500" --out runs/ladder/dqn-cartpole
+	$(LADDER) --env-id CartPole-v1 --extra="--diagnostics-every 2500" --out runs/ladder/dqn-cartpole
+	$(LADDER) --env-id MinAtar/Breakout-v1 --out runs/ladder/minatar-breakout
 
 bench: $(STAMP)
 	$(PY) perf/bench_downsample.py --quick
