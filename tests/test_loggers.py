@@ -103,8 +103,8 @@ def test_every_agent_parses_the_logger_flag(algo, capsys):
 def test_a_resumed_run_logs_to_the_same_wandb_run_and_a_fresh_one_to_a_new_one(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "")
 
-    def ids():
-        return [p.name.rsplit("-", 1)[1] for p in sorted((tmp_path / "wandb").rglob("offline-run-*"))]
+    def ids():  # from each offline run's run-<id>.wandb: two runs in one second name the second folder <id>-1
+        return [p.stem.split("-", 1)[1] for p in sorted((tmp_path / "wandb").rglob("offline-run-*/run-*.wandb"))]
     _log_three_rows(tmp_path, "wandb")
     _log_three_rows(tmp_path, "wandb", start_step=12)  # what --resume does: a new Logger on the same run folder
     first, resumed = ids()
