@@ -50,24 +50,27 @@ small-batch: $(STAMP)
 
 # The surrogate ladder and the paper's samplers (README): DQN, 3 seeds, in one table per task: laber-mean
 # at each rung (output, last-layer, exact), GER, PER-LaBER and GER-LaBER against uniform and PER.
-# CartPole-v1 30k steps with diagnostics every 2500 steps; MinAtar Breakout 30k steps (learning only,
-# about 75 minutes on 2 cores). --reuse keeps the runs already finished.
+# CartPole-v1 30k steps with diagnostics every 2500 steps; MinAtar Breakout and SpaceInvaders 30k steps
+# (learning only, about 72 and 90 minutes on 2 cores). --reuse keeps the runs already finished.
 LADDER := $(PY) -m agents.compare --algo dqn --seeds 0 1 2 --total-steps 30000 --reuse \
 	--samplers uniform per laber-mean "laber-mean-last-layer=laber-mean --surrogate last-layer" \
 	"laber-mean-exact=laber-mean --surrogate exact" ger per-laber-mean ger-laber-mean
 ladder: $(STAMP)
 	$(LADDER) --env-id CartPole-v1 --extra="--diagnostics-every 2500" --out runs/ladder/dqn-cartpole
 	$(LADDER) --env-id MinAtar/Breakout-v1 --out runs/ladder/minatar-breakout
+	$(LADDER) --env-id MinAtar/SpaceInvaders-v1 --out runs/ladder/minatar-spaceinvaders
 
 bench: $(STAMP)
 	$(PY) perf/bench_downsample.py --quick
 	$(PY) perf/bench_update.py --quick
 	$(PY) perf/bench_scaling.py --quick
+	$(PY) perf/bench_gradnorms.py --quick
 
 bench-full: $(STAMP)
 	$(PY) perf/bench_downsample.py
 	$(PY) perf/bench_update.py --full
 	$(PY) perf/bench_scaling.py --full
+	$(PY) perf/bench_gradnorms.py
 
 # The fused kernel against the naive torch path (CUDA; without a GPU it says so and exits 0).
 bench-kernel: $(STAMP)
