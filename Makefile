@@ -7,10 +7,12 @@ STAMP := $(VENV)/.installed
 .PHONY: install test demo compare small-batch ladder bench bench-full bench-kernel gpu-check compat clean
 
 # pyproject.toml states the supported ranges; CI installs the one combination it tests.
+# --no-cache-dir: the venv is about 6.6 GB (torch's CUDA build); pip's cache would add each download
+# again, and a CI run has failed on a full disk.
 $(STAMP): pyproject.toml constraints/ci.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints/ci.txt -e ".[test,agents,bench,distributed,loggers]"
+	$(PY) -m pip install -q --no-cache-dir --upgrade pip
+	$(PY) -m pip install -q --no-cache-dir -c constraints/ci.txt -e ".[test,agents,bench,distributed,loggers]"
 	touch $(STAMP)
 
 install: $(STAMP)
