@@ -411,6 +411,7 @@ class Logger:
         for name in self.FILES:
             self._keep_rows_until(self.run_dir / f"{name}.csv", start_step)
         (self.run_dir / "config.txt").write_text("\n".join(f"{k}={v}" for k, v in asdict(config).items()) + "\n")
+        self.kind = config.logger
         self.sink = make_torchrl_logger(config.logger, self.run_dir / config.logger, exp_name, fresh=start_step == 0)
         if config.logger == "wandb":  # the run's config beside its curves on the dashboard
             self.sink.log_hparams({k: str(v) for k, v in asdict(config).items()})
@@ -439,8 +440,16 @@ class Logger:
         self.sink.log_metrics({f"{name}/{key}": float(value) for key, value in values.items()}, step=step)
 
     def close(self) -> None:
-        """Flush and close the TorchRL logger (wandb: finish the offline run)."""
+        """Flush and close the TorchRL logger; with wandb, every logged scalar is in the offline run's
+        ``.wandb`` file when this returns."""
         self.sink.close()
+        if self.kind == "wandb":
+            # finish() returns once wandb's service has the exit record, but the service closes the run's
+            # file after that, on its own thread: a reader right after once saw only the file's header
+            # (a CI-style test on a loaded machine). teardown() waits for the service to stop.
+            import wandb
+
+            wandb.teardown()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from tensordict import TensorDict
@@ -290,6 +291,7 @@ def test_per_laber_updates_the_priorities_of_the_rows_kept():
     """PER-LaBER with twin critics: the kept rows come as [B, 1 + C] (column 0 the actor's), with one
     storage index per "td_error"; each of them gets its own priority, and only they do."""
     torch.manual_seed(0)
+    np.random.seed(0)  # TorchRL's PrioritizedSampler draws from numpy's global RNG on CPU
     env = common.make_env("Pendulum-v1", 0)
     loss_module, _ = sac.build_sac(sac.Config(hidden=(32, 32)), env, torch.device("cpu"))
     SoftUpdate(loss_module, tau=0.005)
