@@ -41,7 +41,8 @@ compare: $(STAMP)
 # MinAtar cut as in `compare`. --reuse keeps the runs already finished, so an interrupted study resumes.
 # The diagnostics draw 512 rows at every batch size (m * B would move srank and the TVs with B).
 # CartPole measured (README, about 26 minutes, on m * B rows before --diagnostics-rows: `make
-# small-batch` reruns it, with the same returns); MinAtar Breakout not yet (about 3 hours on 2 cores).
+# small-batch` reruns it, with the same returns); MinAtar Breakout measured with 512 rows (README, about
+# 30-40 minutes a seed on an idle 2-core machine, under 2 hours for the 3 seeds).
 SMALL_BATCH := $(PY) -m agents.compare --algo dqn --samplers uniform laber-mean --seeds 0 1 2 --batch-sizes 8 16 32 64 128 --reuse
 small-batch: $(STAMP)
 	$(SMALL_BATCH) --env-id CartPole-v1 --total-steps 20000 --extra="--diagnostics-every 2500 --diagnostics-rows 512" \
