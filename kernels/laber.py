@@ -32,24 +32,35 @@ average mass at ``N = 4M``, where one float32 prefix sum with float32 uniforms i
 rounding gap that would land on ``p_i = 0`` falls back to the row's last positive item, so
 zero-priority items are never drawn.
 
-**Cost.** The tiles read the inputs once and write ``priority`` plus ``8 / CHUNK`` bytes an item;
-the draws of a row run in the one program that completed it, ``ceil(B / BLOCK_B)`` rounds of about
-``log2(T) + log2(BLOCK_N / CHUNK) + 2`` dependent loads from L2. Spreading the draws of one row
-over programs would need them to wait, in the same launch, for the last tile: a spin-wait, whose
-forward progress rests on the order in which the GPU starts programs and which the interpreter
-(one program after another) cannot exercise; so the draws stay with the last arrival, and a very
-large ``B`` is latency-bound there (not yet measured on a GPU).
+**Cost.** The tiles read the inputs once and write ``priority`` plus ``8 / CHUNK`` bytes an item.
+With few draws (``ceil(B / BLOCK_B) <= MAX_ROUNDS_IN_TILE`` rounds) the program that completed a row
+draws them itself, ``ceil(B / BLOCK_B)`` rounds of about ``log2(T) + log2(BLOCK_N / CHUNK) + 2``
+dependent loads from L2. Spreading them over programs of the same launch would need those programs
+to wait for the last tile: a spin-wait, whose forward progress rests on the order in which the GPU
+starts programs and which the interpreter (one program after another) cannot exercise. So more
+draws take a second launch, :func:`laber_draw_kernel`, ``C * ceil(B / BLOCK_B)`` programs of one
+round each (the first H200 run: ``B = 65536`` drawn by one program took 1157 us, 0.43x the naive
+path). The completing program then only writes the tile prefix (step 3), and the draws read the
+same Philox offsets, so both paths draw the same indices from the same state.
 
 **State.** ``state`` (int64 ``[3 + S]``) holds the Philox ``seed``, ``counter``, a ticket of rows
-done, and ``S`` arrival tickets. The program that finishes the last row advances ``counter`` by
-``C * B`` and resets the tickets it used, so consecutive calls draw fresh numbers with no host
-sync, and the op can sit inside a captured CUDA graph. Two launches must not share a state at the
-same time (two streams, two graphs replayed concurrently): give each caller its own
-(:func:`new_rng_state`). ``float32`` reference: ``laber_naive.py``.
+(or draw programs) done, and ``S`` arrival tickets. The program that finishes the last row (or the
+last draw program) advances ``counter`` by ``C * B`` and resets the tickets it used, so consecutive
+calls draw fresh numbers with no host sync, and the op can sit inside a captured CUDA graph. Two
+launches must not share a state at the same time (two streams, two graphs replayed concurrently):
+give each caller its own (:func:`new_rng_state`); the default one (:func:`rng_state`) is one per
+device and stream. ``float32`` reference: ``laber_naive.py``.
+
+**Arguments.** Every int argument may reach the kernel as a ``tl.constexpr``: Triton specialises
+ints equal to 1 at launch, and Inductor's analysis of a user kernel passes them as constants. So no
+int argument has a method called on it (``tl.cast(B, tl.int64)``, not ``B.to(tl.int64)``): the tests
+compile the kernels with every int as a constant, each one alone, and with the specialisation
+Triton derives from real launch arguments.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -58,6 +69,7 @@ import triton.language as tl
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from torchsample.codes import LossKind, Surrogate, Weighting
 
@@ -69,10 +81,12 @@ LAST_LAYER = tl.constexpr(int(Surrogate.LAST_LAYER))
 MEAN = tl.constexpr(int(Weighting.MEAN))
 LAZY = tl.constexpr(int(Weighting.LAZY))
 MAX = tl.constexpr(int(Weighting.MAX))
+SURROGATE_OUTPUT, SURROGATE_LAST_LAYER = int(Surrogate.OUTPUT), int(Surrogate.LAST_LAYER)  # host-side ints
 
 RNG_SLOTS = 64  # arrival tickets in a state: up to 64 rows of several tiles complete independently
+MAX_ROUNDS_IN_TILE = 4  # rounds of draws the completing program does itself; more take a launch of their own
 
-__all__ = ["laber_fused", "launch_laber", "allocate_buffers", "new_rng_state", "rng_state", "RNG_SLOTS"]
+__all__ = ["laber_fused", "laber_fused_call", "launch_laber", "launch_plan", "allocate_buffers", "new_rng_state", "rng_state", "RNG_SLOTS"]
 
 
 @triton.jit
@@ -182,18 +196,10 @@ def tile_priorities(pred_row, target_row, h_row, offs, mask, K, D, eps, huber_de
 
 
 @triton.jit
-def draw_row(row, seed, counter, priority_ptr, scratch_ptr, index_ptr, weight_ptr, N, B, n_tiles, tile_steps,
-             WEIGHTING: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, BLOCK_B: tl.constexpr,
-             BLOCK_T: tl.constexpr):
-    """Steps 3 and 4 for one complete row."""
-    CHUNKS: tl.constexpr = BLOCK_N // CHUNK
-    priority_row = priority_ptr + row * N
-    chunk_row = scratch_ptr + row * n_tiles * (CHUNKS + 2)
-    tile_row = chunk_row + n_tiles * CHUNKS
-    tile_last_row = tile_row + n_tiles
-
-    # 3. The tile prefix, from each tile's mass (its last chunk prefix); total is its last entry,
-    # bit for bit.
+def row_prefix(chunk_row, tile_row, tile_last_row, n_tiles, CHUNKS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Step 3 for one complete row: writes the tile prefix from each tile's mass (its last chunk
+    prefix); returns ``total`` (the prefix's last entry, bit for bit) and the row's last item with
+    ``p > 0`` (0 if none)."""
     total = tl.zeros((), dtype=tl.float64)
     last_positive = tl.full((), -1.0, dtype=tl.float64)
     for t_start in range(0, n_tiles, BLOCK_T):
@@ -204,32 +210,52 @@ def draw_row(row, seed, counter, priority_ptr, scratch_ptr, index_ptr, weight_pt
         prefix = total + tl.cumsum(mass, axis=0)
         tl.store(tile_row + offs_t, prefix, mask=mask_t)
         total = tl.sum(tl.where(offs_t == tl.minimum(t_start + BLOCK_T, n_tiles) - 1, prefix, 0.0), axis=0)
-    last_positive = tl.maximum(last_positive, 0.0).to(tl.int64)
+    return total, tl.maximum(last_positive, 0.0).to(tl.int64)
+
+
+@triton.jit
+def draw_block(row, offs_b, seed, counter, total, last_positive, priority_row, chunk_row, tile_row, index_ptr,
+               weight_ptr, N, B, n_tiles, tile_steps, WEIGHTING: tl.constexpr, BLOCK_N: tl.constexpr,
+               CHUNK: tl.constexpr):
+    """Step 4 for the draws ``offs_b`` of ``row``: stores their indices and weights (for ``"max"``
+    the picked ``p``, until the minimum is known) and returns the picked ``p`` (``inf`` outside)."""
+    mask_b = offs_b < B
     empty = total <= 0.0
-    mean = (total / N).to(tl.float32)
+    u01 = uniform52(seed, counter + row * B + offs_b)
+    index, picked = search(u01 * total, mask_b, priority_row, chunk_row, tile_row, N, n_tiles, tile_steps,
+                           last_positive, BLOCK_N, CHUNK)
+    index = tl.where(empty, tl.minimum((u01 * N).to(tl.int64), N - 1), index)
+    tl.store(index_ptr + row * B + offs_b, index, mask=mask_b)
+    picked = tl.where(empty, 1.0, picked)  # an all-zero row gets weight 1, not 0/0
+    if WEIGHTING == MEAN:
+        weight = (total / N).to(tl.float32) / picked
+    elif WEIGHTING == LAZY:
+        weight = 1.0 / picked
+    else:
+        weight = picked
+    tl.store(weight_ptr + row * B + offs_b, tl.where(empty, 1.0, weight), mask=mask_b)
+    return tl.where(mask_b, picked, float("inf"))
+
+
+@triton.jit
+def draw_row(row, seed, counter, priority_ptr, scratch_ptr, index_ptr, weight_ptr, N, B, n_tiles, tile_steps,
+             WEIGHTING: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, BLOCK_B: tl.constexpr,
+             BLOCK_T: tl.constexpr):
+    """Steps 3 and 4 for one complete row, in the program that completed it."""
+    CHUNKS: tl.constexpr = BLOCK_N // CHUNK
+    priority_row = priority_ptr + row * N
+    chunk_row = scratch_ptr + row * n_tiles * (CHUNKS + 2)
+    tile_row = chunk_row + n_tiles * CHUNKS
+    total, last_positive = row_prefix(chunk_row, tile_row, tile_row + n_tiles, n_tiles, CHUNKS, BLOCK_T)
     # Other threads wrote the prefix that the searches read (Triton places barriers for shared
     # memory only).
     tl.debug_barrier()
-
-    # 4. Draws and, but for "max", their weights.
     smallest = tl.full((), float("inf"), dtype=tl.float32)
     for b_start in range(0, B, BLOCK_B):
         offs_b = b_start + tl.arange(0, BLOCK_B).to(tl.int64)
-        mask_b = offs_b < B
-        u01 = uniform52(seed, counter + row * B + offs_b)
-        index, picked = search(u01 * total, mask_b, priority_row, chunk_row, tile_row, N, n_tiles, tile_steps,
-                               last_positive, BLOCK_N, CHUNK)
-        index = tl.where(empty, tl.minimum((u01 * N).to(tl.int64), N - 1), index)
-        tl.store(index_ptr + row * B + offs_b, index, mask=mask_b)
-        picked = tl.where(empty, 1.0, picked)  # an all-zero row gets weight 1, not 0/0
-        if WEIGHTING == MEAN:
-            weight = mean / picked
-        elif WEIGHTING == LAZY:
-            weight = 1.0 / picked
-        else:
-            weight = picked  # until the minimum is known
-            smallest = tl.minimum(smallest, tl.min(tl.where(mask_b, picked, float("inf")), axis=0))
-        tl.store(weight_ptr + row * B + offs_b, tl.where(empty, 1.0, weight), mask=mask_b)
+        picked = draw_block(row, offs_b, seed, counter, total, last_positive, priority_row, chunk_row, tile_row,
+                            index_ptr, weight_ptr, N, B, n_tiles, tile_steps, WEIGHTING, BLOCK_N, CHUNK)
+        smallest = tl.minimum(smallest, tl.min(picked, axis=0))
     if WEIGHTING == MAX:
         # The picked p stored above by other threads is read back.
         tl.debug_barrier()
@@ -237,7 +263,7 @@ def draw_row(row, seed, counter, priority_ptr, scratch_ptr, index_ptr, weight_pt
             offs_b = b_start + tl.arange(0, BLOCK_B).to(tl.int64)
             mask_b = offs_b < B
             picked = tl.load(weight_ptr + row * B + offs_b, mask=mask_b, other=1.0)
-            tl.store(weight_ptr + row * B + offs_b, tl.where(empty, 1.0, smallest / picked), mask=mask_b)
+            tl.store(weight_ptr + row * B + offs_b, smallest / picked, mask=mask_b)
 
 
 @triton.jit
@@ -279,6 +305,7 @@ def laber_fused_kernel(
     CHUNK: tl.constexpr,  # items of a chunk, the last level of the search
     BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    DRAW: tl.constexpr,  # the completing program draws (few rounds); else laber_draw_kernel does, next
 ):
     CHUNKS: tl.constexpr = BLOCK_N // CHUNK
     pid = tl.program_id(0).to(tl.int64)
@@ -307,31 +334,108 @@ def laber_fused_kernel(
     rows = tl.full((), 1, dtype=tl.int64)
     done = n_tiles == 1
     if n_tiles > 1:
+        first_row = slot
+        row_step = n_slots
         rows = (C - 1 - slot) // n_slots + 1
         arrived = tl.atomic_add(state_ptr + 3 + slot, 1, sem="acq_rel", scope="gpu")
         done = arrived == n_tiles * rows - 1
-        first_row = slot
-        row_step = n_slots
     if done:
         # The other tiles' stores were released before their tickets and acquired by this one; the
         # barrier orders every thread's loads below after it.
         tl.debug_barrier()
         if n_tiles > 1:
             tl.store(state_ptr + 3 + slot, 0)  # every ticket of this slot is in: reset for the next call
-        seed = tl.load(state_ptr)
-        counter = tl.load(state_ptr + 1)
-        for row in range(first_row, C, row_step):
-            draw_row(row, seed, counter, priority_ptr, scratch_ptr, index_ptr, weight_ptr, N, B, n_tiles, tile_steps,
-                     WEIGHTING, BLOCK_N, CHUNK, BLOCK_B, BLOCK_T)
-        # The counter advances once every row has read it (atomics are acq_rel).
-        rows_done = tl.atomic_add(state_ptr + 2, rows, sem="acq_rel", scope="gpu")
-        if rows_done + rows == C:
-            tl.store(state_ptr + 1, counter + B.to(tl.int64) * C)
-            tl.store(state_ptr + 2, 0)
+        if DRAW:
+            seed = tl.load(state_ptr)
+            counter = tl.load(state_ptr + 1)
+            for row in range(first_row, C, row_step):
+                draw_row(row, seed, counter, priority_ptr, scratch_ptr, index_ptr, weight_ptr, N, B, n_tiles,
+                         tile_steps, WEIGHTING, BLOCK_N, CHUNK, BLOCK_B, BLOCK_T)
+            # The counter advances once every row has read it: every thread's reads precede the
+            # ticket (the barrier), and the tickets are acq_rel.
+            tl.debug_barrier()
+            rows_done = tl.atomic_add(state_ptr + 2, rows, sem="acq_rel", scope="gpu")
+            if rows_done + rows == C:
+                tl.store(state_ptr + 1, counter + tl.cast(B, tl.int64) * C)
+                tl.store(state_ptr + 2, 0)
+        else:
+            # Step 3 only; the row's last positive item goes where laber_draw_kernel reads it.
+            for row in range(first_row, C, row_step):
+                row_chunks = scratch_ptr + row * n_tiles * (CHUNKS + 2)
+                tile_row = row_chunks + n_tiles * CHUNKS
+                _, last_positive = row_prefix(row_chunks, tile_row, tile_row + n_tiles, n_tiles, CHUNKS, BLOCK_T)
+                tl.store(tile_row + n_tiles, last_positive.to(tl.float64))
 
 
-def block_sizes(N: int, K: int, B: int, loss: int, D: int = 0) -> dict:
-    """The constexprs and ``num_warps`` of a launch, from register counts of the sm_90 build (ptxas -v).
+@triton.jit
+def laber_draw_kernel(
+    priority_ptr,  # [C, N] float32: p + eps, from laber_fused_kernel
+    scratch_ptr,  # [C, T * (CHUNKS + 2)] float64: chunk prefixes | tile prefix | the row's last positive item first
+    index_ptr,  # [C, B] int64 out
+    weight_ptr,  # [C, B] float32 out (for "max": the picked p; the launcher divides)
+    state_ptr,  # [3 + S] int64: Philox seed, counter, programs-done ticket, arrival tickets
+    C,
+    N,
+    B,
+    n_tiles,
+    tile_steps,
+    n_blocks,  # programs per row: ceil(B / BLOCK_B)
+    WEIGHTING: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
+    """Step 4 as a launch of its own, after :func:`laber_fused_kernel` with ``DRAW=False``: one
+    round of ``BLOCK_B`` draws of one row per program, on the same Philox offsets as the fused path."""
+    CHUNKS: tl.constexpr = BLOCK_N // CHUNK
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // n_blocks
+    offs_b = (pid % n_blocks) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    chunk_row = scratch_ptr + row * n_tiles * (CHUNKS + 2)
+    tile_row = chunk_row + n_tiles * CHUNKS
+    total = tl.load(tile_row + n_tiles - 1)
+    last_positive = tl.load(tile_row + n_tiles).to(tl.int64)
+    seed = tl.load(state_ptr)
+    counter = tl.load(state_ptr + 1)
+    draw_block(row, offs_b, seed, counter, total, last_positive, priority_ptr + row * N, chunk_row, tile_row,
+               index_ptr, weight_ptr, N, B, n_tiles, tile_steps, WEIGHTING, BLOCK_N, CHUNK)
+    # The last program to finish advances the counter: every thread's read of it precedes the ticket.
+    tl.debug_barrier()
+    finished = tl.atomic_add(state_ptr + 2, 1, sem="acq_rel", scope="gpu")
+    if finished == C * n_blocks - 1:
+        tl.store(state_ptr + 1, counter + tl.cast(B, tl.int64) * C)
+        tl.store(state_ptr + 2, 0)
+
+
+def _next_power_of_2(n: int) -> int:
+    # triton.next_power_of_2 and triton.cdiv are constexpr functions: about 3 us a call on the host
+    # (measured), and a launch needs several of them.
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class LaunchPlan(NamedTuple):
+    """How :func:`launch_laber` launches for a shape (:func:`launch_plan`)."""
+
+    n_tiles: int  # T = ceil(N / BLOCK_N): programs per row of the fused kernel
+    tile_steps: int  # T.bit_length(): the halvings of the search over tiles
+    scratch_per_row: int  # T * (BLOCK_N // CHUNK + 2) float64
+    split_draws: bool  # more than MAX_ROUNDS_IN_TILE rounds: laber_draw_kernel draws
+    draw_blocks: int  # programs per row of laber_draw_kernel: ceil(B / DRAW_BLOCK_B)
+    constexprs: dict  # the fused kernel's block sizes (not to be mutated: the plan is cached)
+    num_warps: int
+    draw_block_b: int
+    draw_num_warps: int
+
+
+@functools.lru_cache(maxsize=4096)
+def launch_plan(N: int, K: int, B: int, loss: int, D: int = 0) -> LaunchPlan:
+    """The launch of ``[C, N, K]`` inputs (``D`` features a row for the last-layer rung) drawing ``B``
+    per row: block sizes and ``num_warps`` from register counts of the sm_90 build (ptxas -v), and
+    whether the draws take a launch of their own. Cached: a launch pays a dict lookup for it.
 
     A tile holds up to 4096 items (2048 elements ``[BLOCK_N, BLOCK_K]`` for K > 1, whose softmax keeps
     several tiles live), chunks hold 8 items, a round of draws ``32 * num_warps``; 8 warps for a
@@ -342,20 +446,33 @@ def block_sizes(N: int, K: int, B: int, loss: int, D: int = 0) -> dict:
     ``BLOCK_D <= 32`` and 64-row tiles for K = 1 (108-126 registers at D = 128 and 256, no spill;
     4096 elements took 243 registers at 4 warps and spilled at 8), ``BLOCK_D <= 64`` beside the
     softmax for K > 1 (161 registers at K = 51, D = 128; ``BLOCK_D = 32`` spilled 32 bytes there).
+    The draw kernel runs one round of 256 draws (8 warps) a program.
     """
-    block_k = triton.next_power_of_2(K)
+    block_k = _next_power_of_2(K)
     categorical = loss == LossKind.CATEGORICAL
-    block_d = min(triton.next_power_of_2(D), 64 if categorical else 32) if D > 0 else 1
+    block_d = min(_next_power_of_2(D), 64 if categorical else 32) if D > 0 else 1
     if categorical:
-        block_n = max(8, min(triton.next_power_of_2(N), 2048 // max(block_k, block_d)))
+        block_n = max(8, min(_next_power_of_2(N), 2048 // max(block_k, block_d)))
         num_warps = 4
     else:
-        block_n = max(16, min(triton.next_power_of_2(N), 4096 if D == 0 else 2048 // block_d))
+        block_n = max(16, min(_next_power_of_2(N), 4096 if D == 0 else 2048 // block_d))
         num_warps = 8 if block_n == 4096 or B >= 256 else 4
-    n_tiles = triton.cdiv(N, block_n)
-    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_D": block_d, "CHUNK": 8,
-            "BLOCK_B": max(16, min(triton.next_power_of_2(B), 32 * num_warps)),
-            "BLOCK_T": max(16, min(triton.next_power_of_2(n_tiles), 1024)), "num_warps": num_warps}
+    n_tiles = _cdiv(N, block_n)
+    block_b = max(16, min(_next_power_of_2(B), 32 * num_warps))
+    chunk = 8
+    split = _cdiv(B, block_b) > MAX_ROUNDS_IN_TILE
+    draw_num_warps = 8
+    draw_block_b = max(16, min(_next_power_of_2(B), 32 * draw_num_warps))
+    constexprs = {"BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_D": block_d, "CHUNK": chunk, "BLOCK_B": block_b,
+                  "BLOCK_T": max(16, min(_next_power_of_2(n_tiles), 1024))}
+    return LaunchPlan(n_tiles, n_tiles.bit_length(), n_tiles * (block_n // chunk + 2), split, _cdiv(B, draw_block_b),
+                      constexprs, num_warps, draw_block_b, draw_num_warps)
+
+
+def block_sizes(N: int, K: int, B: int, loss: int, D: int = 0) -> dict:
+    """The fused kernel's constexprs and ``num_warps`` for a shape, as a fresh dict (:func:`launch_plan`)."""
+    plan = launch_plan(N, K, B, loss, D)
+    return {**plan.constexprs, "num_warps": plan.num_warps}
 
 
 class Buffers(NamedTuple):
@@ -367,29 +484,31 @@ class Buffers(NamedTuple):
     scratch: Tensor  # [C, T * (BLOCK_N // CHUNK + 2)] float64
 
 
-def allocate_buffers(pred: Tensor, batch_size: int, loss: int, D: int = 0) -> Buffers:
+def allocate_buffers(pred: Tensor, batch_size: int, loss: int, D: int = 0, plan: LaunchPlan | None = None) -> Buffers:
     """Fresh (uninitialised) buffers for :func:`launch_laber` on ``pred``'s device (``D``: the
     features of a row for the last-layer rung, 0 for the output rung)."""
     C, N, K = pred.shape
-    blocks = block_sizes(N, K, batch_size, loss, D)
-    n_tiles = triton.cdiv(N, blocks["BLOCK_N"])
-    per_tile = blocks["BLOCK_N"] // blocks["CHUNK"] + 2
+    if plan is None:
+        plan = launch_plan(N, K, batch_size, int(loss), D)
     device = pred.device
     return Buffers(torch.empty(C, batch_size, device=device, dtype=torch.int64),
                    torch.empty(C, batch_size, device=device, dtype=torch.float32),
                    torch.empty(C, N, device=device, dtype=torch.float32),
-                   torch.empty(C, n_tiles * per_tile, device=device, dtype=torch.float64))
+                   torch.empty(C, plan.scratch_per_row, device=device, dtype=torch.float64))
 
 
 def launch_laber(pred: Tensor, target: Tensor, features: Tensor | None, state: Tensor, batch_size: int, loss: int,
-                 weighting: int, eps: float, huber_delta: float, *, buffers: Buffers | None = None, kernel=None
-                 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch the kernel once, with no host sync; returns ``(index, weight, priority)``.
+                 weighting: int, eps: float, huber_delta: float, *, buffers: Buffers | None = None,
+                 split_draws: bool | None = None, traceable: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the kernel (and, for many draws, :func:`laber_draw_kernel` after it), with no host
+    sync; returns ``(index, weight, priority)``.
 
     ``features`` (``[C, N, D]``) selects the last-layer rung, ``None`` the output rung.
     ``buffers`` (from :func:`allocate_buffers`) lets the tests fill outputs and scratch with poison
-    first, so that anything left unwritten shows. ``kernel`` defaults to the jitted kernel wrapped
-    by ``wrap_triton`` (so ``torch.compile`` sees the launch); the tests pass a recorder of the grid.
+    first, so that anything left unwritten shows; ``split_draws`` overrides :func:`launch_plan`'s
+    choice of where the draws run (the tests check that both give the same draws). The kernels go
+    through ``wrap_triton``, so that ``torch.compile`` sees the launches; ``traceable=False`` launches
+    them as they are (:func:`laber_fused_call`, where nothing traces).
     """
     C, N, K = pred.shape
     if not isinstance(state, Tensor) or state.dtype != torch.int64 or state.dim() != 1 or state.numel() < 4:
@@ -399,24 +518,40 @@ def launch_laber(pred: Tensor, target: Tensor, features: Tensor | None, state: T
     if features is not None and (features.dim() != 3 or features.shape[:2] != (C, N)):
         raise ValueError(f"features must be [C, N, D] = [{C}, {N}, D], got {tuple(features.shape)}")
     D = 0 if features is None else features.shape[2]
-    surrogate = Surrogate.OUTPUT if features is None else Surrogate.LAST_LAYER
+    surrogate = SURROGATE_OUTPUT if features is None else SURROGATE_LAST_LAYER
     h = pred if features is None else features  # never read by the output rung
-    blocks = block_sizes(N, K, batch_size, loss, D)
-    n_tiles = triton.cdiv(N, blocks["BLOCK_N"])
-    index, weight, priority, scratch = buffers if buffers is not None else allocate_buffers(pred, batch_size, loss, D)
-    launcher = kernel if kernel is not None else wrap_triton(laber_fused_kernel)
+    plan = launch_plan(N, K, batch_size, int(loss), D)
+    split = plan.split_draws if split_draws is None else split_draws
+    index, weight, priority, scratch = (buffers if buffers is not None
+                                        else allocate_buffers(pred, batch_size, loss, D, plan))
     # Triton launches on the current device: tensors on another GPU need their own current. Not
     # while tracing (fake tensors: no device to switch to, and Inductor guards the device itself).
-    on_device = torch.cuda.device(pred.device) if pred.is_cuda and not is_fake(pred) else contextlib.nullcontext()
+    on_device = (torch.cuda.device(pred.device) if pred.is_cuda and not is_fake(pred)
+                 and pred.device.index != torch.cuda.current_device() else contextlib.nullcontext())
+    wrap = wrap_triton if traceable else _as_is
     with on_device:
-        launcher[(C * n_tiles,)](
+        wrap(laber_fused_kernel)[(C * plan.n_tiles,)](
             pred, target, h, priority, scratch, index, weight, state,
-            C, N, K, D, batch_size, n_tiles, state.numel() - 3, eps, huber_delta, n_tiles.bit_length(),
+            C, N, K, D, batch_size, plan.n_tiles, state.numel() - 3, eps, huber_delta, plan.tile_steps,
             pred.stride(0), pred.stride(1), pred.stride(2), target.stride(0), target.stride(1), target.stride(2),
             h.stride(0), h.stride(1), h.stride(2),
-            LOSS=int(loss), SURROGATE=int(surrogate), WEIGHTING=int(weighting), **blocks,
+            LOSS=int(loss), SURROGATE=surrogate, WEIGHTING=int(weighting), DRAW=not split, **plan.constexprs,
+            num_warps=plan.num_warps,
         )
+        if split:
+            wrap(laber_draw_kernel)[(C * plan.draw_blocks,)](
+                priority, scratch, index, weight, state, C, N, batch_size, plan.n_tiles, plan.tile_steps,
+                plan.draw_blocks, WEIGHTING=int(weighting), BLOCK_N=plan.constexprs["BLOCK_N"],
+                CHUNK=plan.constexprs["CHUNK"], BLOCK_B=plan.draw_block_b, num_warps=plan.draw_num_warps,
+            )
+            if int(weighting) == int(Weighting.MAX):
+                # The draw programs stored each picked p; the minimum over the minibatch spans them all.
+                torch.div(weight.amin(-1, keepdim=True), weight, out=weight)
     return index, weight, priority
+
+
+def _as_is(kernel):
+    return kernel
 
 
 @triton_op("torchsample::laber_fused", mutates_args={"rng_state"})
@@ -445,6 +580,27 @@ def laber_fused(pred: Tensor, target: Tensor, features: Optional[Tensor], rng_st
     return launch_laber(pred, target, features, rng_state, batch_size, loss, weighting, eps, huber_delta)
 
 
+def _traced(x: Tensor) -> bool:
+    """Whether a call on ``x`` is being traced or transformed: torch.compile, make_fx or export (a
+    dispatch mode), fake tensors, functorch's wrappers."""
+    return (torch.compiler.is_compiling() or is_fake(x) or _get_current_dispatch_mode() is not None
+            or torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
+def laber_fused_call(pred: Tensor, target: Tensor, features: Optional[Tensor], rng_state: Tensor, batch_size: int,
+                     loss: int, weighting: int, eps: float, huber_delta: float) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`laber_fused`, the op, where something traces the call; else its implementation directly.
+
+    Eagerly the op's dispatch is pure host time, about 20 us a call (measured on CPU with the launches
+    replaced by no-ops, ``perf/bench_host.py``), more than the kernel takes on a GPU for N <= 16k.
+    """
+    if _traced(pred):
+        return torch.ops.torchsample.laber_fused(pred, target, features, rng_state, batch_size, loss, weighting, eps,
+                                                 huber_delta)
+    return launch_laber(pred, target, features, rng_state, batch_size, loss, weighting, eps, huber_delta,
+                        traceable=False)
+
+
 def new_rng_state(device: torch.device | str, generator: torch.Generator | None = None,
                   slots: int = RNG_SLOTS) -> Tensor:
     """A fresh state for the kernel: int64 ``[3 + slots]``, ``(seed, 0, 0, ...)`` on ``device``.
@@ -467,14 +623,38 @@ def new_rng_state(device: torch.device | str, generator: torch.Generator | None 
 _STATES: dict = {}
 
 
+def _stream_key(device: torch.device):
+    """What a default state is keyed by besides the device: the current CUDA stream in eager mode
+    (two streams may run launches at the same time, which must not share tickets), ``None`` while
+    torch.compile traces (a compiled graph's default state is its own, apart from eager calls')."""
+    if torch.compiler.is_compiling() or device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return torch.cuda.current_stream(device).stream_id
+
+
 def rng_state(device: torch.device, generator: torch.Generator | None = None) -> Tensor:
-    """The state a plain op call uses: one persistent :func:`new_rng_state` per device, created
-    when first used and advanced by the kernel itself; with ``generator``, a fresh one drawn from
-    it, so a seeded generator reproduces the draw."""
+    """The state a plain op call uses: one persistent :func:`new_rng_state` per device and CUDA
+    stream, created when first used and advanced by the kernel itself; with ``generator``, a fresh
+    one drawn from it, so a seeded generator reproduces the draw.
+
+    Calls on one stream run one after another and share the stream's state; calls on two streams
+    have one each, so they may run at the same time. A captured CUDA graph replayed beside eager
+    calls, or a compiled function used from several streams at once, needs a state of its own:
+    pass ``rng_state=new_rng_state(device)``, created before capture (as :class:`torchsample.LaBER`
+    does with its buffer). A stream's default state cannot be created while that stream captures.
+    """
     if generator is not None:
         return new_rng_state(device, generator)
-    key = torch.device(device)
+    device = torch.device(device)
+    key = (device, _stream_key(device))
     state = _STATES.get(key)
     if state is None:
-        state = _STATES[key] = new_rng_state(key)
+        if device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_available() \
+                and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "laber: this stream has no default rng_state yet and one cannot be created during CUDA graph "
+                "capture; pass rng_state=torchsample.kernels.laber.new_rng_state(device), created before capture "
+                "(or call the op once on this stream before capturing)"
+            )
+        state = _STATES[key] = new_rng_state(device)
     return state

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-__all__ = ["Surrogate", "LossKind", "Weighting", "SURROGATES", "LOSS_KINDS", "WEIGHTINGS"]
+__all__ = ["Surrogate", "LossKind", "Weighting", "SURROGATES", "LOSS_KINDS", "WEIGHTINGS", "LOSS_CODES", "WEIGHTING_CODES"]
 
 # The keyword each enum's names are passed as, for the error messages.
 _KEYWORDS = {"Surrogate": "surrogate", "LossKind": "loss", "Weighting": "weighting"}
@@ -43,14 +43,19 @@ class _Named(IntEnum):
 
     @classmethod
     def of(cls, label: str):
-        """The code of ``label``; a ``ValueError`` that lists the choices otherwise."""
-        if label in cls.labels():
-            return cls[label.upper().replace("-", "_")]
-        raise ValueError(f"{_KEYWORDS[cls.__name__]} must be one of {cls.labels()}, got {label!r}")
+        """The code of ``label``; a ``ValueError`` that lists the choices otherwise.
+
+        A lookup in a plain dict made at import: dynamo (torch 2.11) cannot trace iterating an
+        Enum class, and the ops resolve codes inside ``torch.compile``d regions.
+        """
+        member = _MEMBERS[cls.__name__].get(label)
+        if member is None:
+            raise ValueError(f"{_KEYWORDS[cls.__name__]} must be one of {cls.labels()}, got {label!r}")
+        return member
 
     @classmethod
     def labels(cls) -> tuple[str, ...]:
-        return tuple(member.label for member in cls)
+        return _LABELS[cls.__name__]
 
 
 class Surrogate(_Named):
@@ -69,11 +74,6 @@ class LossKind(_Named):
     HUBER = 2  # min(|pred - target|, delta)
     CATEGORICAL = 3  # ||softmax(pred) - target||_2 over the atoms
 
-    @classmethod
-    def labels(cls) -> tuple[str, ...]:
-        # The losses a caller may name; ready priorities go through laber_downsample.
-        return tuple(member.label for member in cls if member is not cls.PRIORITY)
-
 
 class Weighting(_Named):
     """The importance weights of :mod:`torchsample.weights`."""
@@ -83,6 +83,17 @@ class Weighting(_Named):
     MAX = 2  # min_{j in minibatch}(p_j) / p_i
 
 
+# label -> member and the public labels of each enum, made once here (see _Named.of).
+_MEMBERS: dict[str, dict[str, _Named]] = {
+    Surrogate.__name__: {m.label: m for m in Surrogate},
+    LossKind.__name__: {m.label: m for m in LossKind if m is not LossKind.PRIORITY},  # ready priorities: laber_downsample
+    Weighting.__name__: {m.label: m for m in Weighting},
+}
+_LABELS = {name: tuple(members) for name, members in _MEMBERS.items()}
+
 SURROGATES = Surrogate.labels()  # ("output", "last-layer", "exact")
 LOSS_KINDS = LossKind.labels()  # ("l2", "huber", "categorical")
 WEIGHTINGS = Weighting.labels()  # ("mean", "lazy", "max")
+# Plain label -> int maps for the ops' hot path and traced regions.
+LOSS_CODES = {label: int(member) for label, member in _MEMBERS[LossKind.__name__].items()}
+WEIGHTING_CODES = {label: int(member) for label, member in _MEMBERS[Weighting.__name__].items()}

@@ -29,7 +29,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .codes import LOSS_KINDS, SURROGATES, WEIGHTINGS, LossKind, Weighting
+from .codes import LOSS_CODES, LOSS_KINDS, SURROGATES, WEIGHTING_CODES, WEIGHTINGS, LossKind
 from .gradnorms import last_layer_norm
 from .surrogates import _check_pair, categorical_priority, td_priority
 from .weights import importance_weights
@@ -204,7 +204,7 @@ def laber_select(
         if CHECK_VALUES_ON_CUDA:
             _check_values(torch.stack([pred.float(), target.float()]).abs(), "pred and target")
         pred3, target3 = (pred, target) if categorical else (pred.unsqueeze(-1), target.unsqueeze(-1))
-        return _fused(pred3, target3, features, batch_size, LossKind.of(loss), weighting, eps, huber_delta, generator,
+        return _fused(pred3, target3, features, batch_size, LOSS_CODES[loss], weighting, eps, huber_delta, generator,
                       rng_state)
     if categorical:
         p = categorical_priority(pred, target)
@@ -279,7 +279,7 @@ def _fused(pred3, target3, features, batch_size, loss_code, weighting, eps, hube
     ``state`` is the caller's random state (``rng_state=``, checked by the launcher); without one,
     the device's default state, or a fresh one drawn from ``generator``.
     """
-    from .kernels.laber import rng_state  # imported lazily: triton is only needed on CUDA
+    from .kernels.laber import laber_fused_call, rng_state  # imported lazily: triton is only needed on CUDA
 
     if state is None:
         state = rng_state(pred3.device, generator)
@@ -289,14 +289,14 @@ def _fused(pred3, target3, features, batch_size, loss_code, weighting, eps, hube
     if squeeze:
         pred3, target3 = pred3.unsqueeze(0), target3.unsqueeze(0)
         features = None if features is None else features.unsqueeze(0)
-    index, weight, priority = torch.ops.torchsample.laber_fused(
+    index, weight, priority = laber_fused_call(
         pred3,
         target3,
         features,
         state,
         batch_size,
         int(loss_code),
-        int(Weighting.of(weighting)),
+        WEIGHTING_CODES[weighting],
         float(eps),
         float(huber_delta),
     )

@@ -89,11 +89,11 @@ def poisoned_buffers(pred, B, loss, D=0) -> laber.Buffers:
     return buffers
 
 
-def run(pred, target, state, B, loss, weighting, eps=0.0, huber_delta=1.0, kernel=None, features=None):
-    """One launch into poisoned buffers; checks that every output was written."""
+def run(pred, target, state, B, loss, weighting, eps=0.0, huber_delta=1.0, features=None, split_draws=None):
+    """One call into poisoned buffers; checks that every output was written."""
     buffers = poisoned_buffers(pred, B, loss, 0 if features is None else features.shape[-1])
     index, weight, priority = launch_laber(pred, target, features, state, B, loss, weighting, eps, huber_delta,
-                                           buffers=buffers, kernel=kernel)
+                                           buffers=buffers, split_draws=split_draws)
     assert ((index >= 0) & (index < pred.shape[1])).all(), "an index is unwritten or out of range"
     assert torch.isfinite(weight).all() and (weight > 0).all(), "a weight is unwritten or not positive"
     assert not priority.isnan().any(), "a priority is unwritten"
@@ -282,18 +282,55 @@ def test_state_advances_and_generators_reproduce(N):
     assert one_slot[1].item() == C * B and (one_slot[2:] == 0).all()
 
 
-def test_rows_of_several_tiles_spread_over_programs():
-    """One launch of ``C * ceil(N / BLOCK_N)`` programs: a row of 65537 items takes 17, not 1."""
+def record_grids(monkeypatch) -> list:
+    """``(kernel name, grid)`` of every launch from now on."""
     grids = []
 
-    class Recording:
-        def __getitem__(self, grid):
-            grids.append(grid)
-            return laber.laber_fused_kernel[grid]
+    def recording(kernel):
+        class Launcher:
+            def __getitem__(self, grid):
+                grids.append((kernel.__name__, grid))
+                return kernel[grid]
 
+        return Launcher()
+
+    monkeypatch.setattr(laber, "wrap_triton", recording)
+    return grids
+
+
+def test_rows_of_several_tiles_spread_over_programs(monkeypatch):
+    """One launch of ``C * ceil(N / BLOCK_N)`` programs: a row of 65537 items takes 17, not 1."""
+    grids = record_grids(monkeypatch)
     pred, target, _ = make_inputs(L.PRIORITY, 2, 65537, 1, torch.float32)
-    run(pred, target, fresh_state(5), 8, L.PRIORITY, W.MEAN, kernel=Recording())
-    assert block_sizes(65537, 1, 8, L.PRIORITY)["BLOCK_N"] == 4096 and grids == [(2 * 17,)]
+    run(pred, target, fresh_state(5), 8, L.PRIORITY, W.MEAN)
+    assert block_sizes(65537, 1, 8, L.PRIORITY)["BLOCK_N"] == 4096 and grids == [("laber_fused_kernel", (2 * 17,))]
+
+
+def test_many_draws_spread_over_programs_of_a_second_launch(monkeypatch):
+    """More than MAX_ROUNDS_IN_TILE rounds of draws: a second launch of one round per program."""
+    grids = record_grids(monkeypatch)
+    plan = laber.launch_plan(1000, 1, 65536, int(L.PRIORITY))
+    assert plan.split_draws and not laber.launch_plan(1000, 1, 512, int(L.PRIORITY)).split_draws
+    pred, target, _ = make_inputs(L.PRIORITY, 2, 1000, 1, torch.float32)
+    run(pred, target, fresh_state(5), 65536, L.PRIORITY, W.MEAN)
+    assert grids == [("laber_fused_kernel", (2,)), ("laber_draw_kernel", (2 * 65536 // plan.draw_block_b,))]
+
+
+@pytest.mark.parametrize("weighting", [W.MEAN, W.LAZY, W.MAX], ids=lambda w: w.label)
+@pytest.mark.parametrize("N, B", [(300, 77), (20_000, 700)], ids=["one-tile-B77", "five-tiles-B700"])
+def test_draws_of_a_second_launch_are_the_fused_launchs_draws(N, B, weighting):
+    """The same state gives the same indices and weights whether the completing programs draw or a
+    second launch does (same Philox offsets); either way the counter advances by ``C * B`` and every
+    ticket is back to 0. Three rows share one arrival slot: the second launch finds each row's prefix."""
+    C = 3
+    pred, target, _ = make_inputs(L.HUBER, C, N, 1, torch.float32, seed=3)
+    states = [fresh_state(8, slots=1), fresh_state(8, slots=1)]
+    fused = run(pred, target, states[0], B, L.HUBER, weighting, eps=1e-6, split_draws=False)
+    split = run(pred, target, states[1], B, L.HUBER, weighting, eps=1e-6, split_draws=True)
+    assert torch.equal(fused[0], split[0])
+    torch.testing.assert_close(fused[1], split[1], rtol=0, atol=0)
+    for state in states:
+        assert state[1].item() == C * B and (state[2:] == 0).all()
 
 
 def test_unbiased_mean_weights():

@@ -63,38 +63,104 @@ def test_kernel_on_cuda_matches_reference():
 # ---------------------------------------------------------------------------------------------
 # Ahead-of-time compilation, and what its PTX shows
 
-SIGNATURE = {
-    "pred_ptr": "*fp32", "target_ptr": "*fp32", "h_ptr": "*fp32", "priority_ptr": "*fp32", "scratch_ptr": "*fp64",
-    "index_ptr": "*i64", "weight_ptr": "*fp32", "state_ptr": "*i64", "C": "i32", "N": "i32", "K": "i32", "D": "i32",
-    "B": "i32", "n_tiles": "i32", "n_slots": "i32", "eps": "fp32", "huber_delta": "fp32", "tile_steps": "i32",
-    "stride_pc": "i64", "stride_pn": "i64", "stride_pk": "i64", "stride_tc": "i64", "stride_tn": "i64",
-    "stride_tk": "i64", "stride_hc": "i64", "stride_hn": "i64", "stride_hd": "i64", "LOSS": "constexpr",
-    "SURROGATE": "constexpr", "WEIGHTING": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
-    "BLOCK_D": "constexpr", "CHUNK": "constexpr", "BLOCK_B": "constexpr", "BLOCK_T": "constexpr",
-}
-PARAM = {name: i for i, name in enumerate(SIGNATURE)}
 # Every branch of the three constexprs at least once, both warp counts, full tiles and partial ones,
 # low-precision inputs on three of them; the last-layer rung (D features a row) on a scalar loss and
-# on the categorical one (the MinAtar network's D = 128, a MuJoCo critic's 256).
+# on the categorical one (the MinAtar network's D = 128, a MuJoCo critic's 256); many draws, which
+# take the second launch (laber_draw_kernel), with each weighting.
 VARIANTS = [
     pytest.param(L.PRIORITY, W.MEAN, 1, 100_000, 32, "fp32", 0, id="priority-mean-N100000-fp32"),
     pytest.param(L.L2, W.LAZY, 1, 1000, 32, "fp16", 0, id="l2-lazy-N1000-fp16"),
-    pytest.param(L.HUBER, W.MAX, 1, 1000, 4096, "fp32", 0, id="huber-max-B4096-fp32"),
+    pytest.param(L.HUBER, W.MAX, 1, 1000, 1024, "fp32", 0, id="huber-max-B1024-fp32"),
     pytest.param(L.CATEGORICAL, W.MEAN, 51, 1000, 32, "bf16", 0, id="categorical-mean-K51-bf16"),
     pytest.param(L.HUBER, W.MEAN, 1, 100_000, 256, "bf16", 256, id="last-layer-huber-mean-D256-bf16"),
     pytest.param(L.CATEGORICAL, W.MAX, 51, 1000, 32, "fp32", 128, id="last-layer-categorical-max-K51-D128-fp32"),
+    pytest.param(L.PRIORITY, W.MAX, 1, 4_194_304, 65536, "fp32", 0, id="priority-max-N4M-B65536-split"),
+    pytest.param(L.L2, W.LAZY, 1, 1000, 4096, "fp16", 0, id="l2-lazy-B4096-split"),
 ]
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def launch_arguments(loss, weighting, C, K, N, B, dtype="fp32", D=0) -> list:
+    """``(kernel, args, kwargs)`` of every launch :func:`launch_laber` makes for these inputs, recorded
+    instead of launched (CPU tensors: nothing here needs a GPU)."""
+    from torchsample.kernels import laber
+
+    pred = torch.zeros(C, N, K, dtype=DTYPES[dtype])
+    features = torch.zeros(C, N, D, dtype=DTYPES[dtype]) if D else None
+    launches = []
+
+    def recording(kernel):
+        class Launcher:
+            def __getitem__(self, grid):
+                return lambda *args, **kwargs: launches.append((kernel, args, kwargs))
+
+        return Launcher()
+
+    original = laber.wrap_triton
+    laber.wrap_triton = recording
+    try:
+        laber.launch_laber(pred, pred, features, new_rng_state("cpu"), B, loss, weighting, 1e-6, 1.0)
+    finally:
+        laber.wrap_triton = original
+    return launches
+
+
+def compile_launch(kernel, args, kwargs, arch: int, ints: str = "runtime", until: str = "cubin"):
+    """``triton.compile`` of one recorded launch for ``sm_<arch>``, no GPU needed. ``ints``:
+
+    * ``"runtime"``: every int argument a runtime ``i32``/``i64`` (no specialisation);
+    * ``"specialised"``: what Triton's JIT compiles for these arguments at launch (ints equal to 1 as
+      constexprs, divisibility by 16 of ints and pointers), derived by Triton's own binder;
+    * ``"constants"``: every int argument a constexpr, as Inductor passes them when it analyses a
+      user kernel under torch.compile.
+
+    ``until="ttir"`` stops after Triton's front end (where a constexpr int breaks a kernel).
+    """
+    from triton.compiler.compiler import make_backend
+    from triton.runtime.jit import mangle_type
+
+    target = GPUTarget("cuda", arch, 32)
+    options = {k: v for k, v in kwargs.items() if k in ("num_warps",)}
+    kwargs = {k: v for k, v in kwargs.items() if k not in options}
+    bound = dict(zip(kernel.arg_names, args)) | kwargs
+    attrs = {}
+    if ints == "specialised":
+        from triton.runtime.jit import create_function_from_signature
+
+        backend = make_backend(target)
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        bound_args, specialization, launch_options = binder(*args, **kwargs, **options)
+        parsed, signature, constexprs, attrs = kernel._pack_args(backend, {**kwargs, **options}, bound_args,
+                                                                 specialization, launch_options)
+        constexprs = {kernel.arg_names[path[0]]: value for path, value in constexprs.items()}
+    else:
+        signature, constexprs = {}, {}
+        for param, name in zip(kernel.params, kernel.arg_names):
+            value = bound[name]
+            if param.is_constexpr or ints == "constants" and isinstance(value, int) and not isinstance(value, bool):
+                signature[name], constexprs[name] = "constexpr", value
+            else:
+                signature[name] = mangle_type(value)
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    if until == "ttir":
+        import triton._C.libtriton as libtriton
+
+        context = libtriton.ir.context()
+        backend = make_backend(target)
+        libtriton.ir.load_dialects(context)
+        backend.load_dialects(context)
+        opts = backend.parse_options(options)
+        return source.make_ir(target, opts, backend.get_codegen_implementation(opts), backend.get_module_map(),
+                              context)
+    return triton.compile(source, target=target, options=options)
 
 
 @functools.cache
-def compile_for(arch: int, loss: int, weighting: int, K: int, N: int, B: int, dtype: str, D: int):
-    signature = {**SIGNATURE, "pred_ptr": f"*{dtype}", "target_ptr": f"*{dtype}", "h_ptr": f"*{dtype}"}
-    blocks = block_sizes(N, K, B, loss, D)
-    num_warps = blocks.pop("num_warps")
-    surrogate = S.LAST_LAYER if D else S.OUTPUT
-    constexprs = {"LOSS": int(loss), "SURROGATE": int(surrogate), "WEIGHTING": int(weighting), **blocks}
-    return triton.compile(ASTSource(fn=laber_fused_kernel, signature=signature, constexprs=constexprs),
-                          target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+def compile_for(arch: int, loss: int, weighting: int, K: int, N: int, B: int, dtype: str, D: int) -> tuple:
+    """The compiled kernels of one call (one, or two when the draws take their own launch), every int
+    argument a runtime value."""
+    return tuple(compile_launch(kernel, args, kwargs, arch)
+                 for kernel, args, kwargs in launch_arguments(loss, weighting, 2, K, N, B, dtype, D))
 
 
 def skip_if_interpreted():
@@ -107,9 +173,78 @@ def skip_if_interpreted():
 @pytest.mark.parametrize("loss, weighting, K, N, B, dtype, D", VARIANTS)
 def test_kernel_compiles_ahead_of_time(arch, loss, weighting, K, N, B, dtype, D):
     skip_if_interpreted()
-    compiled = compile_for(arch, loss, weighting, K, N, B, dtype, D)
-    assert f".target sm_{arch}" in compiled.asm["ptx"]
-    assert len(compiled.asm["cubin"]) > 1000
+    for compiled in compile_for(arch, loss, weighting, K, N, B, dtype, D):
+        assert f".target sm_{arch}" in compiled.asm["ptx"]
+        assert len(compiled.asm["cubin"]) > 1000
+    assert len(compile_for(arch, loss, weighting, K, N, B, dtype, D)) == (2 if B >= 4096 else 1)
+
+
+# Shapes whose ints Triton specialises at launch: B, C, N, K, D (and the tiles, strides) equal to 1.
+SPECIALISED = [
+    pytest.param(1, 1, 1, 1, 0, id="C1-N1-B1"),
+    pytest.param(1, 100_000, 1, 1, 0, id="C1-N100000-B1"),  # one row of several tiles
+    pytest.param(3, 1, 1, 1, 0, id="C3-N1-B1"),
+    pytest.param(1, 128, 51, 1, 0, id="C1-K51-B1"),
+    pytest.param(2, 5000, 1, 32, 1, id="C2-D1-B32"),  # the last-layer rung with one feature
+    pytest.param(1, 4096, 1, 65536, 0, id="C1-N4096-B65536"),  # the second launch, one row
+    pytest.param(2, 16, 1, 16, 16, id="C2-N16-B16-D16"),  # every size divisible by 16
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weighting", [W.MEAN, W.MAX], ids=lambda w: w.label)
+@pytest.mark.parametrize("C, N, K, B, D", SPECIALISED)
+def test_kernel_compiles_as_triton_specialises_it_at_launch(C, N, K, B, D, weighting):
+    """Issue 24, item 1: the first H200 run failed to compile B = 1, an int Triton turned into a
+    constexpr at launch, which an explicit all-``i32`` signature never shows. Here the signature,
+    constexprs and divisibility attributes are the ones Triton's own binder derives from the real
+    launch arguments, compiled for sm_90."""
+    skip_if_interpreted()
+    loss = L.CATEGORICAL if K > 1 else L.PRIORITY
+    for kernel, args, kwargs in launch_arguments(loss, weighting, C, K, N, B, "fp32", D):
+        assert len(compile_launch(kernel, args, kwargs, 90, ints="specialised").asm["cubin"]) > 1000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("C, N, K, B, D", [pytest.param(2, 5000, 1, 32, 16, id="C2-N5000-B32-D16"),
+                                           pytest.param(1, 100_000, 51, 4096, 0, id="C1-N100000-K51-B4096")])
+def test_kernel_front_end_takes_every_int_as_a_constant(C, N, K, B, D):
+    """Under torch.compile, Inductor's analysis of a user kernel passed B = 32 as a constant, and
+    the kernel failed there (the H200 run's ``update_compiled.log``). Every int argument as a
+    constexpr, all at once and each one alone."""
+    skip_if_interpreted()
+    loss = L.CATEGORICAL if K > 1 else L.HUBER
+    for kernel, args, kwargs in launch_arguments(loss, W.MAX, C, K, N, B, "fp32", D):
+        compile_launch(kernel, args, kwargs, 90, ints="constants", until="ttir")
+        ints = [i for i, (param, arg) in enumerate(zip(kernel.params, args))
+                if not param.is_constexpr and isinstance(arg, int)]
+        for i in ints:
+            alone = tuple(1 if j == i else arg for j, arg in enumerate(args))  # the value Triton specialises
+            compile_launch(kernel, alone, kwargs, 90, ints="specialised", until="ttir")
+
+
+@pytest.mark.slow
+def test_inductor_mutation_analysis_reads_the_kernels(monkeypatch):
+    """torch.compile's analysis of which tensors a user kernel mutates (its TTIR with torch's own
+    argument handling) succeeds: when it fails, Inductor assumes every input is mutated, which broke
+    the compiled update on the H200 (torch 2.11). Uses torch's private ``generate_ttir`` with the
+    sm_90 target in place of a GPU driver."""
+    skip_if_interpreted()
+    wrap = pytest.importorskip("torch._higher_order_ops.triton_kernel_wrap")
+    if not hasattr(wrap, "generate_ttir"):
+        pytest.skip("this torch has no generate_ttir")
+
+    class Driver:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    monkeypatch.setattr(triton.runtime.driver, "_active", Driver(), raising=False)
+    if triton.runtime.driver.active.get_current_target() != GPUTarget("cuda", 90, 32):
+        pytest.skip("cannot stand in for triton's driver here")
+    for kernel, args, kwargs in launch_arguments(L.HUBER, W.MAX, 2, 1, 5000, 4096):
+        named = dict(zip(kernel.arg_names, args)) | {k: v for k, v in kwargs.items() if k != "num_warps"}
+        module, names = wrap.generate_ttir(kernel, named, {})
+        assert "state_ptr" in names and "index_ptr" in names
 
 
 _LOAD_PARAM = re.compile(r"ld\.param\.\w+\s+(%\w+),\s*\[\w+_param_(\d+)\]")
@@ -181,7 +316,11 @@ def test_sm90_ptx_orders_memory(loss, weighting, K, N, B, dtype, D):
        what other programs wrote (every thread's loads come after the acquire).
     """
     skip_if_interpreted()
-    ptx = compile_for(90, loss, weighting, K, N, B, dtype, D).asm["ptx"]
+    compiled = compile_for(90, loss, weighting, K, N, B, dtype, D)
+    if len(compiled) == 2:
+        pytest.skip("the draws take a launch of their own: test_sm90_ptx_of_the_draw_launch")
+    ptx = compiled[0].asm["ptx"]
+    PARAM = {name: i for i, name in enumerate(laber_fused_kernel.arg_names)}
     outputs = {PARAM["priority_ptr"], PARAM["scratch_ptr"], PARAM["index_ptr"], PARAM["weight_ptr"]}
     assert unsynced_reloads(ptx, outputs) == []
     accesses = global_accesses(ptx)
@@ -197,6 +336,33 @@ def test_sm90_ptx_orders_memory(loss, weighting, K, N, B, dtype, D):
                      if i > arrival and kind == "ld" and params & tile_data)
     assert any(kind == "bar" for _, kind, _ in accesses[last_store:arrival])
     assert any(kind == "bar" for _, kind, _ in accesses[arrival:first_load])
+
+
+@pytest.mark.slow
+def test_sm90_ptx_of_the_draw_launch():
+    """Many draws: the fused kernel (``DRAW=False``) takes its arrival ticket as above, writes no
+    index or weight and never touches the counter's ticket; the draw kernel's one atomic, its
+    programs-done ticket, is ``atom.acq_rel.gpu`` after a ``bar.sync`` that follows every thread's
+    read of the state, so the last program cannot advance the counter under another's read."""
+    skip_if_interpreted()
+    fused, draw = compile_for(90, L.PRIORITY, W.MAX, 1, 4_194_304, 65536, "fp32", 0)
+    PARAM = {name: i for i, name in enumerate(laber_fused_kernel.arg_names)}
+    accesses = global_accesses(fused.asm["ptx"])
+    atomics = [line for line, kind, _ in accesses if kind == "atom"]
+    assert len(atomics) == 1 and ".gpu.acq_rel." in atomics[0]
+    assert not [line for line, kind, params in accesses
+                if kind == "st" and params & {PARAM["index_ptr"], PARAM["weight_ptr"]}]
+    assert unsynced_reloads(fused.asm["ptx"], {PARAM["priority_ptr"], PARAM["scratch_ptr"]}) == []
+
+    from torchsample.kernels.laber import laber_draw_kernel
+
+    PARAM = {name: i for i, name in enumerate(laber_draw_kernel.arg_names)}
+    accesses = global_accesses(draw.asm["ptx"])
+    atomics = [i for i, (_, kind, _) in enumerate(accesses) if kind == "atom"]
+    assert len(atomics) == 1 and ".gpu.acq_rel." in accesses[atomics[0]][0]
+    state_reads = [i for i, (_, kind, params) in enumerate(accesses) if kind == "ld" and PARAM["state_ptr"] in params]
+    assert state_reads and max(state_reads) < atomics[0]
+    assert any(kind == "bar" for _, kind, _ in accesses[max(state_reads):atomics[0]])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +383,7 @@ def test_cuda_dispatch_is_one_fused_op(op, state, monkeypatch):
 
     def fn(x, y, rng_state):
         if state == "default":
-            monkeypatch.setitem(laber_module._STATES, x.device, rng_state)
+            monkeypatch.setitem(laber_module._STATES, (x.device, laber_module._stream_key(x.device)), rng_state)
         kwargs = {"rng_state": rng_state} if state == "explicit" else {}
         if op == "downsample":
             out = laber_downsample(x, 32, weighting="max", **kwargs)
@@ -240,6 +406,87 @@ def test_cuda_dispatch_is_one_fused_op(op, state, monkeypatch):
     assert (fused[0].args[2] is None) == (op != "select-last-layer")  # the features, for the last-layer rung
     assert not [n for n in calls if "multinomial" in str(n.target) or "cumsum" in str(n.target)]
     assert index.shape == weight.shape == (2, 32) and index.dtype == torch.int64 and priority.shape == (2, 128)
+
+
+@pytest.mark.parametrize("op", ["downsample-max", "select-huber", "select-categorical", "select-last-layer"])
+def test_dynamo_traces_the_cuda_path(op):
+    """torch.compile on the op failed on torch 2.11 (issue 24, item 2): dynamo could not trace the
+    lookup of the weighting's code (iterating an Enum). Dynamo traces the CUDA path here, through a
+    strict ``torch.export`` on fake CUDA tensors (no GPU needed), to the one fused op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from torchsample import laber_downsample, laber_select
+
+    class Sample(torch.nn.Module):
+        def forward(self, x, y, h, rng_state):
+            if op == "downsample-max":
+                out = laber_downsample(x, 32, weighting="max", rng_state=rng_state)
+            elif op == "select-last-layer":
+                out = laber_select(x, y, 32, loss="huber", surrogate="last-layer", features=h, rng_state=rng_state)
+            else:
+                out = laber_select(x, y, 32, loss=op.split("-")[1], weighting="lazy", rng_state=rng_state)
+            return out.index, out.weight
+
+    shape = (2, 128, 51) if op == "select-categorical" else (2, 128)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x, y = torch.empty(shape, device="cuda"), torch.empty(shape, device="cuda")
+        h = torch.empty(2, 128, 64, device="cuda")
+        rng_state = torch.empty(3 + 64, dtype=torch.int64, device="cuda")
+        exported = torch.export.export(Sample(), (x, y, h, rng_state), strict=True)
+    fused = [n for n in exported.graph.nodes if n.target == torch.ops.torchsample.laber_fused.default]
+    assert len(fused) == 1
+
+
+def test_an_eager_call_launches_without_the_dispatcher(monkeypatch):
+    """Eagerly, the op's dispatch is host time only (``perf/bench_host.py``): an untraced call runs the
+    implementation with the raw kernels; a traced one (make_fx above, torch.compile) the op."""
+    import torchsample.kernels.laber as laber_module
+
+    launched = []
+
+    def recorder(how):
+        def wrap(kernel):
+            class Launcher:
+                def __getitem__(self, grid):
+                    return lambda *args, **kwargs: launched.append((how, kernel.__name__))
+
+            return Launcher()
+
+        return wrap
+
+    monkeypatch.setattr(laber_module, "_as_is", recorder("raw"))
+    monkeypatch.setattr(laber_module, "wrap_triton", recorder("wrapped"))
+    p = torch.rand(2, 100, 1)  # CPU tensors stand in for CUDA ones: nothing is launched
+    index, weight, priority = laber_module.laber_fused_call(p, p, None, new_rng_state("cpu"), 4096, int(L.PRIORITY),
+                                                            int(W.MEAN), 0.0, 1.0)
+    assert launched == [("raw", "laber_fused_kernel"), ("raw", "laber_draw_kernel")]
+    assert index.shape == weight.shape == (2, 4096) and priority.shape == (2, 100)
+
+
+def test_the_default_random_state_is_one_per_device_and_stream(monkeypatch):
+    """Two streams may run launches at once, which must not share arrival tickets (issue 24, item 11):
+    each stream gets its own default state; calls on one stream share it; a stream that is capturing
+    a CUDA graph cannot get one (it is made with a host-to-device copy)."""
+    import torchsample.kernels.laber as laber_module
+
+    monkeypatch.setattr(laber_module, "_STATES", {})
+    stream = {"id": 1}
+    monkeypatch.setattr(laber_module, "_stream_key", lambda device: stream["id"])
+    device = torch.device("cpu")
+    first = laber_module.rng_state(device)
+    assert laber_module.rng_state(device) is first
+    stream["id"] = 2
+    second = laber_module.rng_state(device)
+    assert second is not first and laber_module.rng_state(device) is second
+    stream["id"] = 1
+    assert laber_module.rng_state(device) is first
+    seeded = laber_module.rng_state(device, torch.Generator().manual_seed(0))
+    assert seeded is not first and torch.equal(seeded, new_rng_state("cpu", torch.Generator().manual_seed(0)))
+    stream["id"] = 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="cannot be created during CUDA graph capture"):
+        laber_module.rng_state(torch.device("cuda", 0))
 
 
 @pytest.mark.parametrize(
@@ -356,3 +603,34 @@ def test_draws_under_reduce_overhead_are_fresh_each_call():
     assert counters["inductor"]["cudagraph_skips"] == 0
     assert sampler.rng_state[1].item() == calls * C * B and (sampler.rng_state[2:] == 0).all()
     _check_draws(draws, p)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_two_streams_draw_from_states_of_their_own():
+    """Default states on two streams at once: each stream's counter advances by its own calls and
+    its tickets are back to 0 (a shared state would interleave them)."""
+    import torchsample.kernels.laber as laber_module
+    from torchsample import laber_downsample
+
+    C, N, B, calls = 2, 20_000, 2048, 20
+    p = torch.rand(C, N, device="cuda", generator=torch.Generator("cuda").manual_seed(4))
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    states = []
+    for stream in streams:
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            laber_downsample(p, B, eps=0.0)  # makes this stream's default state
+            states.append(laber_module.rng_state(p.device))
+    start = [state[1].item() for state in states]
+    draws = [[], []]
+    for _ in range(calls):
+        for i, stream in enumerate(streams):
+            with torch.cuda.stream(stream):
+                draws[i].append(laber_downsample(p, B, eps=0.0).index)
+    torch.cuda.synchronize()
+    assert states[0] is not states[1]
+    for state, first in zip(states, start):
+        assert state[1].item() == first + calls * C * B and (state[2:] == 0).all()
+    for stream_draws in draws:
+        _check_draws(stream_draws, p)
