@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import os
 import pickle
 import random
@@ -373,9 +374,38 @@ def make_torchrl_logger(kind: str, log_dir: Path, exp_name: str, fresh: bool = T
         if fresh or not id_file.exists():
             id_file.parent.mkdir(parents=True, exist_ok=True)
             id_file.write_text(secrets.token_hex(4))  # wandb's id form: 8 lower-case letters and digits
+        options = {"mode": "offline"}
+        if "log_env_packages" in inspect.signature(WandbLogger.__init__).parameters:  # torchrl >= 0.12
+            options["log_env_packages"] = False  # else it lists every installed package in the run
         return WandbLogger(exp_name, offline=True, save_dir=str(log_dir), id=id_file.read_text().strip(),
-                           project="torchsample", mode="offline", log_env_packages=False)
+                           project="torchsample", **options)
     raise ValueError(f"logger must be one of csv, tensorboard, wandb, got {kind!r}")
+
+
+def log_scalars(sink, scalars: dict[str, float], step: int) -> None:
+    """``scalars`` to a TorchRL logger at ``step``: one ``log_metrics`` call where the logger has it
+    (torchrl 0.14), else ``log_scalar`` per key (torchrl 0.11 has no ``log_metrics``)."""
+    log_metrics = getattr(sink, "log_metrics", None)
+    if log_metrics is not None:
+        log_metrics(scalars, step=step)
+        return
+    for key, value in scalars.items():
+        sink.log_scalar(key, value, step=step)
+
+
+def close_logger(sink) -> None:
+    """Flush and close a TorchRL logger: ``close()`` where it has one (torchrl 0.14); torchrl 0.11's
+    loggers have none, so their writer is closed directly (wandb's run finished, TensorBoard's
+    ``SummaryWriter`` closed; its CSV files are flushed at every write)."""
+    close = getattr(sink, "close", None)
+    if close is not None:
+        close()
+        return
+    experiment = getattr(sink, "experiment", None)
+    for method in ("finish", "close"):
+        if callable(getattr(experiment, method, None)):
+            getattr(experiment, method)()
+            return
 
 
 class Logger:
@@ -437,12 +467,12 @@ class Logger:
             if new:
                 writer.writerow(["step", *values])
             writer.writerow([step, *values.values()])
-        self.sink.log_metrics({f"{name}/{key}": float(value) for key, value in values.items()}, step=step)
+        log_scalars(self.sink, {f"{name}/{key}": float(value) for key, value in values.items()}, step)
 
     def close(self) -> None:
         """Flush and close the TorchRL logger; with wandb, every logged scalar is in the offline run's
         ``.wandb`` file when this returns."""
-        self.sink.close()
+        close_logger(self.sink)
         if self.kind == "wandb":
             # finish() returns once wandb's service has the exit record, but the service closes the run's
             # file after that, on its own thread: a reader right after once saw only the file's header
@@ -471,6 +501,23 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def state_of(obj) -> dict:
+    """``obj.state_dict()``; for TorchRL 0.11's target updaters, which have none, the same fields
+    as 0.14's ``TargetNetUpdater.state_dict``: whether it is initialised and HardUpdate's counter."""
+    if hasattr(obj, "state_dict"):
+        return obj.state_dict()
+    return {name: getattr(obj, name) for name in ("initialized", "counter") if hasattr(obj, name)}
+
+
+def load_state_of(obj, state: dict) -> None:
+    """Restores what :func:`state_of` returned."""
+    if hasattr(obj, "load_state_dict"):
+        obj.load_state_dict(state)
+        return
+    for name, value in state.items():
+        setattr(obj, name, value)
+
+
 def save_checkpoint(path: Path, *, step: int, modules: dict, buffer: TensorDictReplayBuffer, env: gym.Env,
                     loop_state: dict) -> None:
     """Writes ``path`` (a folder): module/optimizer state, the buffer, the env and the RNGs.
@@ -490,7 +537,7 @@ def save_checkpoint(path: Path, *, step: int, modules: dict, buffer: TensorDictR
     torch.save(
         {
             "step": step,
-            "modules": {k: v.state_dict() for k, v in modules.items()},
+            "modules": {k: state_of(v) for k, v in modules.items()},
             "rng": rng_state(),
             "env": env_bytes,
             "loop": loop_state,
@@ -509,7 +556,7 @@ def load_checkpoint(path: Path, *, modules: dict, buffer: TensorDictReplayBuffer
     path = Path(path)
     state = torch.load(path / "state.pt", weights_only=False)
     for key, module in modules.items():
-        module.load_state_dict(state["modules"][key])
+        load_state_of(module, state["modules"][key])
     buffer.loads(path / "buffer")
     set_rng_state(state["rng"])
     env = pickle.loads(state["env"]) if state["env"] is not None else None

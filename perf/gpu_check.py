@@ -1,25 +1,32 @@
-"""``make gpu-check``: the GPU tests, the kernel benchmark and the update benchmark on CUDA, then a summary.
+"""``make gpu-check``: the kernel import, the GPU tests, the kernel benchmark and the update benchmark on
+CUDA, then a summary.
 
     make gpu-check PYTHON=python3               # on the GPU machine (../shared/gpu/suite.sh runs this)
     python perf/gpu_check.py                    # the same
     python perf/gpu_check.py --cpu-smoke --results-dir /tmp/gpu-check   # without a GPU: every step at CPU
                                                                         # smoke sizes, to check the plumbing
 
-Steps, each in its own process under a time limit (the whole check is sized for about 8 minutes on one
-H100); a step that fails or runs out of time does not stop the next:
+Steps, each in its own process under a time limit, correctness first (9 minutes in all, sized from the
+first H200 run: tests 138 s, kernel benchmark 52 s, the update benchmark's compiles the rest):
 
-1. ``pytest -m gpu`` (the tests marked ``gpu``);
-2. ``perf/bench_kernel.py --device cuda`` -> ``perf/results/kernel_cuda.csv``;
-3. ``perf/bench_update.py --device cuda`` -> ``perf/results/update_cuda.csv``.
+1. ``import``: the kernel module imports, the op is registered, and one small call compiles and runs
+   on the device. If this fails nothing else can, so the check stops here, loudly;
+2. ``pytest -m gpu`` (the tests marked ``gpu``; test modules whose optional dependencies are missing
+   skip themselves, so a bare image with the library's own dependencies runs the rest);
+3. ``perf/bench_kernel.py --device cuda`` -> ``perf/results/kernel_cuda.csv``;
+4. ``perf/bench_update.py --device cuda`` -> ``perf/results/update_cuda.csv`` (needs the agents' extra:
+   without it the step is reported as not run).
 
-Then ``perf/results/gpu_summary_cuda.md``: the device and versions, each step's status and time, and
-the headline figures of the CSVs this run wrote, beside the targets of issue 10. Exits 1 when a step
-failed or timed out.
+A step that fails or runs out of time does not stop the next (but ``import``). Then
+``perf/results/gpu_summary_cuda.md``: the device and versions, each step's status and time (or why it
+did not run), and the headline figures of the CSVs this run wrote, beside the targets of issue 10.
+Exits 1 when a step failed or timed out.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import importlib.util
 import os
 import signal
 import subprocess
@@ -34,7 +41,23 @@ import torch
 from common import (FLOOR_TARGET, GRAPH_TARGET_US, RESULTS, ROOT, SPEEDUP_TARGET, UPDATE_VS_PER_TARGET,
                     UPDATE_VS_UNIFORM_TARGET, describe, environment, read_csv)
 
-TIMEOUTS = {"tests": 150, "kernel": 110, "update": 220}  # seconds; 8 minutes in all
+TIMEOUTS = {"import": 60, "tests": 200, "kernel": 110, "update": 170}  # seconds; 9 minutes in all
+AGENT_DEPS = ("tyro", "gymnasium", "tqdm")  # what perf/bench_update.py imports through the agents
+
+# The import step: a failure here means no other step can say anything.
+IMPORT_CHECK = """
+import torch, triton, torchrl, tensordict
+import torchsample.kernels.laber
+from torchsample import laber_downsample
+assert hasattr(torch.ops.torchsample, "laber_fused"), "torch.ops.torchsample.laber_fused is not registered"
+device = "{device}"
+p = torch.rand(1, 100, device=device)
+out = laber_downsample(p, 1, rng_state=torchsample.kernels.laber.new_rng_state(device)) if device == "cuda" \
+    else laber_downsample(p, 1)
+assert 0 <= int(out.index[0]) < 100
+print("import ok: torch", torch.__version__, "triton", triton.__version__, "torchrl", torchrl.__version__,
+      "tensordict", tensordict.__version__, "device", torch.cuda.get_device_name() if device == "cuda" else "cpu")
+"""
 
 
 @dataclass
@@ -42,19 +65,32 @@ class Step:
     name: str
     command: list[str]
     timeout: float
+    needs: tuple[str, ...] = ()  # modules the step imports beyond the library's own dependencies
     rc: int | None = None
     timed_out: bool = False
     seconds: float = 0.0
+    skipped: str = ""  # why the step did not run
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=25))
 
     @property
     def status(self) -> str:
+        if self.skipped:
+            return f"not run: {self.skipped}"
         if self.timed_out:
             return f"TIMED OUT after {self.timeout:.0f} s"
         return "passed" if self.rc == 0 else f"FAILED (exit {self.rc})"
 
+    @property
+    def failed(self) -> bool:
+        return not self.skipped and self.rc != 0
+
     def run(self) -> None:
         """Run with output streamed (and its tail kept); on timeout kill the whole process group."""
+        missing = [name for name in self.needs if importlib.util.find_spec(name) is None]
+        if missing:
+            self.skipped = f"needs {', '.join(missing)} (the [agents] extra)"
+            print(f"\n=== {self.name}: {self.status}", flush=True)
+            return
         print(f"\n=== {self.name}: {' '.join(self.command)} (limit {self.timeout:.0f} s)", flush=True)
         start = time.perf_counter()
         try:
@@ -85,22 +121,37 @@ class Step:
 
 def steps_for(args) -> list[Step]:
     py = sys.executable
-    tests = Step("tests", [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"], args.timeout["tests"])
+    device = "cpu" if args.cpu_smoke else "cuda"
+    check = Step("import", [py, "-c", IMPORT_CHECK.format(device=device)], args.timeout["import"])
+    tests = Step("tests", [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfEs"],
+                 args.timeout["tests"])
     if args.cpu_smoke:
         out = args.results_dir
         return [
+            check,
             tests,
             Step("kernel", [py, "perf/bench_kernel.py", "--device", "cpu", "--out", str(out / "kernel_cpu.csv")],
                  args.timeout["kernel"]),
             Step("update", [py, "perf/bench_update.py", "--device", "cpu", "--models", "dqn-cartpole", "--modes", "eager",
                             "compiled", "cudagraph", "--iterations", "20", "--out", str(out / "update_cpu.csv")],
-                 args.timeout["update"]),
+                 args.timeout["update"], needs=AGENT_DEPS),
         ]
     return [
+        check,
         tests,
         Step("kernel", [py, "perf/bench_kernel.py", "--device", "cuda"], args.timeout["kernel"]),
-        Step("update", [py, "perf/bench_update.py", "--device", "cuda"], args.timeout["update"]),
+        Step("update", [py, "perf/bench_update.py", "--device", "cuda"], args.timeout["update"], needs=AGENT_DEPS),
     ]
+
+
+def run_steps(steps: list[Step]) -> None:
+    """Each step in turn; after a failed ``import`` the others are reported as not run."""
+    for step in steps:
+        broken = next((s for s in steps if s.name == "import" and s.failed), None)
+        if broken is not None and step is not broken:
+            step.skipped = "the import step failed"
+            continue
+        step.run()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +279,7 @@ def write_summary(path: Path, steps: list[Step], tag: str, results_dir: Path, si
     lines += [f"## The update (`update_{tag}.csv`)", ""]
     lines += update_section(fresh_csv(results_dir / f"update_{tag}.csv", since))
     for s in steps:
-        if s.rc != 0:
+        if s.failed:
             lines += [f"## {s.name}: {s.status}, last lines", "", "```", *s.tail, "```", ""]
     path.write_text("\n".join(lines))
 
@@ -251,12 +302,11 @@ def main() -> None:
     tag = "cpu" if args.cpu_smoke else "cuda"
     since = time.time() - 1
     steps = [s for s in steps_for(args) if not args.only or s.name in args.only]
-    for step in steps:
-        step.run()
+    run_steps(steps)
     summary = args.results_dir / f"gpu_summary_{tag}.md"
     write_summary(summary, steps, tag, args.results_dir, since)
     print(f"\n=== gpu-check summary: {summary}\n" + "\n".join(f"{s.name}: {s.status} ({s.seconds:.0f} s)" for s in steps))
-    failed = [s.name for s in steps if s.rc != 0]
+    failed = [s.name for s in steps if s.failed]
     if failed:
         print(f"gpu-check FAILED: {', '.join(failed)}")
         sys.exit(1)

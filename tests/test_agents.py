@@ -19,8 +19,10 @@ from tensordict import TensorDict
 from torchrl.data import PrioritizedSampler
 from torchrl.objectives import SoftUpdate
 
-from agents import c51, common, dqn, sac, td3
-from tests.conftest import requires_cuda
+from tests.conftest import AGENT_DEPS, require, requires_cuda  # noqa: E402
+
+require(*AGENT_DEPS)
+from agents import c51, common, dqn, sac, td3  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLERS = ["uniform", "per", "laber-mean", "laber-lazy", "laber-max", "large-batch", "per-laber-mean", "ger",

@@ -9,7 +9,10 @@ import pytest
 import torch
 from torchrl.objectives import HardUpdate
 
-from agents import atari, c51, common, dqn
+from tests.conftest import AGENT_DEPS, require  # noqa: E402
+
+require(*AGENT_DEPS + ("ale_py", "cv2"))
+from agents import atari, c51, common, dqn  # noqa: E402
 from tests.test_agents import read_csv, run_agent
 
 FRAME = 84 * 84  # bytes of one grey frame

@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 from scipy.stats import trim_mean
 
-from agents import compare
+from tests.conftest import AGENT_DEPS, require  # noqa: E402
+
+require(*AGENT_DEPS + ("rliable", "matplotlib", "pandas"))
+from agents import compare  # noqa: E402
 from tests.test_agents import DISCRETE, assert_returns_possible
 
 ROOT = Path(__file__).resolve().parents[1]

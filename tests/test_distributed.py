@@ -15,6 +15,9 @@ import torch
 
 ray = pytest.importorskip("ray")
 
+from tests.conftest import AGENT_DEPS, require  # noqa: E402
+
+require(*AGENT_DEPS)
 from agents import distributed  # noqa: E402
 
 # One Ray cluster at a time on a machine: under pytest-xdist every test here runs in one worker

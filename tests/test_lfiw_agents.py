@@ -13,7 +13,10 @@ from torch import nn
 from torchrl.objectives import SoftUpdate
 
 import torchsample.losses
-from agents import c51, common, dqn, sac, td3
+from tests.conftest import AGENT_DEPS, require  # noqa: E402
+
+require(*AGENT_DEPS)
+from agents import c51, common, dqn, sac, td3  # noqa: E402
 from torchsample import LaBERLoss
 
 ROOT = Path(__file__).resolve().parents[1]

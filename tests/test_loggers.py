@@ -9,8 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from agents import common
+from tests.conftest import AGENT_DEPS, has, require  # noqa: E402
+
+require(*AGENT_DEPS)
+from agents import common  # noqa: E402
 from tests.test_agents import AGENT_ARGS, AGENTS, DISCRETE, read_csv, run_agent
+
+
+needs_tensorboard = pytest.mark.skipif(not has("tensorboard"), reason="needs tensorboard (the [loggers] extra)")
+needs_wandb = pytest.mark.skipif(not has("wandb"), reason="needs wandb (the [loggers] extra)")
+SINKS = ["csv", pytest.param("tensorboard", marks=needs_tensorboard), pytest.param("wandb", marks=needs_wandb)]
 
 
 def _log_three_rows(run_dir: Path, logger: str, start_step: int = 0) -> None:
@@ -30,7 +38,7 @@ def _tensorboard_scalars(log_dir: Path) -> dict:
     return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
 
 
-@pytest.mark.parametrize("logger", ["csv", "tensorboard", "wandb"])
+@pytest.mark.parametrize("logger", SINKS)
 def test_the_wide_csv_files_are_the_same_whatever_the_logger(logger, tmp_path):
     _log_three_rows(tmp_path, logger)
     with (tmp_path / "train.csv").open() as f:
@@ -47,6 +55,7 @@ def test_torchrl_csv_logger_writes_one_file_per_scalar(tmp_path):
     assert (scalars / "eval" / "eval_return.csv").read_text().splitlines() == ["20,2.5"]
 
 
+@needs_tensorboard
 def test_tensorboard_event_files_hold_the_scalars(tmp_path):
     _log_three_rows(tmp_path, "tensorboard")
     scalars = _tensorboard_scalars(tmp_path / "tensorboard")
@@ -55,6 +64,7 @@ def test_tensorboard_event_files_hold_the_scalars(tmp_path):
     assert not (tmp_path / "csv").exists()
 
 
+@needs_wandb
 def test_wandb_runs_offline_under_the_run_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)  # the logger itself must keep wandb off the network
     monkeypatch.setenv("WANDB_API_KEY", "")
@@ -68,6 +78,7 @@ def test_wandb_runs_offline_under_the_run_folder(tmp_path, monkeypatch):
     assert os.environ["WANDB_MODE"] in ("offline", "dryrun")  # TorchRL re-sets it to "dryrun", wandb's old name
 
 
+@needs_wandb
 def test_a_closed_wandb_logger_has_written_every_scalar(tmp_path, monkeypatch):
     """wandb's ``finish()`` returns before its service has closed the run's file; ``Logger.close`` waits
     for it. Without that wait, 2 of 15 runs read right after ``close`` held only the file's header on a
@@ -89,7 +100,7 @@ def test_unknown_logger_is_a_value_error(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("logger", ["tensorboard", "wandb"])
+@pytest.mark.parametrize("logger", SINKS[1:])
 def test_agent_logs_through_the_chosen_logger(logger, tmp_path):
     """A DQN run on CartPole: its eval.csv keeps its columns, and the chosen sink got the same values."""
     run_agent("dqn", *DISCRETE, "--sampler", "uniform", "--logger", logger, "--out", str(tmp_path))
@@ -115,6 +126,7 @@ def test_every_agent_parses_the_logger_flag(algo, capsys):
         common.cli(agent.env_defaults, agent.Config.env_id, ["--logger", "mlflow"])
 
 
+@needs_wandb
 def test_a_resumed_run_logs_to_the_same_wandb_run_and_a_fresh_one_to_a_new_one(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "")
 
