@@ -27,6 +27,7 @@ from torchrl.data import LazyTensorStorage, PrioritizedSampler, RandomSampler, T
 from tqdm import tqdm
 
 from torchsample import LaBER, grad_norm_scores
+from torchsample.surrogates import joint_norm
 from torchsample.diagnostics import critic_diagnostics
 from torchsample.lfiw import LFIW, FastSlowReplay, RatioNetwork
 
@@ -285,8 +286,7 @@ class Replay:
         # TorchRL reads a 2-D index as one into a multi-dimensional storage.
         rows = batch.reshape(-1)
         if self.spec.priority == "exact":
-            norms = grad_norm_scores(self.loss_module, rows, "exact")
-            priority = norms if norms.dim() == 1 else norms.square().sum(0).sqrt()
+            priority = joint_norm(grad_norm_scores(self.loss_module, rows, "exact"))
         else:
             priority = rows["td_error"]
         self.buffer.update_priority(rows["index"], priority.reshape(-1))

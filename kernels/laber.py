@@ -3,9 +3,10 @@
 Each critic row ``c`` of ``[C, N, K]`` predictions and targets is cut into ``T = ceil(N / BLOCK_N)``
 tiles, one program per ``(c, tile)``, all in one launch (grid ``C * T``):
 
-1. **Tiles, in parallel.** ``p_i = surrogate(pred_i, target_i) + eps`` (ready priorities,
-   ``|q - y|``, ``min(|q - y|, delta)`` or ``||softmax(z_i) - m_i||_2``; for the last-layer rung
-   times ``sqrt(||h_i||^2 + 1)``, ``h`` the ``[C, N, D]`` penultimate features), written to
+1. **Tiles, in parallel.** ``p_i = surrogate(pred_i, target_i) + eps`` (ready priorities, or the
+   output gradient norm of :mod:`torchsample.surrogates`: ``2 |q - y|``, ``min(|q - y|, delta)`` or
+   ``||softmax(z_i) - m_i||_2``; for the last-layer rung times ``sqrt(||h_i||^2 + 1)``, or ``||h_i||``
+   for a layer without bias, ``h`` the ``[C, N, D]`` penultimate features), written to
    ``priority[c]`` in float32. In float64, the tile's chunks of ``CHUNK`` items are summed and
    their inclusive prefix within the tile is written, ``chunk_j = sum_{j' <= j} sum_{i in j'} p_i``
    (the last is the tile's mass), with the tile's last item with ``p_i > 0``.
@@ -75,6 +76,7 @@ from torchsample.codes import LossKind, Surrogate, Weighting
 
 # The codes as constexprs: a jitted function may read only constexpr globals.
 PRIORITY = tl.constexpr(int(LossKind.PRIORITY))
+L2 = tl.constexpr(int(LossKind.L2))
 HUBER = tl.constexpr(int(LossKind.HUBER))
 CATEGORICAL = tl.constexpr(int(LossKind.CATEGORICAL))
 LAST_LAYER = tl.constexpr(int(Surrogate.LAST_LAYER))
@@ -156,8 +158,8 @@ def search(u, mask, priority_row, chunk_row, tile_row, N, n_tiles, tile_steps, l
 
 
 @triton.jit
-def tile_priorities(pred_row, target_row, h_row, offs, mask, K, D, eps, huber_delta, stride_pn, stride_pk, stride_tn,
-                    stride_tk, stride_hn, stride_hd, LOSS: tl.constexpr, SURROGATE: tl.constexpr,
+def tile_priorities(pred_row, target_row, h_row, offs, mask, K, D, eps, huber_delta, bias_sq, stride_pn, stride_pk,
+                    stride_tn, stride_tk, stride_hn, stride_hd, LOSS: tl.constexpr, SURROGATE: tl.constexpr,
                     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """``p + eps`` in float32 of the items ``offs`` (``[CHUNKS, CHUNK]``), 0 outside ``mask`` (step 1)."""
     if LOSS == CATEGORICAL:
@@ -180,6 +182,8 @@ def tile_priorities(pred_row, target_row, h_row, offs, mask, K, D, eps, huber_de
         else:
             y = tl.load(target_row + offs * stride_tn, mask=mask, other=0.0).to(tl.float32)
             p = tl.abs(x - y)
+            if LOSS == L2:
+                p = 2.0 * p  # the gradient norm of (q - y)^2, TorchRL's l2
             if LOSS == HUBER:
                 p = tl.minimum(p, huber_delta)
     if SURROGATE == LAST_LAYER:
@@ -191,7 +195,7 @@ def tile_priorities(pred_row, target_row, h_row, offs, mask, K, D, eps, huber_de
             h = tl.load(h_row + offs[:, :, None] * stride_hn + (d_start + offs_d) * stride_hd, mask=mask_nd,
                         other=0.0).to(tl.float32)
             h_sq += tl.sum(h * h, axis=2)
-        p = p * tl.sqrt(h_sq + 1.0)
+        p = p * tl.sqrt(h_sq + bias_sq)  # ||(h, 1)|| with a bias, ||h|| without
     return tl.where(mask, p + eps, 0.0)
 
 
@@ -286,6 +290,7 @@ def laber_fused_kernel(
     n_slots,  # S
     eps,
     huber_delta,
+    bias_sq,  # last-layer rung: 1.0 if the layer has a bias, else 0.0
     tile_steps,  # T.bit_length()
     stride_pc,
     stride_pn,
@@ -316,8 +321,8 @@ def laber_fused_kernel(
     offs = tile * BLOCK_N + (tl.arange(0, CHUNKS)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]).to(tl.int64)
     mask = offs < N
     p = tile_priorities(pred_ptr + c * stride_pc, target_ptr + c * stride_tc, h_ptr + c * stride_hc, offs, mask, K,
-                        D, eps, huber_delta, stride_pn, stride_pk, stride_tn, stride_tk, stride_hn, stride_hd, LOSS,
-                        SURROGATE, BLOCK_K, BLOCK_D)
+                        D, eps, huber_delta, bias_sq, stride_pn, stride_pk, stride_tn, stride_tk, stride_hn, stride_hd,
+                        LOSS, SURROGATE, BLOCK_K, BLOCK_D)
     tl.store(priority_ptr + c * N + offs, p, mask=mask)
     chunks = tl.cumsum(tl.sum(p.to(tl.float64), axis=1), axis=0)
     chunk_row = scratch_ptr + c * n_tiles * (CHUNKS + 2)
@@ -498,12 +503,13 @@ def allocate_buffers(pred: Tensor, batch_size: int, loss: int, D: int = 0, plan:
 
 
 def launch_laber(pred: Tensor, target: Tensor, features: Tensor | None, state: Tensor, batch_size: int, loss: int,
-                 weighting: int, eps: float, huber_delta: float, *, buffers: Buffers | None = None,
+                 weighting: int, eps: float, huber_delta: float, bias: bool = True, *, buffers: Buffers | None = None,
                  split_draws: bool | None = None, traceable: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the kernel (and, for many draws, :func:`laber_draw_kernel` after it), with no host
     sync; returns ``(index, weight, priority)``.
 
-    ``features`` (``[C, N, D]``) selects the last-layer rung, ``None`` the output rung.
+    ``features`` (``[C, N, D]``) selects the last-layer rung (``bias``: whether that layer has one),
+    ``None`` the output rung.
     ``buffers`` (from :func:`allocate_buffers`) lets the tests fill outputs and scratch with poison
     first, so that anything left unwritten shows; ``split_draws`` overrides :func:`launch_plan`'s
     choice of where the draws run (the tests check that both give the same draws). The kernels go
@@ -532,7 +538,8 @@ def launch_laber(pred: Tensor, target: Tensor, features: Tensor | None, state: T
     with on_device:
         wrap(laber_fused_kernel)[(C * plan.n_tiles,)](
             pred, target, h, priority, scratch, index, weight, state,
-            C, N, K, D, batch_size, plan.n_tiles, state.numel() - 3, eps, huber_delta, plan.tile_steps,
+            C, N, K, D, batch_size, plan.n_tiles, state.numel() - 3, eps, huber_delta, 1.0 if bias else 0.0,
+            plan.tile_steps,
             pred.stride(0), pred.stride(1), pred.stride(2), target.stride(0), target.stride(1), target.stride(2),
             h.stride(0), h.stride(1), h.stride(2),
             LOSS=int(loss), SURROGATE=surrogate, WEIGHTING=int(weighting), DRAW=not split, **plan.constexprs,
@@ -556,17 +563,19 @@ def _as_is(kernel):
 
 @triton_op("torchsample::laber_fused", mutates_args={"rng_state"})
 def laber_fused(pred: Tensor, target: Tensor, features: Optional[Tensor], rng_state: Tensor, batch_size: int,
-                loss: int, weighting: int, eps: float, huber_delta: float) -> tuple[Tensor, Tensor, Tensor]:
+                loss: int, weighting: int, eps: float, huber_delta: float, bias: bool) -> tuple[Tensor, Tensor, Tensor]:
     """``torch.ops.torchsample.laber_fused``: the fused LaBER op on CUDA tensors.
 
     Args:
         pred, target: ``[C, N, K]``, fp32/fp16/bf16/fp64.
         features: ``None`` for the output rung, ``p_i = ||g_i||``; ``[C, N, D]`` penultimate features
-            (any float dtype) for the last-layer rung, ``p_i = ||g_i|| sqrt(||h_i||^2 + 1)``.
+            (any float dtype) for the last-layer rung, ``p_i = ||g_i|| sqrt(||h_i||^2 + 1)``
+            (``||g_i|| ||h_i||`` when ``bias`` is false: the last layer has none).
         rng_state: int64 ``[3 + S]`` on the same device, from :func:`new_rng_state` (owned by the
             caller) or :func:`rng_state` (the device's default); advanced in place.
         batch_size: ``B``; loss: a :class:`torchsample.codes.LossKind` (K > 1 only for
-        ``CATEGORICAL``); weighting: a :class:`torchsample.codes.Weighting`; eps, huber_delta: floats.
+        ``CATEGORICAL``); weighting: a :class:`torchsample.codes.Weighting`; eps, huber_delta: floats;
+        bias: whether the last layer has a bias (last-layer rung only).
 
     Returns:
         ``index`` int64 ``[C, B]``, ``weight`` float32 ``[C, B]``, ``priority`` float32 ``[C, N]``.
@@ -575,9 +584,9 @@ def laber_fused(pred: Tensor, target: Tensor, features: Optional[Tensor], rng_st
         >>> # needs a GPU, hence the SKIP
         >>> q, h = torch.rand(2, 128, 1, device="cuda"), torch.randn(2, 128, 64, device="cuda")  # doctest: +SKIP
         >>> index, weight, priority = torch.ops.torchsample.laber_fused(  # doctest: +SKIP
-        ...     q, q, h, new_rng_state(q.device), 32, LossKind.PRIORITY, Weighting.MEAN, 1e-6, 1.0)
+        ...     q, q, h, new_rng_state(q.device), 32, LossKind.PRIORITY, Weighting.MEAN, 1e-6, 1.0, True)
     """
-    return launch_laber(pred, target, features, rng_state, batch_size, loss, weighting, eps, huber_delta)
+    return launch_laber(pred, target, features, rng_state, batch_size, loss, weighting, eps, huber_delta, bias)
 
 
 def _traced(x: Tensor) -> bool:
@@ -588,7 +597,8 @@ def _traced(x: Tensor) -> bool:
 
 
 def laber_fused_call(pred: Tensor, target: Tensor, features: Optional[Tensor], rng_state: Tensor, batch_size: int,
-                     loss: int, weighting: int, eps: float, huber_delta: float) -> tuple[Tensor, Tensor, Tensor]:
+                     loss: int, weighting: int, eps: float, huber_delta: float, bias: bool = True
+                     ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`laber_fused`, the op, where something traces the call; else its implementation directly.
 
     Eagerly the op's dispatch is pure host time, about 20 us a call (measured on CPU with the launches
@@ -596,8 +606,8 @@ def laber_fused_call(pred: Tensor, target: Tensor, features: Optional[Tensor], r
     """
     if _traced(pred):
         return torch.ops.torchsample.laber_fused(pred, target, features, rng_state, batch_size, loss, weighting, eps,
-                                                 huber_delta)
-    return launch_laber(pred, target, features, rng_state, batch_size, loss, weighting, eps, huber_delta,
+                                                 huber_delta, bias)
+    return launch_laber(pred, target, features, rng_state, batch_size, loss, weighting, eps, huber_delta, bias,
                         traceable=False)
 
 

@@ -1,9 +1,11 @@
 """Float32 plain-torch reference of :mod:`torchsample.kernels.laber`, step for step.
 
-Given the uniforms ``u`` the kernel would draw, it returns what the kernel computes: the same float32
-priorities, and the same draws up to where ``u * sum(p)`` lies within float64 rounding of a boundary
-of the cumulative sum (the kernel sums in another order: tiles, chunks, items), so the kernel tests
-can hold the kernel to it draw for draw.
+Self-contained, as a reference should be: its own few lines for the surrogates (the library's live in
+:mod:`torchsample.surrogates`, which the kernel tests also hold this file to). Given the uniforms ``u``
+the kernel would draw, it returns what the kernel computes: the same float32 priorities, and the same
+draws up to where ``u * sum(p)`` lies within float64 rounding of a boundary of the cumulative sum
+(the kernel sums in another order: tiles, chunks, items), so the kernel tests can hold the kernel to
+it draw for draw.
 """
 from __future__ import annotations
 
@@ -11,21 +13,19 @@ import torch
 from torch import Tensor
 
 from torchsample.codes import LossKind, Weighting
-from torchsample.gradnorms import last_layer_norm
-from torchsample.surrogates import categorical_priority, td_priority
-from torchsample.weights import importance_weights
 
 
 def laber_naive(pred: Tensor, target: Tensor, u: Tensor, loss: int, weighting: int, eps: float,
-                huber_delta: float = 1.0, features: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                huber_delta: float = 1.0, features: Tensor | None = None, bias: bool = True
+                ) -> tuple[Tensor, Tensor, Tensor]:
     """The kernel's algorithm on ``[C, N, K]`` inputs and ``[C, B]`` uniforms in ``[0, 1)``.
 
-    ``p = ||g|| + eps`` in float32, ``||g||`` the output gradient norm of ``loss``, times
-    ``sqrt(||h||^2 + 1)`` where ``features`` ``h`` (``[C, N, D]``, the last-layer rung) are given;
-    ``cdf`` its float64 cumulative sum;
-    ``index = min(#{i: cdf_i <= u * cdf_N}, last i with p_i > 0)``, and the last positive item if
-    rounding lands on a zero; all-zero rows draw ``floor(u * N)`` with weight 1. ``u`` is used in
-    float64 (the kernel's uniforms have 52 bits).
+    ``p = ||g|| + eps`` in float32, ``||g||`` the output gradient norm of ``loss`` (``2 |q - y|``,
+    ``min(|q - y|, delta)``, ``||softmax(z) - m||``), times ``sqrt(||h||^2 + 1)`` (``||h||`` without
+    ``bias``) where ``features`` ``h`` (``[C, N, D]``, the last-layer rung) are given; ``cdf`` its
+    float64 cumulative sum; ``index = min(#{i: cdf_i <= u * cdf_N}, last i with p_i > 0)``, and the
+    last positive item if rounding lands on a zero; all-zero rows draw ``floor(u * N)`` with weight
+    1. ``u`` is used in float64 (the kernel's uniforms have 52 bits).
 
     Examples:
         >>> import torch
@@ -40,14 +40,18 @@ def laber_naive(pred: Tensor, target: Tensor, u: Tensor, loss: int, weighting: i
         tensor([[0.0000, 5.0990, 3.0000]])
     """
     loss = LossKind(loss)
+    pred, target = pred.float(), target.float()
     if loss is LossKind.PRIORITY:
-        p = pred[..., 0].float()
+        p = pred[..., 0]
     elif loss is LossKind.CATEGORICAL:
-        p = categorical_priority(pred, target)
+        p = (torch.softmax(pred, -1) - target).norm(dim=-1)
+    elif loss is LossKind.L2:
+        p = 2 * (pred[..., 0] - target[..., 0]).abs()
     else:
-        p = td_priority(pred[..., 0], target[..., 0], loss=loss.label, huber_delta=huber_delta)
+        p = (pred[..., 0] - target[..., 0]).abs().clamp(max=huber_delta)
     if features is not None:
-        p = last_layer_norm(p, features)
+        h_sq = features.float().square().sum(-1)
+        p = p * (h_sq + 1).sqrt() if bias else p * h_sq.sqrt()
     p = p + eps
     C, N = p.shape
     cdf = p.double().cumsum(-1)
@@ -59,5 +63,11 @@ def laber_naive(pred: Tensor, target: Tensor, u: Tensor, loss: int, weighting: i
     index = torch.where(p.gather(-1, index) > 0, index, last_positive)
     empty = total <= 0
     index = torch.where(empty, (u.double() * N).long().clamp(max=N - 1), index)
-    weight = torch.where(empty, 1.0, importance_weights(p, index, Weighting(weighting).label))
-    return index, weight, p
+    picked = p.gather(-1, index)
+    if Weighting(weighting) is Weighting.MEAN:
+        weight = p.mean(-1, keepdim=True) / picked
+    elif Weighting(weighting) is Weighting.LAZY:
+        weight = 1 / picked
+    else:
+        weight = picked.amin(-1, keepdim=True) / picked
+    return index, torch.where(empty, 1.0, weight), p

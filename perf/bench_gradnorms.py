@@ -31,8 +31,8 @@ from torch.func import functional_call
 from common import RESULTS, describe, environment, repeat, time_interleaved, write_csv
 
 from torchsample import SURROGATES, LaBER, LaBERLoss
-from torchsample.gradnorms import capture_last_layer_input, exact_grad_norms, last_layer_norm, output_gradient
-from torchsample.surrogates import td_priority
+from torchsample.gradnorms import capture_last_layer_input, exact_grad_norms
+from torchsample.surrogates import critic_priorities
 
 ACTIONS = 6
 
@@ -82,11 +82,11 @@ def make_update(net: nn.Module, x: torch.Tensor, action, y: torch.Tensor, scorin
             next_q = target_net(x)
             target = y + 0.99 * (next_q.squeeze(-1) if action is None else next_q.amax(-1))
             if scoring == "output":
-                priority = td_priority(predict(net, x, action), target)
+                priority = critic_priorities(predict(net, x, action), target)
             else:
                 with capture_last_layer_input(net) as cap:
                     q = predict(net, x, action)
-                priority = last_layer_norm(output_gradient(q, target), cap.features)
+                priority = critic_priorities(q, target, features=cap.features)
             priority += 1e-6
             index = torch.multinomial(priority, batch_size, replacement=True)
             weight = priority.mean() / priority[index]
@@ -119,13 +119,13 @@ def bench(name: str, n: int, quick: bool) -> dict:
 
     @torch.no_grad()
     def output():
-        return td_priority(predict(net, x, action), y)
+        return critic_priorities(predict(net, x, action), y)
 
     @torch.no_grad()
     def last_layer():
         with capture_last_layer_input(net) as cap:
             q = predict(net, x, action)
-        return last_layer_norm(output_gradient(q, y), cap.features)
+        return critic_priorities(q, y, features=cap.features)
 
     def forward_backward():
         net.zero_grad(set_to_none=True)

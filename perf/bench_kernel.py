@@ -10,8 +10,8 @@ captured in a CUDA graph (``calls`` consecutive calls in one ``torch.cuda.CUDAGr
 * ``laber``: the public op, ``laber_select`` (``loss="l2"``, ``"categorical"``; the output rung,
   or the last-layer rung with ``D = 128`` features a row, ``l2+last-layer``) or ``laber_downsample``
   (ready priorities); on CUDA one launch of the fused kernel;
-* ``naive``: the plain torch path: the priority (``torchsample.td_priority`` /
-  ``categorical_priority``, times ``sqrt(||h||^2 + 1)`` for the last layer) ``+ eps``,
+* ``naive``: the plain torch path: the priority (``torchsample.critic_priorities``, times
+  ``sqrt(||h||^2 + 1)`` for the last layer) ``+ eps``,
   ``torch.multinomial(p, B, replacement=True)``, the weights (``torchsample.importance_weights``);
 * ``multinomial``: ``torch.multinomial`` alone on ready priorities.
 
@@ -52,8 +52,7 @@ from common import (FLOOR_TARGET, RESULTS, Timing, calls_for, cuda_graph, descri
 from gpu_check import kernel_section
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from torchsample import categorical_priority, importance_weights, laber_downsample, laber_select, td_priority  # noqa: E402
-from torchsample.gradnorms import last_layer_norm  # noqa: E402
+from torchsample import critic_priorities, importance_weights, laber_downsample, laber_select  # noqa: E402
 
 EPS = 1e-6
 VARIANTS = ["laber", "naive", "multinomial"]
@@ -113,15 +112,15 @@ def make_inputs(case: Case, device) -> tuple[tuple, torch.Tensor]:
         return (p,), p + EPS
     if case.loss == "l2":
         pred, target = (torch.randn(*lead, case.N, device=device, generator=g) for _ in range(2))
-        p = td_priority(pred, target)
+        p = critic_priorities(pred, target)
     else:
         pred = torch.randn(*lead, case.N, case.K, device=device, generator=g)
         target = torch.softmax(torch.randn(*lead, case.N, case.K, device=device, generator=g), dim=-1)
-        p = categorical_priority(pred, target)
+        p = critic_priorities(pred, target, "categorical")
     if not case.D:
         return (pred, target), p + EPS
     features = torch.randn(*lead, case.N, case.D, device=device, generator=g)
-    return (pred, target, features), last_layer_norm(p, features) + EPS
+    return (pred, target, features), critic_priorities(pred, target, case.loss, features=features) + EPS
 
 
 def variants(case: Case, inputs: tuple, ready: torch.Tensor) -> dict:
@@ -132,14 +131,13 @@ def variants(case: Case, inputs: tuple, ready: torch.Tensor) -> dict:
         priority = lambda: p + EPS  # noqa: E731
     else:
         pred, target, *features = inputs
-        output = td_priority if case.loss == "l2" else categorical_priority
+        h = features[0] if features else None
         if features:
             laber = lambda: laber_select(pred, target, b, loss=case.loss, surrogate="last-layer",  # noqa: E731
-                                         features=features[0], eps=EPS)
-            priority = lambda: last_layer_norm(output(pred, target), features[0]).add_(EPS)  # noqa: E731
+                                         features=h, eps=EPS)
         else:
             laber = lambda: laber_select(pred, target, b, loss=case.loss, eps=EPS)  # noqa: E731
-            priority = lambda: output(pred, target).add_(EPS)  # noqa: E731
+        priority = lambda: critic_priorities(pred, target, case.loss, features=h).add_(EPS)  # noqa: E731
 
     def naive():
         p = priority()

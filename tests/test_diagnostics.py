@@ -206,7 +206,7 @@ def per_row_gradients(critic, large, target):
 def test_critic_diagnostics_against_per_row_gradients(family):
     from tests import setups
     from torchsample.diagnostics import critic_diagnostics
-    from torchsample.targets import critic_of
+    from torchsample.critics import critic_of
 
     loss = setups.dqn_loss("smooth_l1", double_dqn=True) if family == "dqn" else setups.sac_loss()
     large, B = setups.batch(48, continuous=family == "sac"), 8

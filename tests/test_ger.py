@@ -12,11 +12,14 @@ import pytest
 import torch
 from torchrl.objectives import SoftUpdate
 
-from agents import common
+from tests.conftest import AGENT_DEPS, require  # noqa: E402
+
+require(*AGENT_DEPS)
+from agents import common  # noqa: E402
 from tests import setups
 from tests.test_diagnostics import per_row_gradients
 from torchsample import LaBERLoss
-from torchsample.targets import critic_of
+from torchsample.critics import critic_of
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")

@@ -8,15 +8,9 @@ from torchrl.objectives.utils import distance_loss
 
 from tests.setups import ACTIONS, batch, c51_loss, dqn_loss, sac_loss, td3_loss
 from torchsample.c51 import _atoms_of_action, _log_probs
-from torchsample.gradnorms import (
-    capture_last_layer_input,
-    exact_grad_norms,
-    last_layer_norm,
-    last_linear,
-    output_gradient,
-    per_sample_grads,
-)
-from torchsample.targets import critic_of, gather_action, swap_params
+from torchsample.critics import critic_of, gather_action, swap_params
+from torchsample.gradnorms import capture_last_layer_input, exact_grad_norms, last_linear, per_sample_grads
+from torchsample.surrogates import critic_priorities, last_layer_norm, output_gradient
 
 N = 12
 
@@ -45,10 +39,11 @@ def critic_prediction(loss, params, rows):
 
 
 def last_layer_keys(module):
-    """The params keys of :func:`last_linear` (TorchRL's params mirror ``named_modules``)."""
+    """The params keys of :func:`last_linear` (TorchRL's params mirror ``named_modules``): its weight, and
+    its bias where it has one."""
     layer = last_linear(module)
     name = next(name for name, sub in module.named_modules() if sub is layer)
-    return [(*name.split("."), "weight"), (*name.split("."), "bias")]
+    return [(*name.split("."), "weight")] + ([(*name.split("."), "bias")] if layer.bias is not None else [])
 
 
 def norms_of(grads, keys):
@@ -96,7 +91,7 @@ def test_last_layer_norm_dqn(loss_function, double_dqn):
     with capture_last_layer_input(loss.value_network) as cap:
         pred = critic.prediction(td)
     torch.testing.assert_close(pred, dqn_prediction(loss, loss.value_network_params, td))
-    norms = last_layer_norm(output_gradient(pred, target, critic.loss_kind), cap.features)
+    norms = critic_priorities(pred, target, critic.loss_kind, features=cap.features)
 
     grads = per_sample_grads(lambda p, td, y: critic.per_sample_loss(dqn_prediction(loss, p, td), y),
                              loss.value_network_params, td, target)
@@ -114,7 +109,7 @@ def test_last_layer_norm_c51():
     with capture_last_layer_input(loss.value_network) as cap:
         pred = critic.prediction(td)  # [N, atoms]; the last Linear's output is [N, atoms * actions]
     assert cap.features.shape == (N, 16)
-    norms = last_layer_norm(output_gradient(pred, target, "categorical"), cap.features)
+    norms = critic_priorities(pred, target, "categorical", features=cap.features)
 
     grads = per_sample_grads(lambda p, td, m: critic.per_sample_loss(c51_prediction(loss, p, td), m),
                              loss.value_network_params, td, target)
@@ -141,7 +136,7 @@ def test_last_layer_norm_twin_critics_under_vmap(make_loss):
     q, features = torch.vmap(one_critic, (0, 0))(loss.qvalue_network_params, rows)
     assert features.shape == (2, N, 16)
     torch.testing.assert_close(q, critic.rows_prediction(rows))  # the forward LaBER scores with
-    norms = last_layer_norm(output_gradient(q, targets, critic.loss_kind), features)
+    norms = critic_priorities(q, targets, critic.loss_kind, features=features)
 
     for c in range(2):
         grads = per_sample_grads(
@@ -296,7 +291,7 @@ def test_ghost_norms_dqn_loss_params():
     # The last layer's share is below the whole network's norm, and not equal to it.
     with capture_last_layer_input(loss.value_network) as cap:
         pred = critic.prediction(td)
-    last = last_layer_norm(output_gradient(pred, target, critic.loss_kind), cap.features)
+    last = critic_priorities(pred, target, critic.loss_kind, features=cap.features)
     assert (last <= ghost * (1 + 1e-5)).all() and (last < ghost * 0.999).any()
 
 
@@ -343,7 +338,7 @@ def test_bad_arguments():
         output_gradient(torch.zeros(3), torch.zeros(3), "l1")
     with pytest.raises(ValueError, match="same shape"):
         output_gradient(torch.zeros(3), torch.zeros(4))
-    with pytest.raises(ValueError, match="output_grad must be"):
+    with pytest.raises(ValueError, match=r"features must be \[..., N, F\] with output_grad_norm"):
         last_layer_norm(torch.zeros(3), torch.zeros(4, 5))
     with pytest.raises(ValueError, match="no nn.Linear"):
         last_linear(nn.ReLU())

@@ -11,7 +11,7 @@ import torch
 from scipy import stats
 
 from tests.conftest import DEVICES
-from torchsample import categorical_priority, laber_downsample, laber_select, td_priority
+from torchsample import critic_priorities, laber_downsample, laber_select
 
 ALPHA = 1e-4  # false-alarm rate of each statistical assertion
 DRAWS = 40_000
@@ -139,7 +139,7 @@ def test_low_and_high_precision_inputs_compute_in_float32(device, dtype):
     torch.testing.assert_close(out.priority, p.float() + 1e-6)
     q, y = torch.randn(2, 100, device=device).to(dtype), torch.randn(2, 100, device=device).to(dtype)
     sel = laber_select(q, y, 10)
-    torch.testing.assert_close(sel.priority, (q.float() - y.float()).abs() + 1e-6)
+    torch.testing.assert_close(sel.priority, 2 * (q.float() - y.float()).abs() + 1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +151,9 @@ def test_low_and_high_precision_inputs_compute_in_float32(device, dtype):
 def test_select_priorities_are_the_surrogates(device, critics):
     lead = (critics,) if critics == 2 else ()
     q, y = torch.randn(*lead, 257, device=device) * 2, torch.randn(*lead, 257, device=device)
-    torch.testing.assert_close(laber_select(q, y, 8).priority, td_priority(q, y) + 1e-6)
+    # TorchRL's l2 is (q - y)^2: its output gradient norm is 2 |q - y|.
+    torch.testing.assert_close(laber_select(q, y, 8).priority, 2 * (q - y).abs() + 1e-6)
+    torch.testing.assert_close(laber_select(q, y, 8).priority, critic_priorities(q, y) + 1e-6)
     huber = laber_select(q, y, 8, loss="huber", eps=0.0).priority
     torch.testing.assert_close(huber, (q - y).abs().clamp(max=1.0))
     assert huber.max() <= 1.0
@@ -161,7 +163,7 @@ def test_select_priorities_are_the_surrogates(device, critics):
     target = torch.softmax(torch.randn(*lead, 257, 51, device=device), -1)
     cat = laber_select(logits, target, 8, loss="categorical", eps=0.0)
     torch.testing.assert_close(cat.priority, (torch.softmax(logits, -1) - target).norm(dim=-1))
-    torch.testing.assert_close(cat.priority, categorical_priority(logits, target))
+    torch.testing.assert_close(cat.priority, critic_priorities(logits, target, "categorical"))
     assert cat.index.shape == (*lead, 8)
 
 

@@ -7,7 +7,7 @@ from torchrl.data import LazyTensorStorage, PrioritizedSampler, RandomSampler, T
 from tests.conftest import DEVICES
 from tests.setups import CONTINUOUS, LOSSES, batch, dqn_loss
 from torchsample import LaBER, LaBERLoss, LaBERSampler, pred_and_target
-from torchsample.targets import TARGET
+from torchsample.critics import TARGET
 
 
 class RecordingSampler(PrioritizedSampler):

@@ -3,16 +3,19 @@
 Each rung equals ``torch.func``'s per-sample gradient norm of the per-sample TD loss over its
 parameters (the output, the last linear layer's weight and bias, every parameter), row by row, for
 DQN (an MLP and the MinAtar conv net), C51 and the SAC/TD3 critics; the reference is written with
-TorchRL's modules directly (tests/test_gradnorms.py's helpers), not through torchsample.targets.
-LaBER at each rung draws in proportion to that rung's scores, with weights ``mean(p) / p``.
+TorchRL's modules directly (tests/test_gradnorms.py's helpers), not through torchsample.critics.
+LaBER at each rung draws in proportion to that rung's scores, with weights ``mean(p) / p``. A last
+layer without bias has the last-layer rung ``||g|| ||h||`` (issue 21: it was ``||g|| sqrt(||h||^2 + 1)``
+whatever the layer, and could exceed ``"exact"``).
 """
 import pytest
 import torch
-from torchrl.modules import QValueActor
-from torchrl.objectives import DQNLoss
+from torch import nn
+from torchrl.modules import MLP, QValueActor
+from torchrl.objectives import DQNLoss, TD3Loss
 from torchrl.objectives.utils import distance_loss
 
-from tests.setups import batch, c51_loss, dqn_loss, sac_loss, td3_loss
+from tests.setups import ACTIONS, OBS, batch, c51_loss, dqn_loss, sac_loss, td3_loss
 from tests.test_gradnorms import (
     assert_rows_close,
     c51_prediction,
@@ -25,7 +28,7 @@ from tests.test_gradnorms import (
 from tests.test_ops import ALPHA, chi_square_pvalue
 from torchsample import SURROGATES, LaBER, LaBERSampler, grad_norm_scores
 from torchsample.gradnorms import per_sample_grads
-from torchsample.targets import critic_of
+from torchsample.critics import critic_of
 
 N = 24
 DRAWS = 20_000
@@ -39,8 +42,18 @@ def minatar_dqn_loss():
     return loss
 
 
+def dqn_loss_without_bias():
+    """A DQN whose last layer has no bias: the last-layer rung is ||g|| ||h||."""
+    net = MLP(in_features=OBS, out_features=ACTIONS, num_cells=[16], activation_class=nn.ReLU, bias_last_layer=False)
+    loss = DQNLoss(QValueActor(net, in_keys=["observation"], action_space="categorical"), loss_function="l2",
+                   delay_value=True, action_space="categorical")
+    loss.make_value_estimator(gamma=0.9)
+    return loss
+
+
 FAMILIES = {
     "dqn-l2": lambda: dqn_loss("l2"),
+    "dqn-no-bias": dqn_loss_without_bias,
     "double-dqn-huber": lambda: dqn_loss("smooth_l1", double_dqn=True),
     "dqn-minatar": minatar_dqn_loss,
     "c51": c51_loss,
@@ -98,8 +111,11 @@ def test_each_rung_is_the_per_sample_gradient_norm_over_its_parameters(name):
     for rung in SURROGATES:
         assert_rows_close(scores[rung], expected[rung])
         assert not scores[rung].requires_grad
-    # The rungs differ: the last layer adds the features' norm, the other layers add more.
-    assert (scores["output"] < scores["last-layer"]).all()
+    # The rungs differ: the last layer adds the features' norm (with a bias: without one the output
+    # gradient is no parameter's gradient), the other layers add more.
+    if critic_of(loss).last_layer_bias:
+        assert (scores["output"] < scores["last-layer"]).all()
+    assert (scores["last-layer"] <= scores["exact"] * (1 + 1e-5)).all()
     assert (scores["last-layer"] < scores["exact"] * 0.999).any()
     assert_rows_close(grad_norm_scores(loss, td, "exact", target=target, method="vmap"), expected["exact"])
 
@@ -118,11 +134,10 @@ def selection_case(name: str, rung: str, critics: str = "independent"):
 
 
 @pytest.mark.parametrize("rung", SURROGATES)
-@pytest.mark.parametrize("name", ["dqn-l2", "dqn-minatar", "c51", "td3"])
+@pytest.mark.parametrize("name", ["dqn-l2", "dqn-no-bias", "dqn-minatar", "c51", "td3"])
 def test_laber_draws_each_rung_in_proportion_to_its_scores(name, rung):
     """A chi-square goodness of fit at ALPHA (its tolerance follows from the DRAWS), and the weights
-    ``mean(p) / p_i``. LaBER's output and last-layer priorities are the scores up to the l2 loss's
-    factor 2, which neither the draw nor the weights see."""
+    ``mean(p) / p_i``: LaBER's priorities are the rung's scores."""
     scores, kept = selection_case(name, rung)
     if scores.dim() == 1:
         columns = [(kept.index, kept.weight, scores)]

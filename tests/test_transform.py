@@ -7,7 +7,7 @@ from torchrl.data import LazyTensorStorage, ListStorage, PrioritizedSampler, Rep
 from tests.conftest import requires_cuda
 from tests.setups import LOSSES, batch, dqn_loss
 from torchsample import LaBER, LaBERLoss, laber_downsample, laber_select, pred_and_target
-from torchsample.targets import TARGET
+from torchsample.critics import TARGET
 from torchsample.weights import importance_weights
 
 
@@ -98,6 +98,30 @@ def test_loss_routes_each_critic_to_its_own_column(name):
     losses = LaBERLoss(loss)(out.clone())
     assert sorted(losses.keys()) == sorted(LaBERLoss(loss).out_keys)
     sum(losses.values()).backward()
+
+
+@pytest.mark.parametrize("name", ["dqn", "c51", "sac", "td3"])
+def test_laber_loss_leaves_the_users_loss_as_it_was(name):
+    """Issue 21, item 10: LaBERLoss set the wrapped loss's ``reduction`` to "none". It reads the loss
+    and changes nothing; the actor's loss (and SAC's temperature's) is what TorchRL's own loss gives
+    on the actor's rows, reduced as the user's loss says."""
+    loss = LOSSES[name]()
+    state = {k: v.clone() for k, v in loss.state_dict().items()}
+    reduction = loss.reduction
+    weighted = LaBERLoss(loss)
+    assert loss.reduction == reduction == "mean"
+    continuous = name in ("sac", "td3")
+    rows = batch(16, continuous=continuous)
+    torch.manual_seed(3)
+    ours = weighted(rows.clone())
+    assert loss.reduction == reduction
+    assert all(torch.equal(v, state[k]) for k, v in loss.state_dict().items())
+    if continuous:
+        torch.manual_seed(3)  # SAC samples actions: the same draws as LaBERLoss's
+        reference = loss(rows.clone())  # TorchRL's own forward on the same, unweighted rows
+        torch.testing.assert_close(ours["loss_actor"], reference["loss_actor"])
+        if name == "sac":
+            torch.testing.assert_close(ours["loss_alpha"], reference["loss_alpha"])
 
 
 def test_joint_critics_draw_from_the_root_sum_of_squares():

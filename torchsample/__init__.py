@@ -7,7 +7,7 @@ training batch in proportion to it, with importance weights.
 The ops (:func:`laber_downsample`, :func:`laber_select`, the surrogates and weights) need torch
 alone (and triton on CUDA); the TorchRL parts (:class:`LaBER`, :class:`LaBERSampler`,
 :class:`LaBERLoss`, :class:`C51Loss`, :func:`grad_norm_scores`, :func:`make_update`) import torchrl
-when first used, and with it every built-in :class:`torchsample.targets.Critic` view (C51's too).
+when first used.
 
 The surrogate ladder (``surrogate=`` of :class:`LaBER`, :func:`laber_select` and
 :func:`grad_norm_scores`): ``"output"``, ``"last-layer"``, ``"exact"`` (:data:`SURROGATES`); the
@@ -19,7 +19,7 @@ import importlib
 
 from .codes import LOSS_KINDS, SURROGATES, WEIGHTINGS, LossKind, Surrogate, Weighting
 from .ops import LaBERSample, laber_downsample, laber_select
-from .surrogates import categorical_priority, td_priority
+from .surrogates import critic_priorities, output_gradient, td_error
 from .weights import importance_weights
 
 # name -> module, imported on first access (PEP 562): these need torchrl and tensordict.
@@ -29,9 +29,9 @@ _TORCHRL_PARTS = {
     "LaBERLoss": "losses",
     "C51Loss": "c51",
     "categorical_projection": "c51",
-    "pred_and_target": "targets",
-    "critic_of": "targets",
-    "grad_norm_scores": "targets",
+    "pred_and_target": "critics",
+    "critic_of": "critics",
+    "grad_norm_scores": "scoring",
     "make_update": "update",
     "LFIW": "lfiw",
     "FastSlowReplay": "lfiw",
@@ -54,8 +54,9 @@ __all__ = [
     "LaBERSample",
     "laber_downsample",
     "laber_select",
-    "td_priority",
-    "categorical_priority",
+    "critic_priorities",
+    "output_gradient",
+    "td_error",
     "importance_weights",
     "Surrogate",
     "LossKind",
@@ -71,7 +72,6 @@ def __getattr__(name: str):
     module = _TORCHRL_PARTS.get(name)
     if module is None:
         raise AttributeError(f"module 'torchsample' has no attribute {name!r}")
-    importlib.import_module(".c51", __name__)  # registers C51's Critic view, which targets never imports
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value

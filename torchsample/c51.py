@@ -2,11 +2,11 @@
 
 * :func:`categorical_projection`: ``r + gamma * z`` projected on the support, with no ``.item()`` and
   no data-dependent branch, so that it compiles with ``fullgraph=True``;
-* :class:`C51Critic`: the :class:`torchsample.targets.Critic` view of ``DistributionalDQNLoss``
-  (registered with :func:`torchsample.targets.critic_of` on import): the chosen action's
-  log-distribution ``log p(s, a)`` against the projected Double-Q target ``m``, the output gradient
-  norm ``||softmax(z) - m||_2`` (Lahire et al., App. D), the per-sample cross-entropy;
-* :class:`C51Loss`: TorchRL's ``DistributionalDQNLoss`` computed by the above, so that it compiles.
+* :class:`C51Loss`: TorchRL's ``DistributionalDQNLoss`` computed by the two below, so that it compiles;
+* :class:`C51Critic`: the :class:`torchsample.critics.Critic` view of ``DistributionalDQNLoss`` (in
+  :func:`torchsample.critic_of`'s table of built-in views): the chosen action's log-distribution
+  ``log p(s, a)`` against the projected Double-Q target ``m``, the output gradient norm
+  ``||softmax(z) - m||_2`` (Lahire et al., App. D), the per-sample cross-entropy.
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from torch import Tensor
 from torchrl.envs.utils import step_mdp
 from torchrl.objectives import DistributionalDQNLoss
 
-from .targets import Critic, critic_of, swap_params
+from .critics import Critic, swap_params
 
-__all__ = ["categorical_projection", "C51Critic", "C51Loss"]
+__all__ = ["categorical_projection", "C51Loss", "C51Critic"]
 
 
 def categorical_projection(next_probs: Tensor, reward: Tensor, not_terminal: Tensor, discount: Tensor | float,
@@ -100,28 +100,6 @@ def _target(loss: DistributionalDQNLoss, td: TensorDictBase) -> Tensor:
     return categorical_projection(next_probs_a, reward, ~terminated, discount.reshape(-1, 1), support)
 
 
-@critic_of.register(DistributionalDQNLoss)
-class C51Critic(Critic):
-    """``DistributionalDQNLoss``: ``log p(s, a)`` ``[N, K]`` against the projected target ``m`` ``[N, K]``."""
-
-    loss_kind = "categorical"
-
-    def prediction(self, td: TensorDictBase, params: TensorDictBase | None = None) -> Tensor:
-        loss = self.loss
-        log_ps = _log_probs(loss, td.clone(False), loss.value_network_params if params is None else params)  # [N, K, A]
-        return _atoms_of_action(log_ps, td.get(loss.tensor_keys.action), loss.action_space)
-
-    @torch.no_grad()
-    def target(self, td: TensorDictBase) -> Tensor:
-        return _target(self.loss, td)
-
-    def per_sample_loss(self, pred: Tensor, target: Tensor) -> Tensor:
-        return -(target * pred).sum(-1)
-
-    def td_error(self, pred: Tensor, target: Tensor, per_sample: Tensor) -> Tensor:
-        return per_sample.detach()  # what TorchRL's C51 loss hands to a PrioritizedSampler
-
-
 class C51Loss(DistributionalDQNLoss):
     """TorchRL's ``DistributionalDQNLoss`` (C51, Double-Q target) that compiles with ``fullgraph=True``.
 
@@ -157,4 +135,24 @@ class C51Loss(DistributionalDQNLoss):
         return TensorDict(loss=loss)
 
 
-C51Critic.forwards = (DistributionalDQNLoss.forward, C51Loss.forward)
+class C51Critic(Critic):
+    """``DistributionalDQNLoss``: ``log p(s, a)`` ``[N, K]`` against the projected target ``m`` ``[N, K]``."""
+
+    loss_kind = "categorical"
+    forwards = (DistributionalDQNLoss.forward, C51Loss.forward)
+
+    def prediction(self, td: TensorDictBase, params: TensorDictBase | None = None) -> Tensor:
+        loss = self.loss
+        log_ps = _log_probs(loss, td.clone(False), loss.value_network_params if params is None else params)  # [N, K, A]
+        return _atoms_of_action(log_ps, td.get(loss.tensor_keys.action), loss.action_space)
+
+    @torch.no_grad()
+    def target(self, td: TensorDictBase) -> Tensor:
+        return _target(self.loss, td)
+
+    def per_sample_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        return -(target * pred).sum(-1)
+
+    def td_error(self, pred: Tensor, target: Tensor, per_sample: Tensor | None = None) -> Tensor:
+        """The per-sample cross-entropy: what TorchRL's C51 loss hands to a PrioritizedSampler."""
+        return (self.per_sample_loss(pred, target) if per_sample is None else per_sample).detach()

@@ -303,7 +303,7 @@ def critic_diagnostics(loss: nn.Module, large, batch_size: int) -> dict[str, flo
     Twin critics (SAC, TD3): each figure is the mean over the critics.
 
     Args:
-        loss: a TorchRL loss with a :class:`torchsample.targets.Critic` view (DQN, C51, SAC, TD3).
+        loss: a TorchRL loss with a :class:`torchsample.critics.Critic` view (DQN, C51, SAC, TD3).
         large: ``[N]`` transitions, e.g. ``m * B`` rows drawn uniformly from the buffer.
         batch_size: ``B``, the agent's training batch.
 
@@ -327,15 +327,16 @@ def critic_diagnostics(loss: nn.Module, large, batch_size: int) -> dict[str, flo
         >>> out["tv/last-layer"] <= 1 and out["grad_variance"] >= 0
         True
     """
-    from .targets import critic_of  # torchrl loads with the losses, not with this module
+    from .critics import critic_of  # torchrl loads with the losses, not with this module
+    from .scoring import score_rows
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"critic_diagnostics: batch_size must be an int >= 1, got {batch_size!r}")
     critic = critic_of(loss)
     target = critic.target(large)
-    exact = critic.grad_norms(large, "exact", target=target)
-    rungs = {name: critic.grad_norms(large, name, target=target) for name in ("output", "last-layer")}
-    out = sampling_diagnostics(exact, rungs)
+    scores = {name: score_rows(critic, large, name, target=target) for name in ("exact", "output", "last-layer")}
+    exact = scores["exact"].norms
+    out = sampling_diagnostics(exact, {name: scores[name].norms for name in ("output", "last-layer")})
 
     # The mean gradient of each critic: one backward of the mean per-sample loss over its parameters.
     leaves = [p for p in critic.params.values(True, True) if p.requires_grad]
@@ -349,8 +350,7 @@ def critic_diagnostics(loss: nn.Module, large, batch_size: int) -> dict[str, flo
     out["grad_norm"] = mean_sq.sqrt()
     out["grad_variance"] = (exact.double().square().mean(-1) - mean_sq).clamp_min(0) / batch_size
 
-    with torch.no_grad():
-        _, features = critic.prediction_and_features(large)
+    features = scores["last-layer"].features
     out["srank"] = srank(features).double()
     feature_rows = features if twin else features.unsqueeze(0)
     out["dormant_fraction"] = torch.stack([dormant_fraction(h) for h in feature_rows])

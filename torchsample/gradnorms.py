@@ -1,14 +1,13 @@
-"""Per-sample gradient norms: the last layer's in closed form, and the whole network's by ghost norms.
+"""Per-sample gradient norms that need the network: the last layer's input, and every parameter's norm.
 
 LaBER (Lahire et al., 2022) samples transition ``i`` in proportion to its per-sample gradient norm
-``||grad_theta l_i||``. The output surrogates of :mod:`torchsample.surrogates` keep only the
-gradient at the network's output; this module gives the two sharper rungs of the ladder:
+``||grad_theta l_i||``. The formulas of the ``"output"`` and ``"last-layer"`` rungs live in
+:mod:`torchsample.surrogates`; this module gives what they cannot compute from outputs alone:
 
 ===============  ===================================================================================
-``last-layer``   :func:`last_layer_norm`: the exact norm of the gradient with respect to the last
-                 ``nn.Linear``'s weight and bias, ``||g_i|| * sqrt(||h_i||^2 + 1)``, from the output
-                 gradient ``g_i`` (:func:`output_gradient`) and the penultimate features ``h_i``
-                 (:func:`capture_last_layer_input`, taken from the forward that computes ``g_i``)
+``last-layer``   :func:`capture_last_layer_input`: the input ``h_i`` of the last ``nn.Linear``
+                 (:func:`last_linear`) in the forward that computes the prediction, for
+                 :func:`torchsample.surrogates.last_layer_norm`
 ``exact``        :func:`exact_grad_norms`: the norm over every parameter; by ghost norms (one forward,
                  one backward to the layers' outputs, no per-sample gradient of the network is
                  materialised) for ``nn.Linear`` and ``nn.Conv2d``, or by
@@ -32,11 +31,7 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .codes import LOSS_KINDS, LossKind
-
 __all__ = [
-    "output_gradient",
-    "last_layer_norm",
     "last_linear",
     "capture_last_layer_input",
     "LayerInputCapture",
@@ -51,111 +46,6 @@ GRAD_NORM_METHODS = ("auto", "ghost", "vmap")
 
 # ---------------------------------------------------------------------------------------------
 # The last layer
-
-
-def output_gradient(pred: Tensor, target: Tensor, loss: str = "l2", *, huber_delta: float = 1.0) -> Tensor:
-    """Per-sample gradient of the loss with respect to the critic's output, ``g_i = dl_i / d out_i``.
-
-    =================  ===================================  =====================================  =============
-    ``loss``           per-sample loss ``l_i``              ``g_i``                                surrogate
-    =================  ===================================  =====================================  =============
-    ``"l2"``           ``(q_i - y_i)^2`` (TorchRL's l2)     ``2 (q_i - y_i)``                      ``|g_i| / 2``
-    ``"huber"``        Huber ``(q_i - y_i)``, ``delta``     ``clamp(q_i - y_i, -delta, delta)``    ``|g_i|``
-    ``"categorical"``  ``-sum_k m_ik log softmax(z_i)_k``   ``softmax(z_i) - m_i`` over the atoms  ``||g_i||``
-    =================  ===================================  =====================================  =============
-
-    The last column is :func:`torchsample.td_priority` / :func:`torchsample.categorical_priority`:
-    the output surrogates are ``||g_i||`` up to a constant factor, which does not change sampling.
-    Where the network has one output per action (DQN, C51), the gradient is zero at the other
-    actions' outputs, so ``||g_i||`` over the whole output layer is the norm of the ``g_i`` above.
-    ``pred`` for ``"categorical"`` may be the chosen action's logits ``z_i`` or its log-probabilities
-    (what :class:`torchsample.c51.C51Critic` predicts): their softmax is the same. Computed in float32,
-    without a graph.
-
-    Args:
-        pred: ``[..., N]`` values (``[..., N, K]`` logits or log-probabilities for ``"categorical"``).
-        target: the same shape: TD targets, or the projected target distribution ``m``.
-        loss: ``"l2"``, ``"huber"`` or ``"categorical"``.
-        huber_delta: the Huber threshold (1.0 as in ``smooth_l1_loss``).
-
-    Examples:
-        >>> import torch
-        >>> output_gradient(torch.tensor([0.0, 3.0]), torch.tensor([0.5, 1.0]))
-        tensor([-1.,  4.])
-        >>> output_gradient(torch.tensor([0.0, 3.0]), torch.tensor([0.5, 1.0]), "huber")
-        tensor([-0.5000,  1.0000])
-        >>> output_gradient(torch.zeros(1, 2), torch.tensor([[1.0, 0.0]]), "categorical")
-        tensor([[-0.5000,  0.5000]])
-    """
-    if loss not in LOSS_KINDS:
-        raise ValueError(f"output_gradient: loss must be one of {LOSS_KINDS}, got {loss!r}")
-    kind = LossKind.of(loss)
-    if not isinstance(pred, Tensor) or not isinstance(target, Tensor):
-        raise TypeError(f"pred and target must be tensors, got {type(pred).__name__} and {type(target).__name__}")
-    if pred.shape != target.shape:
-        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}")
-    pred, target = pred.detach().float(), target.detach().float()
-    if kind is LossKind.L2:
-        return 2.0 * (pred - target)
-    if kind is LossKind.HUBER:
-        if not huber_delta > 0:
-            raise ValueError(f"output_gradient: huber_delta must be > 0, got {huber_delta}")
-        return (pred - target).clamp_(-huber_delta, huber_delta)
-    return torch.softmax(pred, dim=-1) - target
-
-
-def last_layer_norm(output_grad: Tensor, features: Tensor, *, bias: bool = True) -> Tensor:
-    """Exact per-sample gradient norm with respect to the last linear layer's weight and bias.
-
-    For ``out_i = W h_i + b`` the per-sample gradients are ``g_i h_i^T`` (rank one) and ``g_i``, so
-
-        ``||grad_(W, b) l_i|| = ||g_i|| * sqrt(||h_i||^2 + 1)``   (``||g_i|| * ||h_i||`` without bias)
-
-    where ``g_i = dl_i / d out_i`` is the loss gradient at the layer's output (:func:`output_gradient`)
-    and ``h_i`` the layer's input, the penultimate features (:func:`capture_last_layer_input`).
-    Passing an output surrogate (``|q - y|``) as ``output_grad`` gives the norm up to the same
-    constant factor as the surrogate (2 for the l2 loss), which does not change sampling.
-
-    Exact when the layer sees each sample once through a 2-D input ``[N, F]`` (MLPs, the MinAtar
-    and Atari networks); a sequence input needs the Gram form of :func:`exact_grad_norms`.
-
-    Args:
-        output_grad: ``[..., N]``: the output gradient of a one-output-per-sample critic (``dl/dq``;
-            DQN's non-zero entry at the taken action; one row per critic for ``[C, N]``), or
-            ``[..., N, K]``: the output gradient over ``K`` outputs (C51's atoms of the taken action).
-        features: ``[..., N, F]`` penultimate features (``[C, N, F]`` for ``C`` critics).
-        bias: whether the layer has a bias.
-
-    Returns:
-        ``[..., N]`` float32 norms, without a graph.
-
-    Examples:
-        >>> import torch
-        >>> g = torch.tensor([2.0, -1.0])                      # dl/dq of two samples
-        >>> h = torch.tensor([[0.0, 0.0], [3.0, 4.0]])         # ||h|| = 0 and 5
-        >>> last_layer_norm(g, h)                              # 2 * 1 and 1 * sqrt(26)
-        tensor([2.0000, 5.0990])
-        >>> last_layer_norm(torch.tensor([[0.6, -0.8]]), torch.tensor([[3.0, 4.0]]), bias=False)
-        tensor([5.])
-    """
-    if not isinstance(output_grad, Tensor) or not isinstance(features, Tensor):
-        raise TypeError("last_layer_norm: output_grad and features must be tensors")
-    if features.dim() < 2:
-        raise ValueError(f"last_layer_norm: features must be [..., N, F], got shape {tuple(features.shape)}")
-    g, h = output_grad.detach(), features.detach().float()
-    if g.shape == h.shape[:-1]:
-        g_norm = g.float().abs()
-    elif g.dim() >= 2 and g.shape[:-1] == h.shape[:-1]:
-        g_norm = torch.linalg.vector_norm(g, dim=-1, dtype=torch.float32)
-    else:
-        raise ValueError(
-            f"last_layer_norm: output_grad must be [..., N] or [..., N, K] with features [..., N, F], "
-            f"got {tuple(output_grad.shape)} and {tuple(features.shape)}"
-        )
-    # Few, in-place ops: on one CPU core at N = 128 each extra op is a visible share of the forward
-    # (vector_norm measured 15 us against 22 us for vecdot and 20 us for square().sum() on [128, 256]).
-    h_norm = torch.linalg.vector_norm(h, dim=-1)
-    return g_norm.mul_(h_norm.square_().add_(1.0).sqrt_() if bias else h_norm)
 
 
 def last_linear(module: nn.Module) -> nn.Linear:
@@ -248,7 +138,8 @@ def capture_last_layer_input(module: nn.Module, layer: nn.Module | None = None) 
         >>> x, y = torch.randn(5, 4), torch.randn(5)
         >>> with capture_last_layer_input(net) as cap:
         ...     q = net(x).squeeze(-1)
-        >>> last_layer_norm(output_gradient(q, y), cap.features).shape
+        >>> from torchsample.surrogates import critic_priorities
+        >>> critic_priorities(q, y, features=cap.features).shape     # the last-layer rung
         torch.Size([5])
 
         Two critics under ``torch.vmap`` (stacked parameters, one row set each):

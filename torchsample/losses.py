@@ -1,6 +1,6 @@
 """LaBER's update: a TorchRL loss reduced with the importance weights, by the paper's estimator.
 
-:class:`LaBERLoss` reads the loss through its :class:`torchsample.targets.Critic` view (the same one
+:class:`LaBERLoss` reads the loss through its :class:`torchsample.critics.Critic` view (the same one
 :class:`torchsample.LaBER` scored the large batch with) and reduces the critic's per-sample losses
 with :func:`weighted_mean`.
 """
@@ -12,8 +12,7 @@ from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from torch import Tensor, nn
 
-from . import c51  # noqa: F401  (registers C51's Critic view)
-from .targets import TARGET, critic_of
+from .critics import TARGET, critic_of
 
 __all__ = ["LaBERLoss", "weighted_mean", "ESTIMATORS"]
 
@@ -40,7 +39,7 @@ class LaBERLoss(TensorDictModuleBase):
     """A TorchRL loss reduced with LaBER's weights: the paper's estimator, twin critics done right.
 
     Wraps ``DQNLoss``, ``DistributionalDQNLoss`` / :class:`torchsample.C51Loss`, ``SACLoss`` or
-    ``TD3Loss`` (any loss with a registered :class:`torchsample.targets.Critic`) and returns the
+    ``TD3Loss`` (any loss with a registered :class:`torchsample.critics.Critic`) and returns the
     keys in :attr:`out_keys`, scalar: ``"loss"`` (DQN, C51), ``"loss_qvalue"`` and ``"loss_actor"``
     (TD3), and ``"loss_alpha"`` too (SAC).
 
@@ -52,16 +51,17 @@ class LaBERLoss(TensorDictModuleBase):
     * Twin critics (SAC, TD3) on a ``[B, 1 + C]`` batch, as :class:`torchsample.LaBER` with
       ``critics="independent"`` returns it: critic ``c`` trains on column ``1 + c``, its own rows,
       weighted; the actor (and SAC's temperature) on column 0, uniform rows of the large batch,
-      unweighted. On a ``[B]`` batch every critic trains on the same rows.
+      unweighted, reduced as the wrapped loss's ``reduction`` says (TorchRL's default ``"mean"``).
+      On a ``[B]`` batch every critic trains on the same rows.
     * The TD target is read from ``"target_value"`` where LaBER left it (computed with the same
       parameters), else computed. ``"td_error"`` gets ``|TD|`` for a ``PrioritizedSampler``
       (TorchRL's ``DQNLoss`` writes ``TD^2``), the cross-entropy for C51, the largest ``|TD|`` over
       the critics for SAC/TD3; on a ``[B, 1 + C]`` batch LaBER already wrote it for every column.
 
-    The wrapped loss is switched to ``reduction="none"``; this module reduces. It computes the loss
-    that the wrapped class's ``forward`` computes, not by calling it: a subclass that overrides
-    ``forward`` is refused with a ``TypeError``, as its change would be silently bypassed (register
-    a :class:`torchsample.targets.Critic` for it instead).
+    The wrapped loss is read, never changed. This module computes the critic loss that the wrapped
+    class's ``forward`` computes, not by calling it: a subclass that overrides ``forward`` is refused
+    with a ``TypeError``, as its change would be silently bypassed (register a
+    :class:`torchsample.critics.Critic` for it instead).
 
     Args:
         loss_module: the TorchRL loss.
@@ -94,9 +94,8 @@ class LaBERLoss(TensorDictModuleBase):
             raise TypeError(
                 f"{type(loss_module).__name__} overrides forward(): LaBERLoss computes the loss of "
                 f"{' / '.join(f.__qualname__.split('.')[0] for f in critic.forwards)} itself and would bypass it; "
-                "register a torchsample.targets.Critic for your class to say what it predicts and targets"
+                "register a torchsample.critics.Critic for your class to say what it predicts and targets"
             )
-        loss_module.reduction = "none"
         self.loss_module = loss_module
         self.__dict__["_critic"] = critic
         self.estimator = estimator
@@ -133,7 +132,7 @@ class LaBERLoss(TensorDictModuleBase):
             pred = critic.prediction(td)
             target = _target(critic, td).expand_as(pred)
             weight = td.get(keys.priority_weight, None)
-            td.set(keys.priority, critic.td_error(pred, target, None).amax(0))
+            td.set(keys.priority, critic.td_error(pred, target))  # the largest |TD| over the critics
         else:
             raise ValueError(f"expected a [B] or [B, 1 + C] batch, got batch_size={tuple(td.shape)}")
         per_sample = critic.per_sample_loss(pred, target)  # [C, B]

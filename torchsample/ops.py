@@ -30,8 +30,7 @@ import torch
 from torch import Tensor
 
 from .codes import LOSS_CODES, LOSS_KINDS, SURROGATES, WEIGHTING_CODES, WEIGHTINGS, LossKind
-from .gradnorms import last_layer_norm
-from .surrogates import _check_pair, categorical_priority, td_priority
+from .surrogates import _check_pair, critic_priorities
 from .weights import importance_weights
 
 __all__ = ["LaBERSample", "laber_downsample", "laber_select"]
@@ -127,6 +126,7 @@ def laber_select(
     loss: str = "l2",
     surrogate: str = "output",
     features: Optional[Tensor] = None,
+    bias: bool = True,
     weighting: str = "mean",
     eps: float = 1e-6,
     huber_delta: float = 1.0,
@@ -135,20 +135,18 @@ def laber_select(
 ) -> LaBERSample:
     """Per-sample gradient-norm priorities and the LaBER down-sample in one call (one kernel launch on CUDA).
 
-    The priority of row ``i`` is a rung of the surrogate ladder (``surrogate``) of the gradient norm
-    of ``loss``, then the draw is :func:`laber_downsample`'s. ``"output"``, the norm at the network's
-    output (:mod:`torchsample.surrogates`):
+    The priority of row ``i`` is its gradient norm at a rung of the surrogate ladder
+    (:func:`torchsample.surrogates.critic_priorities`, on the scale of the loss as TorchRL computes
+    it), then the draw is :func:`laber_downsample`'s. ``"output"``, the norm at the network's output:
 
-    * ``loss="l2"``: ``p_i = |pred_i - target_i|``; ``pred``/``target`` are ``[N]`` or ``[C, N]``;
+    * ``loss="l2"``: ``p_i = 2 |pred_i - target_i|`` (the loss ``(q - y)^2``); ``[N]`` or ``[C, N]``;
     * ``loss="huber"``: ``p_i = min(|pred_i - target_i|, huber_delta)``; same shapes;
     * ``loss="categorical"``: ``p_i = ||softmax(pred_i) - target_i||_2``; ``pred`` are logits (or
       log-probabilities) and ``target`` a distribution, ``[N, K]`` or ``[C, N, K]``.
 
-    ``"last-layer"``, the exact norm with respect to the last linear layer's weight and bias
-    (:func:`torchsample.gradnorms.last_layer_norm`): the output priority above times
-    ``sqrt(||h_i||^2 + 1)``, ``h_i = features[..., i, :]`` the penultimate features of the forward
-    that computed ``pred``. Each is the gradient norm up to the loss's constant factor (2 for
-    TorchRL's l2, ``(q - y)^2``), which does not change the draw.
+    ``"last-layer"``, the exact norm with respect to the last linear layer's weight and bias: the
+    output norm above times ``sqrt(||h_i||^2 + 1)`` (``||h_i||`` with ``bias=False``, a layer without
+    bias), ``h_i = features[..., i, :]`` the penultimate features of the forward that computed ``pred``.
 
     ``"exact"`` needs the network, which this op does not see: use :class:`torchsample.LaBER`
     (``surrogate="exact"``), or :func:`torchsample.grad_norm_scores` /
@@ -162,6 +160,7 @@ def laber_select(
         surrogate: ``"output"`` (default) or ``"last-layer"``.
         features: ``"last-layer"`` only: ``[N, D]`` or ``[C, N, D]`` penultimate features, any float
             dtype, on ``pred``'s device (e.g. 128 for the MinAtar network, 256 for a MuJoCo critic).
+        bias: ``"last-layer"`` only: whether the last linear layer has a bias.
         weighting, eps, generator, rng_state: as in :func:`laber_downsample`.
         huber_delta: the Huber threshold (1.0, as ``smooth_l1_loss``).
 
@@ -180,7 +179,7 @@ def laber_select(
         torch.Size([32])
         >>> h = torch.randn(2, 128, 64)                          # each critic's penultimate features
         >>> out = laber_select(q, y, 32, surrogate="last-layer", features=h, eps=0.0)
-        >>> torch.allclose(out.priority, (q - y).abs() * (h.norm(dim=-1) ** 2 + 1).sqrt())
+        >>> torch.allclose(out.priority, 2 * (q - y).abs() * (h.norm(dim=-1) ** 2 + 1).sqrt())
         True
     """
     _check_common(batch_size, weighting, eps)
@@ -205,13 +204,8 @@ def laber_select(
             _check_values(torch.stack([pred.float(), target.float()]).abs(), "pred and target")
         pred3, target3 = (pred, target) if categorical else (pred.unsqueeze(-1), target.unsqueeze(-1))
         return _fused(pred3, target3, features, batch_size, LOSS_CODES[loss], weighting, eps, huber_delta, generator,
-                      rng_state)
-    if categorical:
-        p = categorical_priority(pred, target)
-    else:
-        p = td_priority(pred, target, loss=loss, huber_delta=huber_delta)
-    if features is not None:
-        p = last_layer_norm(p, features)
+                      rng_state, bias)
+    p = critic_priorities(pred, target, loss, features=features, bias=bias, huber_delta=huber_delta)
     # p is a fresh float32 tensor, so eps can go in place.
     return _downsample(p.add_(_scalar(eps)), batch_size, weighting, generator, "priorities computed from pred and target")
 
@@ -272,7 +266,7 @@ def _downsample_traceable(p: Tensor, batch_size: int, weighting: str) -> LaBERSa
 
 
 def _fused(pred3, target3, features, batch_size, loss_code, weighting, eps, huber_delta, generator,
-           state) -> LaBERSample:
+           state, bias: bool = True) -> LaBERSample:
     """One launch of the fused kernel on ``[C, N, K]`` inputs (and ``[C, N, D]`` features for the
     last-layer rung); squeezes the critic dim back.
 
@@ -299,6 +293,7 @@ def _fused(pred3, target3, features, batch_size, loss_code, weighting, eps, hube
         WEIGHTING_CODES[weighting],
         float(eps),
         float(huber_delta),
+        bool(bias),
     )
     if squeeze:
         return LaBERSample(index.squeeze(0), weight.squeeze(0), priority.squeeze(0))

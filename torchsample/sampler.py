@@ -14,7 +14,6 @@ import torch
 from tensordict import TensorDictBase
 from torchrl.data.replay_buffers.samplers import RandomSampler, Sampler
 
-from .targets import TARGET
 from .transform import LaBER
 
 __all__ = ["LaBERSampler"]
@@ -91,16 +90,16 @@ class LaBERSampler(Sampler):
             large = self.transform(large)
         kept = self.laber.selection(large, batch_size)
         position = kept.index.to(large_index.device)
-        weight_key, priority_key = self.laber._keys
+        keys = self.laber.keys
         weight = kept.weight.to(large_index.device)
-        inner_weight = inner_info.get(weight_key, None)
+        inner_weight = inner_info.get(keys.weight, None)
         if inner_weight is not None:
             weight = weight * torch.as_tensor(inner_weight, device=weight.device)[position].to(weight.dtype)
-        info = {weight_key: weight}
+        info = {keys.weight: weight}
         if kept.target is not None:
-            info[TARGET] = kept.target
+            info[keys.target] = kept.target
         if kept.td_error is not None:
-            info[priority_key] = kept.td_error
+            info[keys.priority] = kept.td_error
         return large_index[position], info
 
     def update_priority(self, index: Any, priority: Any, *, storage=None) -> None:

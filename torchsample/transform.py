@@ -14,19 +14,28 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 from tensordict import TensorDictBase
+from tensordict.utils import NestedKey
 from torch import Tensor, nn
 from torchrl.envs.transforms import Transform
 
-from . import c51  # noqa: F401  (registers C51's Critic view)
 from .codes import LOSS_KINDS, SURROGATES, WEIGHTINGS
-from .gradnorms import capture_last_layer_input, last_layer_norm
+from .critics import TARGET, critic_of
+from .gradnorms import capture_last_layer_input
 from .ops import laber_downsample, laber_select
-from .surrogates import td_priority
-from .targets import TARGET, critic_of
+from .scoring import score_rows
+from .surrogates import critic_priorities, joint_norm, td_error
 
-__all__ = ["LaBER", "Selection", "CRITICS"]
+__all__ = ["LaBER", "Selection", "Keys", "CRITICS"]
 
 CRITICS = ("independent", "joint")
+
+
+class Keys(NamedTuple):
+    """The tensordict keys LaBER writes, the loss module's own (``loss.tensor_keys``) where it has them."""
+
+    weight: NestedKey = "priority_weight"  # LaBER's importance weight (times the row's own)
+    priority: NestedKey = "td_error"  # PER's priority of the kept rows (twin critics, [B, 1 + C])
+    target: NestedKey = TARGET  # the TD target LaBER computed, reused by LaBERLoss
 
 
 class Selection(NamedTuple):
@@ -57,12 +66,12 @@ class LaBER(Transform):
     ladder (``surrogate``, :func:`torchsample.grad_norm_scores`):
 
     * ``"output"`` (default; the paper's): the gradient norm at the network's output, one no-grad
-      forward. It follows the loss (:mod:`torchsample.targets`): ``|q - y|`` for
-      ``DQNLoss(loss_function="l2")``, ``min(|q - y|, 1)`` for ``"smooth_l1"``,
+      forward. It follows the loss (:mod:`torchsample.surrogates`, :mod:`torchsample.critics`):
+      ``2 |q - y|`` for ``DQNLoss(loss_function="l2")``, ``min(|q - y|, 1)`` for ``"smooth_l1"``,
       ``||softmax(z) - m||_2`` for C51, one priority row per critic for ``SACLoss`` / ``TD3Loss``;
-    * ``"last-layer"``: that times ``sqrt(||h_i||^2 + 1)``, ``h_i`` the input of the last
-      ``nn.Linear`` in the same forward: the exact gradient norm with respect to the last layer's
-      weight and bias (App. C: most of the per-sample variation is there);
+    * ``"last-layer"``: that times ``sqrt(||h_i||^2 + 1)`` (``||h_i||`` for a last layer without
+      bias), ``h_i`` the input of the last ``nn.Linear`` in the same forward: the exact gradient norm
+      with respect to the last layer's parameters (App. C: most of the per-sample variation is there);
     * ``"exact"`` (exact-gradient LaBER): the gradient norm over every parameter of the critic, by
       ghost norms (one forward and one backward of the large batch, grad enabled locally).
 
@@ -97,7 +106,7 @@ class LaBER(Transform):
         weighting: ``"mean"`` (default), ``"lazy"`` or ``"max"``.
         eps: added to every priority (1e-6).
         surrogate: ``"output"`` (default), ``"last-layer"`` or ``"exact"``.
-        prediction: ``None`` (the loss's own, :func:`torchsample.targets.critic_of`), or a callable
+        prediction: ``None`` (the loss's own, :func:`torchsample.critic_of`), or a callable
             ``td -> (pred, target)`` for any other loss, ``td -> (pred, target, features)`` with
             ``surrogate="last-layer"``; not with ``"exact"``, which needs the network.
         loss: with ``prediction``: the formula of the loss's output gradient, ``"l2"`` (default),
@@ -215,13 +224,13 @@ class LaBER(Transform):
         """
         kept = self.selection(large)
         out = large[kept.index]
-        weight_key, priority_key = self._keys
-        prior = out.get(weight_key, None)
-        out.set(weight_key, kept.weight if prior is None else kept.weight * prior.to(kept.weight.dtype))
+        keys = self.keys
+        prior = out.get(keys.weight, None)
+        out.set(keys.weight, kept.weight if prior is None else kept.weight * prior.to(kept.weight.dtype))
         if kept.target is not None:
-            out.set(TARGET, kept.target)
+            out.set(keys.target, kept.target)
         if kept.td_error is not None:
-            out.set(priority_key, kept.td_error)
+            out.set(keys.priority, kept.td_error)
         return out
 
     def selection(self, large: TensorDictBase, batch_size: Optional[int] = None) -> Selection:
@@ -254,12 +263,10 @@ class LaBER(Transform):
         shared_target = target.expand(scores.shape) if target.dim() == 1 else target
         if self.critics == "joint":
             # The norm over every critic's parameters: sqrt(sum_c p_c^2).
-            per_critic = exact
-            if per_critic is None:
-                per_critic = td_priority(pred, shared_target, loss="huber" if self.loss_kind == "huber" else "l2")
-                if features is not None:
-                    per_critic = last_layer_norm(per_critic, features)
-            drawn = laber_downsample(per_critic.square().sum(0).sqrt(), B, **options)
+            joint = (joint_norm(exact) if exact is not None else
+                     critic_priorities(pred, shared_target, self.loss_kind, features=features, bias=self._bias,
+                                       reduce="norm"))
+            drawn = laber_downsample(joint, B, **options)
             return Selection(drawn.index, drawn.weight, target[drawn.index] if keep_target else None, None)
         drawn = self._draw(pred, shared_target, features, exact, B, options)  # [C, B]
         # Column 0: the actor's rows, uniform over the large batch; column 1 + c: critic c's rows.
@@ -270,8 +277,7 @@ class LaBER(Transform):
             with torch.no_grad():
                 pred = self.__dict__["_critic"].prediction(large)
         # PER's priority of every kept row: its largest |TD| over the critics, before this update.
-        td_error = (pred - shared_target).abs().amax(0)[index]
-        return Selection(index, weight, target[index] if keep_target else None, td_error)
+        return Selection(index, weight, target[index] if keep_target else None, td_error(pred, shared_target)[index])
 
     def _score(self, large: TensorDictBase) -> tuple:
         """``(pred, target, features, exact)`` of the large batch for this rung: ``features`` for
@@ -284,25 +290,29 @@ class LaBER(Transform):
                                  f"(pred, target, features) for 'last-layer', got {len(out)} values")
             pred, target, *features = out
             return pred, target, features[0] if features else None, None
-        critic = self.__dict__["_critic"]
-        target = critic.target(large)
-        if self.surrogate == "exact":
-            return None, target, None, critic.exact_grad_norms(large, target)
-        if self.surrogate == "last-layer":
-            pred, features = critic.prediction_and_features(large, self.__dict__["_capture"])
-            return pred, target, features, None
-        return critic.prediction(large), target, None, None
+        scores = score_rows(self.__dict__["_critic"], large, self.surrogate, capture=self.__dict__.get("_capture"),
+                            norms=False)
+        return scores.pred, scores.target, scores.features, scores.norms  # norms: the "exact" rung's only
 
     def _draw(self, pred, target, features, exact, B: int, options: dict):
         if exact is not None:
             return laber_downsample(exact, B, **options)
         return laber_select(pred, target, B, loss=self.loss_kind, surrogate=self.surrogate, features=features,
-                            **options)
+                            bias=self._bias, **options)
 
     @property
-    def _keys(self) -> tuple:
+    def _bias(self) -> bool:
+        """Whether the last layer has a bias (the last-layer rung's formula); a custom ``prediction``'s is
+        assumed to have one."""
+        critic = self.__dict__.get("_critic")
+        return True if critic is None else critic.last_layer_bias
+
+    @property
+    def keys(self) -> Keys:
+        """Where the kept rows' weight, PER priority and TD target go: the loss module's
+        ``tensor_keys.priority_weight`` and ``.priority`` where it has them."""
         keys = getattr(self.loss_module, "tensor_keys", None)
-        return ("priority_weight", "td_error") if keys is None else (keys.priority_weight, keys.priority)
+        return Keys() if keys is None else Keys(keys.priority_weight, keys.priority)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(batch_size={self.batch_size}, surrogate={self.surrogate!r}, "

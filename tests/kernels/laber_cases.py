@@ -89,10 +89,11 @@ def poisoned_buffers(pred, B, loss, D=0) -> laber.Buffers:
     return buffers
 
 
-def run(pred, target, state, B, loss, weighting, eps=0.0, huber_delta=1.0, features=None, split_draws=None):
+def run(pred, target, state, B, loss, weighting, eps=0.0, huber_delta=1.0, features=None, split_draws=None,
+        bias=True):
     """One call into poisoned buffers; checks that every output was written."""
     buffers = poisoned_buffers(pred, B, loss, 0 if features is None else features.shape[-1])
-    index, weight, priority = launch_laber(pred, target, features, state, B, loss, weighting, eps, huber_delta,
+    index, weight, priority = launch_laber(pred, target, features, state, B, loss, weighting, eps, huber_delta, bias,
                                            buffers=buffers, split_draws=split_draws)
     assert ((index >= 0) & (index < pred.shape[1])).all(), "an index is unwritten or out of range"
     assert torch.isfinite(weight).all() and (weight > 0).all(), "a weight is unwritten or not positive"
@@ -147,19 +148,21 @@ MATCH = [
     (L.HUBER, 1, W.LAZY, 1, 4097, 97, "bf16", 128),
     (L.CATEGORICAL, 51, W.MEAN, 2, 127, 97, "fp16", 200),
     (L.CATEGORICAL, 51, W.MAX, 1, 1000, 513, "fp32", 256),
+    (L.HUBER, 1, W.MEAN, 2, 127, 97, "fp32", 16, False),  # a last layer without bias: ||g|| ||h||
 ]
 
 
-@pytest.mark.parametrize("loss, K, weighting, C, N, B, dtype, D", [
-    pytest.param(*case, *(0,) * (8 - len(case)), id=f"{kind(case[0], case[1], *case[7:])}-{W(case[2]).label}-"
-                                                    f"C{case[3]}-N{case[4]}-B{case[5]}-{case[6]}")
+@pytest.mark.parametrize("loss, K, weighting, C, N, B, dtype, D, bias", [
+    pytest.param(*case, *(0, True)[len(case) - 7:], id=f"{kind(case[0], case[1], *case[7:8])}-{W(case[2]).label}-"
+                 f"C{case[3]}-N{case[4]}-B{case[5]}-{case[6]}" + ("-no-bias" if case[8:] == (False,) else ""))
     for case in MATCH])
-def test_kernel_matches_reference(loss, K, weighting, C, N, B, dtype, D):
+def test_kernel_matches_reference(loss, K, weighting, C, N, B, dtype, D, bias):
     pred, target, features = make_inputs(loss, C, N, K, DTYPES[dtype], D=D)
     state = fresh_state(N + K + B)
     u = kernel_uniforms(state, C, B)
-    index, weight, priority = run(pred, target, state, B, loss, weighting, eps=0.0, huber_delta=0.7, features=features)
-    ref_index, ref_weight, ref_priority = laber_naive(pred, target, u, loss, weighting, 0.0, 0.7, features)
+    index, weight, priority = run(pred, target, state, B, loss, weighting, eps=0.0, huber_delta=0.7, features=features,
+                                  bias=bias)
+    ref_index, ref_weight, ref_priority = laber_naive(pred, target, u, loss, weighting, 0.0, 0.7, features, bias)
     # The softmax and the feature norms are summed in another order than the reference's.
     tol = 2e-5 if loss == L.CATEGORICAL or D else {"fp32": 1e-6, "fp16": 1e-3, "bf16": 1e-2}[dtype]
     torch.testing.assert_close(priority, ref_priority, rtol=tol, atol=tol)
@@ -176,6 +179,23 @@ def test_kernel_matches_reference(loss, K, weighting, C, N, B, dtype, D):
     assert (distance[differ] <= tolerance[differ]).all(), "a draw differs from the reference away from any boundary"
     expected = torch.where(has_mass[:, None], importance_weights(priority, index, W(weighting).label), 1.0)
     torch.testing.assert_close(weight, expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("loss, K, D, bias", [(L.L2, 1, 0, True), (L.HUBER, 1, 0, True), (L.CATEGORICAL, 51, 0, True),
+                                              (L.L2, 1, 7, True), (L.HUBER, 1, 7, False), (L.CATEGORICAL, 51, 7, False)],
+                         ids=["l2", "huber", "categorical", "l2-last-layer", "huber-last-layer-no-bias",
+                              "categorical-last-layer-no-bias"])
+def test_reference_priorities_are_the_librarys(loss, K, D, bias):
+    """The reference's own few lines give what the library's one home of the formulas gives."""
+    from torchsample.surrogates import critic_priorities
+
+    pred, target, features = make_inputs(loss, 2, 50, K, torch.float32, D=D)
+    u = torch.rand(2, 3)
+    _, _, priority = laber_naive(pred, target, u, loss, W.MEAN, 0.0, 0.7, features, bias)
+    if K == 1:
+        pred, target = pred[..., 0], target[..., 0]
+    expected = critic_priorities(pred, target, L(loss).label, features=features, bias=bias, huber_delta=0.7)
+    torch.testing.assert_close(priority, expected.to(priority.device))
 
 
 @pytest.mark.parametrize("N, K", [(127, 1), (1000, 51), (65536, 1)], ids=["N127-K1", "N1000-K51", "N65536-K1"])

@@ -1,9 +1,9 @@
-"""What each TorchRL loss predicts and is regressed on: one registration per loss family.
+"""What each TorchRL loss predicts and is regressed on: one :class:`Critic` view per loss family.
 
 LaBER reads a loss twice: :class:`torchsample.LaBER` scores the large batch with the loss's own
 networks, target parameters and value estimator (no gradient), and :class:`torchsample.LaBERLoss`
-trains on the kept rows, reusing the targets LaBER computed. Both go through the :class:`Critic`
-view of the loss that :func:`critic_of` returns, so the two passes cannot disagree:
+trains on the kept rows, reusing the targets LaBER computed. Both go through the view that
+:func:`critic_of` returns, so the two passes cannot disagree:
 
 =============================  ==============================  ===================================
 loss                           ``prediction(td)``              ``target(td)``
@@ -13,45 +13,35 @@ loss                           ``prediction(td)``              ``target(td)``
 ``SACLoss`` / ``TD3Loss``      ``q_c(s, a)``, ``[C, N]``       soft / clipped twin-min, ``[N]``
 =============================  ==============================  ===================================
 
-The same view scores rows at each rung of the surrogate ladder (:func:`grad_norm_scores`): the loss
-gradient norm at the output, with respect to the last linear layer (features captured from the
-prediction's own forward) or with respect to every parameter (ghost norms,
-:func:`torchsample.gradnorms.exact_grad_norms`).
+The built-in views are registered in one place, :data:`critic_of`'s table at the end of this module
+(C51's view lives in :mod:`torchsample.c51` with its projection and loss); a user's loss gets LaBER
+with ``critic_of.register(MyLoss, MyCritic)``, or through ``LaBER(loss, B, prediction=fn)``. Views
+read the loss and never change it.
 
-A family is one :class:`Critic` subclass registered with ``@critic_of.register(LossClass)``;
-C51's lives in :mod:`torchsample.c51`, which registers itself, so this module never imports it
-(importing any TorchRL part of ``torchsample`` imports it). A user's own loss gets LaBER the same
-way, or through ``LaBER(loss, B, prediction=fn)``.
-
-This module alone reads TorchRL's private members: ``SACLoss._version``, ``SACLoss._compute_target_v2``,
-``SACLoss._alpha_loss``, ``TD3Loss._vmap_qvalue_network00`` and ``torchrl.objectives.utils._vmap_func``.
-Checked against the TorchRL versions in :data:`TORCHRL_CHECKED`.
+This module and :mod:`torchsample.c51` alone read TorchRL's private members: ``SACLoss._version``,
+``SACLoss._compute_target_v2``, ``SACLoss._alpha_loss``, ``TD3Loss._vmap_qvalue_network00`` and
+``torchrl.objectives.utils._vmap_func``. Checked against the TorchRL versions in
+:data:`TORCHRL_CHECKED`.
 """
 from __future__ import annotations
 
 import functools
 import inspect
+from typing import Optional
 
 import torch
 from tensordict import TensorDictBase
 from torch import Tensor, nn
 from torchrl.envs.utils import step_mdp
-from torchrl.objectives import DQNLoss, SACLoss, TD3Loss
+from torchrl.objectives import DistributionalDQNLoss, DQNLoss, SACLoss, TD3Loss
 from torchrl.objectives.utils import _vmap_func, distance_loss
 
-from .codes import Surrogate
-from .gradnorms import (
-    GRAD_NORM_METHODS,
-    LayerInputCapture,
-    capture_last_layer_input,
-    exact_grad_norms,
-    last_layer_norm,
-    output_gradient,
-)
+from .gradnorms import LayerInputCapture, capture_last_layer_input, exact_grad_norms, last_linear
+from .surrogates import td_error
 
-__all__ = ["Critic", "critic_of", "pred_and_target", "grad_norm_scores", "swap_params", "TORCHRL_CHECKED", "TARGET"]
+__all__ = ["Critic", "critic_of", "pred_and_target", "swap_params", "TORCHRL_CHECKED", "TARGET"]
 
-TORCHRL_CHECKED = ("0.14.1",)
+TORCHRL_CHECKED = ("0.11.1", "0.14.1")
 TARGET = "target_value"  # the TD target LaBER computed for its surrogate, reused by the update
 
 # Swapping parameters in without saving the module's state: with the state saved, dynamo breaks
@@ -71,7 +61,7 @@ class Critic:
     on, its per-sample loss and the priority it hands to a ``PrioritizedSampler``.
 
     Attributes:
-        loss: the wrapped TorchRL loss module.
+        loss: the wrapped TorchRL loss module (read, never changed).
         loss_kind: the formula of the loss gradient at the output (:mod:`torchsample.surrogates`):
             ``"l2"``, ``"huber"`` or ``"categorical"``.
         network: the module whose parameters the critic loss trains; ``params`` those parameters
@@ -109,6 +99,11 @@ class Critic:
     def params(self) -> TensorDictBase:
         return self.loss.value_network_params
 
+    @property
+    def last_layer_bias(self) -> bool:
+        """Whether the last ``nn.Linear`` of :attr:`network` has a bias (the last-layer rung's formula)."""
+        return last_linear(self.network).bias is not None
+
     def prediction(self, td: TensorDictBase, params: TensorDictBase | None = None) -> Tensor:
         """The critic's output on the rows of ``td`` with ``params`` (default :attr:`params`), with its graph."""
         raise NotImplementedError
@@ -119,8 +114,7 @@ class Critic:
         last ``nn.Linear`` in the same forward (:func:`torchsample.gradnorms.capture_last_layer_input`).
 
         ``capture``: an entered capture of that layer to record with (LaBER registers its hook once,
-        outside any compiled region: registering a hook inside ``torch.compile`` is a graph break,
-        "setattr() on unsupported type", torch 2.14); default, one for this call.
+        outside any compiled region, where registering it is a graph break); default, one for this call.
         """
         if capture is None:
             with capture_last_layer_input(self.network) as cap:
@@ -143,25 +137,6 @@ class Critic:
         with torch.enable_grad():
             return exact_grad_norms(self.network, per_sample_loss, self.params, td, target.detach(), method=method)
 
-    def grad_norms(self, td: TensorDictBase, surrogate: str = "exact", *, target: Tensor | None = None,
-                   method: str = "auto") -> Tensor:
-        """:func:`grad_norm_scores` of this critic."""
-        rung = Surrogate.of(surrogate)
-        if method not in GRAD_NORM_METHODS:
-            raise ValueError(f"method must be one of {GRAD_NORM_METHODS}, got {method!r}")
-        if target is None:
-            target = self.target(td)
-        if rung is Surrogate.EXACT:
-            return self.exact_grad_norms(td, target, method)
-        with torch.no_grad():
-            if rung is Surrogate.LAST_LAYER:
-                pred, features = self.prediction_and_features(td)
-            else:
-                pred, features = self.prediction(td), None
-            g = output_gradient(pred, target.expand_as(pred), self.loss_kind)
-            norm = torch.linalg.vector_norm(g, dim=-1) if self.loss_kind == "categorical" else g.abs()
-            return norm if features is None else last_layer_norm(norm, features)
-
     def target(self, td: TensorDictBase) -> Tensor:
         """What the critic is regressed on, without a graph."""
         raise NotImplementedError
@@ -169,28 +144,59 @@ class Critic:
     def per_sample_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         return distance_loss(pred, target, loss_function=self.loss.loss_function)
 
-    def td_error(self, pred: Tensor, target: Tensor, per_sample: Tensor) -> Tensor:
-        """PER's priority: ``|TD|`` (TorchRL's ``DQNLoss`` writes ``TD^2``; the PER paper uses ``|TD|``)."""
-        return (pred - target).detach().abs()
+    def td_error(self, pred: Tensor, target: Tensor, per_sample: Optional[Tensor] = None) -> Tensor:
+        """PER's priority: ``|TD|`` (:func:`torchsample.surrogates.td_error`; the largest over twin critics)."""
+        return td_error(pred, target)
+
+    def actor_losses(self, td: TensorDictBase) -> dict[str, Tensor]:
+        """The actor's (and SAC's temperature's) losses on the rows of ``td``, unweighted; none here."""
+        return {}
 
 
-@functools.singledispatch
-def critic_of(loss: nn.Module) -> Critic:
-    """The :class:`Critic` view of a TorchRL loss, by its class (the nearest registered base class).
+class _Registry:
+    """:func:`critic_of`: the view of a loss, by the nearest class in its MRO that has one."""
 
-    Examples:
-        >>> import torch
-        >>> from torchrl.modules import QValueActor
-        >>> from torchrl.objectives import DQNLoss
-        >>> actor = QValueActor(torch.nn.Linear(4, 2), in_keys=["observation"], action_space="categorical")
-        >>> critic = critic_of(DQNLoss(actor, loss_function="smooth_l1", action_space="categorical"))
-        >>> type(critic).__name__, critic.loss_kind, critic.num_critics
-        ('DQNCritic', 'huber', 1)
-    """
-    raise TypeError(
-        f"no built-in LaBER support for {type(loss).__name__}: pass prediction=callable(td) -> (pred, target) "
-        "to LaBER, or register a torchsample.targets.Critic for it with @critic_of.register"
-    )
+    def __init__(self, built_in: dict) -> None:
+        self._views: dict[type, type[Critic]] = {}
+        self._built_in = built_in
+
+    def register(self, loss_class: type, view: type[Critic] | None = None):
+        """``critic_of.register(MyLoss, MyCritic)``, or ``@critic_of.register(MyLoss)`` on the view."""
+        if not isinstance(loss_class, type):
+            raise TypeError(f"register a loss class, got {loss_class!r}")
+
+        def add(view: type[Critic]) -> type[Critic]:
+            if not (isinstance(view, type) and issubclass(view, Critic)):
+                raise TypeError(f"a view must be a torchsample.critics.Critic subclass, got {view!r}")
+            self._views[loss_class] = view
+            return view
+
+        return add if view is None else add(view)
+
+    def view_class(self, loss_class: type) -> type[Critic] | None:
+        table = {**self._built_in(), **self._views}
+        return next((table[cls] for cls in loss_class.__mro__ if cls in table), None)
+
+    def __call__(self, loss: nn.Module) -> Critic:
+        """The :class:`Critic` view of a TorchRL loss, by its class (the nearest registered base class).
+
+        Examples:
+            >>> import torch
+            >>> from torchrl.modules import QValueActor
+            >>> from torchrl.objectives import DQNLoss
+            >>> actor = QValueActor(torch.nn.Linear(4, 2), in_keys=["observation"], action_space="categorical")
+            >>> critic = critic_of(DQNLoss(actor, loss_function="smooth_l1", action_space="categorical"))
+            >>> type(critic).__name__, critic.loss_kind, critic.num_critics
+            ('DQNCritic', 'huber', 1)
+        """
+        view = self.view_class(type(loss))
+        if view is None:
+            raise TypeError(
+                f"no built-in LaBER support for {type(loss).__name__}: pass prediction=callable(td) -> (pred, target) "
+                "to LaBER, or register a view: torchsample.critic_of.register(YourLoss, YourCritic), YourCritic a "
+                "torchsample.critics.Critic"
+            )
+        return view(loss)
 
 
 def pred_and_target(loss: nn.Module, td: TensorDictBase) -> tuple[Tensor, Tensor]:
@@ -219,71 +225,9 @@ def pred_and_target(loss: nn.Module, td: TensorDictBase) -> tuple[Tensor, Tensor
     return critic.prediction(td), critic.target(td)
 
 
-def grad_norm_scores(loss: nn.Module, td: TensorDictBase, surrogate: str = "exact", *, target: Tensor | None = None,
-                     method: str = "auto") -> Tensor:
-    """Per-row gradient norms of a TorchRL loss's per-sample critic loss ``l_i``, at a rung of the ladder.
-
-    ===============  ==========================================================  ======================
-    ``surrogate``    score of row ``i``                                           cost
-    ===============  ==========================================================  ======================
-    ``"output"``     ``||g_i||``, ``g_i = dl_i / d out_i``: ``2 |q_i - y_i|``     one forward
-                     (l2, TorchRL's ``(q - y)^2``), ``min(|q_i - y_i|, 1)``
-                     (smooth_l1), ``||softmax(z_i) - m_i||_2`` (C51)
-    ``"last-layer"`` ``||g_i|| sqrt(||h_i||^2 + 1)``: the norm of the gradient      one forward
-                     with respect to the last ``nn.Linear``'s weight and bias,
-                     ``h_i`` its input in the same forward
-    ``"exact"``      ``||grad_theta l_i||`` over every parameter of the critic     forward + backward
-                     (ghost norms for ``nn.Linear`` / ``nn.Conv2d``, else
-                     ``vmap(grad)``)
-    ===============  ==========================================================  ======================
-
-    Each rung equals ``torch.func``'s per-sample gradient norm of ``l_i`` over its parameters (the
-    tests hold it to that), so the three are on one scale: ``output`` is at most ``last-layer``
-    (the bias alone), which is at most ``exact``. What LaBER samples from with ``surrogate="output"``
-    and ``"last-layer"`` (:func:`torchsample.laber_select`) is this up to the loss's constant factor
-    (``|q - y|`` for the l2 loss), which does not change the draw. For the priorities of GER (PER
-    with ``"exact"``) and the App. H diagnostics (the total variation of each rung's sampling
-    distribution to ``"exact"``'s on the same large batch).
-
-    Twin critics (SAC, TD3): every critic on every row, ``[C, N]``. Their targets are random
-    (SAC's next action, TD3's smoothing noise): pass the same ``target`` to compare rungs.
-
-    Args:
-        loss: a TorchRL loss with a :class:`Critic` view (``DQNLoss``, ``DistributionalDQNLoss`` /
-            :class:`torchsample.C51Loss`, ``SACLoss``, ``TD3Loss``).
-        td: ``[N]`` transitions (e.g. a large batch of ``4 * B``).
-        surrogate: ``"exact"`` (default), ``"last-layer"`` or ``"output"``.
-        target: the TD targets (``[N]``, or ``[N, K]`` for C51); default ``critic_of(loss).target(td)``.
-        method: for ``"exact"``: ``"auto"`` (ghost norms where every layer with parameters is a
-            plain ``nn.Linear`` / ``nn.Conv2d``, else ``vmap(grad)``), ``"ghost"`` or ``"vmap"``.
-
-    Returns:
-        float32 ``[N]``, or ``[C, N]`` for twin critics, without a graph.
-
-    Examples:
-        >>> import torch
-        >>> from tensordict import TensorDict
-        >>> from torchrl.modules import MLP, QValueActor
-        >>> from torchrl.objectives import DQNLoss
-        >>> from torchsample import grad_norm_scores
-        >>> net = MLP(in_features=4, out_features=2, num_cells=[16])
-        >>> loss = DQNLoss(QValueActor(net, in_keys=["observation"], action_space="categorical"),
-        ...                delay_value=True, action_space="categorical")
-        >>> loss.make_value_estimator(gamma=0.99)
-        >>> td = TensorDict({"observation": torch.randn(8, 4), "action": torch.randint(2, (8,)),
-        ...     ("next", "observation"): torch.randn(8, 4), ("next", "reward"): torch.randn(8, 1),
-        ...     ("next", "done"): torch.zeros(8, 1, dtype=torch.bool),
-        ...     ("next", "terminated"): torch.zeros(8, 1, dtype=torch.bool)}, [8])
-        >>> output, last, exact = (grad_norm_scores(loss, td, s) for s in ("output", "last-layer", "exact"))
-        >>> exact.shape, bool((output <= last).all()), bool((last <= exact * (1 + 1e-5)).all())
-        (torch.Size([8]), True, True)
-    """
-    return critic_of(loss).grad_norms(td, surrogate, target=target, method=method)
-
-
 def _check_features(features: Tensor, rows: torch.Size) -> Tensor:
     """The captured features, if they are one ``[..., N, D]`` row per prediction (the last layer
-    sees each row once, through a 2-D input), where :func:`last_layer_norm` is exact."""
+    sees each row once, through a 2-D input), where the last-layer formula is exact."""
     if features.dim() != len(rows) + 1 or features.shape[:-1] != rows:
         raise ValueError(
             f"the last nn.Linear's input has shape {tuple(features.shape)}, not one feature row per transition "
@@ -301,11 +245,23 @@ def gather_action(values: Tensor, action: Tensor, action_space) -> Tensor:
     return (values * action.to(values.dtype)).sum(-1)
 
 
+def reduce_like(loss: nn.Module, per_sample: Tensor) -> Tensor:
+    """``per_sample`` reduced as ``loss.reduction`` says (TorchRL's default ``"mean"``); a loss that
+    reduced already returns a scalar, which stays as it is."""
+    if per_sample.dim() == 0:
+        return per_sample
+    reduction = getattr(loss, "reduction", "mean")
+    if reduction == "sum":
+        return per_sample.sum()
+    if reduction == "none":
+        return per_sample
+    return per_sample.mean()
+
+
 # ---------------------------------------------------------------------------------------------
 # DQN
 
 
-@critic_of.register(DQNLoss)
 class DQNCritic(Critic):
     """``DQNLoss``: ``q(s, a)`` against the value estimator's target with the target parameters;
     with ``double_dqn=True`` the online network picks the next action."""
@@ -352,6 +308,11 @@ class TwinCritics(Critic):
 
     loss_keys = ("loss_qvalue", "loss_actor")
 
+    def __init__(self, loss: nn.Module) -> None:
+        super().__init__(loss)
+        # critic c on rows c, vmapped over the stacked parameters; kept by the view, not the loss.
+        self._vmapped_rows = _vmap_func(loss.qvalue_network, (0, 0), randomness=loss.vmap_randomness)
+
     @property
     def num_critics(self) -> int:
         return self.loss.num_qvalue_nets
@@ -372,12 +333,8 @@ class TwinCritics(Critic):
     def rows_prediction(self, rows: TensorDictBase, params: TensorDictBase | None = None) -> Tensor:
         """``[C, B]``: critic ``c`` on ``rows[c]`` (vmapped over the critics' parameters and rows)."""
         loss = self.loss
-        vmapped = loss.__dict__.get("_laber_vmap_qvalue_00")
-        if vmapped is None:
-            vmapped = _vmap_func(loss.qvalue_network, (0, 0), randomness=loss.vmap_randomness)
-            loss.__dict__["_laber_vmap_qvalue_00"] = vmapped
-        out = vmapped(rows.select(*loss.qvalue_network.in_keys, strict=False),
-                      loss.qvalue_network_params if params is None else params)
+        out = self._vmapped_rows(rows.select(*loss.qvalue_network.in_keys, strict=False),
+                                 loss.qvalue_network_params if params is None else params)
         return out.get(loss.tensor_keys.state_action_value).squeeze(-1)
 
     def critic_prediction(self, td: TensorDictBase, params: TensorDictBase) -> Tensor:
@@ -409,12 +366,11 @@ class TwinCritics(Critic):
                                                  method=method) for c in range(self.num_critics)])
 
     def actor_losses(self, td: TensorDictBase) -> dict[str, Tensor]:
-        """The actor's (and SAC's temperature's) losses on the rows of ``td``, unweighted means."""
+        """The actor's loss on the rows of ``td``, unweighted, reduced as the loss's ``reduction`` says."""
         loss_actor, _ = self.loss.actor_loss(td)
-        return {"loss_actor": loss_actor.mean()}
+        return {"loss_actor": reduce_like(self.loss, loss_actor)}
 
 
-@critic_of.register(SACLoss)
 class SACCritics(TwinCritics):
     """``SACLoss`` without a value network (SAC v2): the soft twin-min target."""
 
@@ -425,6 +381,10 @@ class SACCritics(TwinCritics):
         if loss._version != 2:
             raise ValueError("LaBER composes with SACLoss without a value network (SAC v2)")
         super().__init__(loss)
+        # SACLoss resolves its target entropy on first use, from the action spec, and caches it (its own
+        # buffer, as its first eager call would); resolved inside torch.compile, building the spec breaks
+        # the graph (torchrl 0.11: "setattr" on a Composite class). Resolved here, eagerly, once.
+        loss.target_entropy
 
     @torch.no_grad()
     def target(self, td: TensorDictBase) -> Tensor:
@@ -432,11 +392,10 @@ class SACCritics(TwinCritics):
 
     def actor_losses(self, td: TensorDictBase) -> dict[str, Tensor]:
         loss_actor, metadata = self.loss.actor_loss(td)
-        return {"loss_actor": loss_actor.mean(),
-                "loss_alpha": self.loss._alpha_loss(log_prob=metadata["log_prob"]).mean()}
+        return {"loss_actor": reduce_like(self.loss, loss_actor),
+                "loss_alpha": reduce_like(self.loss, self.loss._alpha_loss(log_prob=metadata["log_prob"]))}
 
 
-@critic_of.register(TD3Loss)
 class TD3Critics(TwinCritics):
     """``TD3Loss``: the target actor's action with clipped noise, twin-min target critics."""
 
@@ -459,3 +418,17 @@ class TD3Critics(TwinCritics):
         next_q = next_q.get(keys.state_action_value).squeeze(-1).min(0)[0]
         td.set(("next", keys.state_action_value), next_q.unsqueeze(-1))
         return loss.value_estimator.value_estimate(td).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry: every built-in view, in one place
+
+
+@functools.cache
+def _built_in_views() -> dict:
+    from .c51 import C51Critic  # c51 builds on this module: resolved when a view is first asked for
+
+    return {DQNLoss: DQNCritic, DistributionalDQNLoss: C51Critic, SACLoss: SACCritics, TD3Loss: TD3Critics}
+
+
+critic_of = _Registry(_built_in_views)
