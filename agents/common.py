@@ -50,6 +50,9 @@ class RunOptions:
     """torch CPU threads (1 lets agents.compare run one process per core)"""
     checkpoint_every: int = 0
     """steps between checkpoints (0: only at the end)"""
+    keep_buffer: bool = False
+    """keep the replay buffer in the final checkpoint too (the buffer of a finished run is left out unless asked:
+    81 MB per MinAtar run; checkpoints a run may resume from keep it)"""
     stop_after: int = 0
     """stop (after writing a checkpoint) at this step, as a preempted job would (0: run to the end)"""
     resume: bool = False
@@ -518,9 +521,9 @@ def load_state_of(obj, state: dict) -> None:
         setattr(obj, name, value)
 
 
-def save_checkpoint(path: Path, *, step: int, modules: dict, buffer: TensorDictReplayBuffer, env: gym.Env,
+def save_checkpoint(path: Path, *, step: int, modules: dict, buffer: Optional[TensorDictReplayBuffer], env: gym.Env,
                     loop_state: dict) -> None:
-    """Writes ``path`` (a folder): module/optimizer state, the buffer, the env and the RNGs.
+    """Writes ``path`` (a folder): module/optimizer state, the buffer (unless ``None``), the env and the RNGs.
 
     The env is pickled so that the episode in progress continues where it stopped; gymnasium's
     classic-control and MinAtar envs pickle, MuJoCo's do not (then ``env`` is ``None`` and a resumed
@@ -528,8 +531,10 @@ def save_checkpoint(path: Path, *, step: int, modules: dict, buffer: TensorDictR
     """
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    buffer.dumps(tmp / "buffer")
+    shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted save left
+    tmp.mkdir(parents=True)
+    if buffer is not None:
+        buffer.dumps(tmp / "buffer")
     try:
         env_bytes = pickle.dumps(env)
     except Exception:
@@ -545,8 +550,6 @@ def save_checkpoint(path: Path, *, step: int, modules: dict, buffer: TensorDictR
         tmp / "state.pt",
     )
     if path.exists():
-        import shutil
-
         shutil.rmtree(path)
     os.replace(tmp, path)
 
@@ -555,6 +558,9 @@ def load_checkpoint(path: Path, *, modules: dict, buffer: TensorDictReplayBuffer
     """Restores what :func:`save_checkpoint` wrote; returns ``(step, env or None, loop_state)``."""
     path = Path(path)
     state = torch.load(path / "state.pt", weights_only=False)
+    if not (path / "buffer").exists():
+        raise FileNotFoundError(f"{path} holds no replay buffer: it is the final checkpoint of a finished run, saved "
+                                "without --keep-buffer; there is nothing to resume")
     for key, module in modules.items():
         load_state_of(module, state["modules"][key])
     buffer.loads(path / "buffer")
@@ -602,7 +608,10 @@ class Checkpointer:
         stopping = bool(self.opts.stop_after) and step == self.opts.stop_after
         due = self.opts.checkpoint_every and step % self.opts.checkpoint_every == 0
         if stopping or due or step == self.total_steps:
-            save_checkpoint(self.path, step=step, modules=self.modules, buffer=self.buffer, env=env, loop_state=loop_state)
+            # A finished run has nothing left to resume: its buffer only if asked (--keep-buffer).
+            finished = step == self.total_steps and not stopping
+            buffer = None if finished and not self.opts.keep_buffer else self.buffer
+            save_checkpoint(self.path, step=step, modules=self.modules, buffer=buffer, env=env, loop_state=loop_state)
         return stopping
 
 

@@ -30,7 +30,10 @@ its own under its own label (folder and table row), e.g. the surrogate ladder in
 
 **Adding to a comparison** (``--reuse``): a run whose folder already holds a finished run with the same
 arguments is kept and not launched again, so more seeds or samplers can be added to an existing ``<out>``
-and an interrupted comparison finished; the tables count kept and new runs alike.
+and an interrupted comparison finished; the tables count kept and new runs alike. An interrupted run
+with the same arguments and a checkpoint (``--extra="--checkpoint-every K"``) goes on from it
+(``--resume``). A finished run's checkpoint keeps no replay buffer (``--keep-buffer`` in ``--extra``
+keeps it).
 
 **Several tasks** (``--aggregate DIR ...``) runs nothing: it reads existing one-task ``<out>`` folders
 and writes ``<out>/aggregate.md``, ``aggregate.csv``, ``profiles.png`` (rliable's performance profiles)
@@ -309,10 +312,16 @@ def finished_run(args: list[str], folder: Path) -> Optional[float]:
         return None
     if int(evals["step"][-1]) != int(config["total_steps"]):
         return None
+    return float(evals["wall_time"][-1]) if same_arguments(args, config) else None
+
+
+def same_arguments(args: list[str], config: dict[str, str]) -> bool:
+    """Whether the agent arguments ``args`` are those a run's ``config.txt`` (as a dict) records (see
+    :func:`finished_run`)."""
     i = 0
     while i < len(args):
         if not args[i].startswith("--"):
-            return None  # a stray value: not a command line this function understands
+            return False  # a stray value: not a command line this function understands
         key, values = args[i][2:].replace("-", "_"), []
         i += 1
         while i < len(args) and not args[i].startswith("--"):
@@ -323,8 +332,8 @@ def finished_run(args: list[str], folder: Path) -> Optional[float]:
         elif not values:
             values = ["True"]
         if key != "out" and (key not in config or not _same_value(values, config[key])):
-            return None
-    return float(evals["wall_time"][-1])
+            return False
+    return True
 
 
 def launch(cfg: Config, run: Run) -> Run:
@@ -334,6 +343,9 @@ def launch(cfg: Config, run: Run) -> Run:
         if wall_time is not None:
             run.wall_time, run.returncode, run.reused = wall_time, 0, True
             return run
+        # An interrupted run with the same arguments resumes from its last checkpoint (--checkpoint-every).
+        if (run.folder / "checkpoint" / "buffer").is_dir() and same_arguments(cmd[3:], read_config(run.folder)):
+            cmd = [*cmd, "--resume"]
     run.folder.mkdir(parents=True, exist_ok=True)
     start = time.time()
     with open(run.folder / "stdout.log", "w") as log:

@@ -315,6 +315,33 @@ def test_reuse_launches_only_the_runs_not_finished(tmp_path, monkeypatch):
     assert rows[0]["runs"] == 2 and rows[0]["mean"] == pytest.approx((200.0 + 60.0) / 2)
 
 
+def test_reuse_resumes_an_interrupted_run_from_its_checkpoint(tmp_path, monkeypatch):
+    """A run with the same arguments, stopped before its last step with a checkpoint that holds its
+    buffer, goes on with --resume; one with other arguments starts again."""
+    cfg = compare.Config(samplers=["uniform"], seeds=[0, 1], total_steps=600, out=tmp_path, reuse=True, bootstrap=200)
+    for seed, other in [(0, False), (1, True)]:
+        run = compare.Run("uniform", seed, tmp_path / "uniform" / f"seed{seed}")
+        args = compare.command(cfg, run)[3:]
+        recorded = {a[2:].replace("-", "_"): b for a, b in zip(args, args[1:]) if a.startswith("--") and not
+                    b.startswith("--")}
+        recorded.pop("env_id")
+        if other:
+            recorded["total_steps"] = "900"  # another run length: not this run
+        fake_run(run.folder, "CartPole-v1", [100.0], **{**recorded, "progress": False})  # eval at 300 of 600
+        (run.folder / "checkpoint" / "buffer").mkdir(parents=True)
+    launched = {}
+
+    def run(cmd, **kwargs):
+        folder = Path(cmd[cmd.index("--out") + 1])
+        launched[folder.name] = cmd
+        fake_run(folder, "CartPole-v1", [50.0, 60.0])
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(compare.subprocess, "run", run)
+    compare.main(cfg)
+    assert launched["seed0"][-1] == "--resume" and "--resume" not in launched["seed1"]
+
+
 def test_a_variant_entry_runs_its_sampler_with_its_arguments_under_its_label(tmp_path, monkeypatch):
     cfg = compare.Config(samplers=["uniform", "last-layer=laber-mean --surrogate last-layer"], seeds=[0],
                          total_steps=600, out=tmp_path, bootstrap=200)
