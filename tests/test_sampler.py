@@ -139,3 +139,21 @@ def test_transform_prepares_the_large_batch_before_scoring():
     rb = buffer("dqn", LaBERSampler(LaBER(loss, batch_size=8), m=2, transform=scale), b=8)
     rb.sample()
     assert seen == [torch.Size([16])]
+
+
+def test_a_weight_the_transform_writes_multiplies_labers():
+    """LFIW weighs the large batch before LaBER keeps B (``lfiw-laber-mean``): the kept rows carry both."""
+    def weigh(td):
+        return td.set("priority_weight", td["index"].float() + 1)  # a weight that differs per storage row
+
+    sampler = LaBERSampler(LaBER(dqn_loss(), batch_size=8), m=4, transform=weigh)
+    rb = TensorDictReplayBuffer(storage=LazyTensorStorage(1000), sampler=sampler, batch_size=8,
+                                generator=torch.Generator().manual_seed(0))
+    rb.extend(batch(200))
+    state = rb._rng.get_state()
+    weighted = rb.sample()
+    rb._rng.set_state(state)
+    sampler.transform = lambda td: td  # the same draw, without the transform's weight
+    plain = rb.sample()
+    assert torch.equal(weighted["index"], plain["index"])
+    torch.testing.assert_close(weighted["priority_weight"], plain["priority_weight"] * (plain["index"].float() + 1))

@@ -6,7 +6,7 @@ training batch in proportion to it, with importance weights.
 
 The ops (:func:`laber_downsample`, :func:`laber_select`, the surrogates and weights) need torch
 alone (and triton on CUDA); the TorchRL parts (:class:`LaBER`, :class:`LaBERSampler`,
-:class:`LaBERLoss`, :class:`C51Loss`, :func:`grad_norm_scores`, :func:`make_update`) import torchrl
+:class:`LaBERLoss`, :class:`GERSampler`, :class:`C51Loss`, :func:`grad_norm_scores`, :func:`make_update`) import torchrl
 when first used.
 
 The surrogate ladder (``surrogate=`` of :class:`LaBER`, :func:`laber_select` and
@@ -26,6 +26,7 @@ from .weights import importance_weights
 _TORCHRL_PARTS = {
     "LaBER": "transform",
     "LaBERSampler": "sampler",
+    "GERSampler": "sampler",
     "LaBERLoss": "losses",
     "C51Loss": "c51",
     "categorical_projection": "c51",
@@ -41,6 +42,7 @@ _TORCHRL_PARTS = {
 __all__ = [
     "LaBER",
     "LaBERSampler",
+    "GERSampler",
     "LaBERLoss",
     "C51Loss",
     "categorical_projection",

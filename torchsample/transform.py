@@ -9,6 +9,7 @@ that a replay buffer samples with it.
 """
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Callable, NamedTuple, Optional
 
@@ -206,6 +207,17 @@ class LaBER(Transform):
     def loss_module(self) -> nn.Module:
         return self.__dict__["_loss_module"]
 
+    # A TensorDictReplayBuffer writes the large batch's "index" (and PER's weights) into the sample after
+    # its transforms ran: a transform that shrinks the batch fails there with TorchRL's "Failed to set the
+    # metadata". Refuse it where it is made, with the way that works.
+    def eval(self) -> LaBER:
+        _refuse_tensordict_buffer()  # ReplayBuffer.append_transform puts a transform in eval mode first
+        return super().eval()
+
+    def set_container(self, container) -> None:
+        _refuse_tensordict_buffer()  # TensorDictReplayBuffer(transform=...) puts it in a Compose
+        super().set_container(container)
+
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         return self.select(tensordict)
 
@@ -233,24 +245,30 @@ class LaBER(Transform):
             out.set(keys.priority, kept.td_error)
         return out
 
-    def selection(self, large: TensorDictBase, batch_size: Optional[int] = None) -> Selection:
+    def selection(self, large: TensorDictBase, batch_size: Optional[int] = None,
+                  generator: Optional[torch.Generator] = None) -> Selection:
         """Which rows of ``large`` LaBER keeps (positions into it), their weights and targets.
 
-        ``batch_size`` overrides ``B`` (:class:`torchsample.LaBERSampler` passes the buffer's).
+        ``batch_size`` overrides ``B`` and ``generator`` this module's random state
+        (:class:`torchsample.LaBERSampler` passes the buffer's).
         """
+        if not isinstance(large, TensorDictBase):
+            raise TypeError(f"LaBER scores a TensorDict of transitions with the loss's networks, got "
+                            f"{type(large).__name__}")
         if large.batch_dims != 1:
             raise ValueError(f"LaBER expects a large batch with one batch dimension, got batch_size={tuple(large.batch_size)}")
         N = large.batch_size[0]
         if N == 0:
             raise ValueError("LaBER got an empty large batch: the buffer holds no data")
         B = self.batch_size if batch_size is None else batch_size
-        generator = self.__dict__["_generator"]
+        own_state = generator is None
+        generator = self.__dict__["_generator"] if generator is None else generator
         custom = self.__dict__["_prediction"] is not None
         with torch.no_grad():
             pred, target, features, exact = self._score(large)
         options = dict(weighting=self.weighting, eps=self.eps)
         scores = pred if exact is None else exact
-        if self.rng_state is not None and self.rng_state.device == scores.device:
+        if own_state and self.rng_state is not None and self.rng_state.device == scores.device:
             options["rng_state"] = self.rng_state  # seeded from generator, if any, at construction
         else:
             options["generator"] = generator
@@ -270,7 +288,8 @@ class LaBER(Transform):
             return Selection(drawn.index, drawn.weight, target[drawn.index] if keep_target else None, None)
         drawn = self._draw(pred, shared_target, features, exact, B, options)  # [C, B]
         # Column 0: the actor's rows, uniform over the large batch; column 1 + c: critic c's rows.
-        uniform = torch.randint(N, (B, 1), device=scores.device, generator=generator)
+        on = scores.device if generator is None else generator.device
+        uniform = torch.randint(N, (B, 1), device=on, generator=generator).to(scores.device)
         index = torch.cat([uniform, drawn.index.T], 1)
         weight = torch.cat([torch.ones_like(drawn.weight[:1].T), drawn.weight.T], 1)
         if pred is None:  # "exact" scored without the critics' outputs; PER's priority needs them
@@ -317,3 +336,21 @@ class LaBER(Transform):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(batch_size={self.batch_size}, surrogate={self.surrogate!r}, "
                 f"loss={self.loss_kind!r}, weighting={self.weighting!r}, critics={self.critics!r}, eps={self.eps})")
+
+
+def _refuse_tensordict_buffer(depth: int = 8) -> None:
+    """A ``TypeError`` when a ``TensorDictReplayBuffer`` method is among the callers."""
+    from torchrl.data import TensorDictReplayBuffer
+
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return
+        if isinstance(frame.f_locals.get("self"), TensorDictReplayBuffer):
+            raise TypeError(
+                "LaBER cannot be a transform of a TensorDictReplayBuffer: TorchRL writes the large batch's index and "
+                "weights into the sample after its transforms run, so a transform cannot keep fewer rows. Sample "
+                "through LaBER instead: TensorDictReplayBuffer(..., sampler=torchsample.LaBERSampler(laber, m=4), "
+                "batch_size=B), or call laber(large) on a large batch you drew"
+            )
+        frame = frame.f_back

@@ -8,7 +8,8 @@ variant    ``w_i``
 =========  =====================================================================================
 ``mean``   ``mean_{j in large batch}(p_j) / p_i``: makes ``mean_i(w_i * l_i)`` an unbiased
            estimate of the large batch's mean loss (the default; the one the paper grounds)
-``lazy``   ``1 / p_i`` (the paper's; cpprb's ``LaBERlazy`` is ``m*B`` times larger)
+``lazy``   ``1 / p_i`` (the paper's; cpprb 11's ``LaBERlazy`` gives ``sum_j p_j / p_i``, ``p`` with its
+           ``eps``: ``N = m*B`` times the ``mean`` weights, not a constant times ``1 / p_i``)
 ``max``    ``min_{j in minibatch}(p_j) / p_i``: the largest weight in the minibatch is 1
 =========  =====================================================================================
 """
