@@ -17,17 +17,20 @@ $(STAMP): pyproject.toml constraints/ci.txt
 
 install: $(STAMP)
 
-# Two workers (pytest-xdist); loadgroup keeps the Ray tests in one worker (one cluster at a time).
+# Lint and format first (seconds), then two workers (pytest-xdist); loadgroup keeps the Ray tests in one
+# worker (one cluster at a time).
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup
 
 demo: $(STAMP)
-	$(PY) -m agents.compare --algo dqn --env-id CartPole-v1 \
+	$(PY) -m experiments.compare --algo dqn --env-id CartPole-v1 \
 		--samplers laber-mean uniform per --seeds 0 1 --out runs/demo
 
 # The longer comparison README.md reports (about 105 minutes on 2 cores): laber-mean against uniform,
 # large-batch and per, 3 seeds each. MinAtar and Pendulum are cut to what a 2-core machine allows.
-COMPARE := $(PY) -m agents.compare --samplers laber-mean uniform large-batch per --seeds 0 1 2
+COMPARE := $(PY) -m experiments.compare --samplers laber-mean uniform large-batch per --seeds 0 1 2
 compare: $(STAMP)
 	$(COMPARE) --algo dqn --env-id CartPole-v1 --out runs/compare/dqn-cartpole
 	$(COMPARE) --algo dqn --env-id Acrobot-v1 --out runs/compare/dqn-acrobot
@@ -43,7 +46,7 @@ compare: $(STAMP)
 # CartPole measured (README, about 26 minutes, on m * B rows before --diagnostics-rows: `make
 # small-batch` reruns it, with the same returns); MinAtar Breakout measured with 512 rows (README, about
 # 30-40 minutes a seed on an idle 2-core machine, under 2 hours for the 3 seeds).
-SMALL_BATCH := $(PY) -m agents.compare --algo dqn --samplers uniform laber-mean --seeds 0 1 2 --batch-sizes 8 16 32 64 128 --reuse
+SMALL_BATCH := $(PY) -m experiments.compare --algo dqn --samplers uniform laber-mean --seeds 0 1 2 --batch-sizes 8 16 32 64 128 --reuse
 small-batch: $(STAMP)
 	$(SMALL_BATCH) --env-id CartPole-v1 --total-steps 20000 --extra="--diagnostics-every 2500 --diagnostics-rows 512" \
 		--out runs/small-batch/cartpole
@@ -55,7 +58,7 @@ small-batch: $(STAMP)
 # at each rung (output, last-layer, exact), GER, PER-LaBER and GER-LaBER against uniform and PER.
 # CartPole-v1 30k steps with diagnostics every 2500 steps; MinAtar Breakout and SpaceInvaders 30k steps
 # (learning only, about 72 and 90 minutes on 2 cores). --reuse keeps the runs already finished.
-LADDER := $(PY) -m agents.compare --algo dqn --seeds 0 1 2 --total-steps 30000 --reuse \
+LADDER := $(PY) -m experiments.compare --algo dqn --seeds 0 1 2 --total-steps 30000 --reuse \
 	--samplers uniform per laber-mean "laber-mean-last-layer=laber-mean --surrogate last-layer" \
 	"laber-mean-exact=laber-mean --surrogate exact" ger per-laber-mean ger-laber-mean
 ladder: $(STAMP)
@@ -63,28 +66,31 @@ ladder: $(STAMP)
 	$(LADDER) --env-id MinAtar/Breakout-v1 --out runs/ladder/minatar-breakout
 	$(LADDER) --env-id MinAtar/SpaceInvaders-v1 --out runs/ladder/minatar-spaceinvaders
 
+# The benchmarks write their CSV files to runs/perf/ (ignored); `make bench UPDATE_RESULTS=1` to the committed
+# perf/results/, which the docs quote.
+export UPDATE_RESULTS
 bench: $(STAMP)
-	$(PY) perf/bench_downsample.py --quick
-	$(PY) perf/bench_update.py --quick
-	$(PY) perf/bench_scaling.py --quick
-	$(PY) perf/bench_gradnorms.py --quick
+	$(PY) -m perf.bench_downsample --quick
+	$(PY) -m perf.bench_update --quick
+	$(PY) -m perf.bench_scaling --quick
+	$(PY) -m perf.bench_gradnorms --quick
 
 bench-full: $(STAMP)
-	$(PY) perf/bench_downsample.py
-	$(PY) perf/bench_update.py --full
-	$(PY) perf/bench_scaling.py --full
-	$(PY) perf/bench_gradnorms.py
+	$(PY) -m perf.bench_downsample
+	$(PY) -m perf.bench_update --full
+	$(PY) -m perf.bench_scaling --full
+	$(PY) -m perf.bench_gradnorms
 
 # The fused kernel against the naive torch path (CUDA; without a GPU it says so and exits 0).
 bench-kernel: $(STAMP)
-	$(PY) perf/bench_kernel.py
+	$(PY) -m perf.bench_kernel
 
 # On a GPU machine, with the interpreter at hand (no venv): `make gpu-check PYTHON=python3`. Runs the
 # GPU tests (pytest -m gpu), perf/bench_kernel.py and perf/bench_update.py on CUDA, each under a time
 # limit (about 8 minutes in all), keeps going when one fails, and writes perf/results/*_cuda.csv and
 # perf/results/gpu_summary_cuda.md; exits non-zero when a step failed. See ../shared/gpu/README.md.
 gpu-check:
-	$(PYTHON) perf/gpu_check.py
+	$(PYTHON) -m perf.gpu_check
 
 # Not in CI: the whole suite on the oldest supported combination (torch 2.11, torchrl 0.11.1, tensordict
 # 0.11: what the GPU machine's image has), agents included, in a venv of its own. The first H200 run

@@ -11,7 +11,7 @@ import importlib.util
 AGENTS = ("tyro", "gymnasium", "tqdm")
 NEEDS = {  # module glob -> what importing those modules needs
     "agents/*.py": AGENTS,
-    "agents/compare.py": AGENTS + ("rliable", "matplotlib", "pandas"),
+    "experiments/*.py": AGENTS + ("rliable", "matplotlib", "pandas"),
     "agents/atari.py": ("gymnasium", "ale_py", "cv2"),
     "agents/distributed.py": AGENTS + ("ray",),
 }

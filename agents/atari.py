@@ -1,10 +1,10 @@
-"""Atari for the DQN and C51 agents: the environment as Dopamine preprocesses it, the Nature-DQN
-network, and a replay layout that stores each frame once or twice instead of eight times.
+"""Atari for the DQN and C51 agents: the environment as Dopamine preprocesses it and a replay layout
+that stores each frame once or twice instead of eight times (the Nature-DQN network is in
+:mod:`agents.networks`).
 
 * :func:`make_atari_env`: ALE v5 with sticky actions (p = 0.25), gymnasium's ``AtariPreprocessing``
   (frame skip 4 with a max over the last two frames, 84x84 grey, up to 30 no-op starts, no terminal
   on life loss) and ``FrameStackObservation`` (4 frames): observations ``[4, 84, 84]`` uint8.
-* :class:`NatureCNN`: Mnih et al. (2015)'s torso; it scales the uint8 frames to [0, 1] itself.
 * :class:`FrameStackReplay`: a replay-buffer transform that writes only the newest frame of
   ``"observation"`` and of ``("next", "observation")`` and rebuilds both stacks when a batch is
   drawn, so samplers, LaBER and the losses see ordinary ``[4, 84, 84]`` observations.
@@ -48,28 +48,6 @@ def make_atari_env(env_id: str) -> gym.Env:
     env = gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84,
                                           terminal_on_life_loss=False, grayscale_obs=True, scale_obs=False)
     return gym.wrappers.FrameStackObservation(env, FRAMES)
-
-
-class NatureCNN(nn.Module):
-    """Conv(8x8, 32, stride 4) -> Conv(4x4, 64, stride 2) -> Conv(3x3, 64, stride 1) -> FC 512 -> FC outputs,
-    ReLU (Mnih et al., 2015; the LaBER paper's Table 2). Input: ``[..., 4, 84, 84]`` uint8 frames."""
-
-    def __init__(self, frames: int, outputs: int) -> None:
-        super().__init__()
-        self.torso = nn.Sequential(
-            nn.Conv2d(frames, 32, kernel_size=8, stride=4), nn.ReLU(),
-            nn.Conv2d(32, 64, kernel_size=4, stride=2), nn.ReLU(),
-            nn.Conv2d(64, 64, kernel_size=3, stride=1), nn.ReLU(),
-        )
-        self.fc = nn.Linear(64 * 7 * 7, 512)
-        self.out = nn.Linear(512, outputs)
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        # uint8 in the buffer (1 byte a pixel), scaled here: a float buffer would take 4x the memory.
-        x = obs.float() / 255.0
-        batch = x.shape[:-3]
-        x = self.torso(x.reshape(-1, *x.shape[-3:])).flatten(1)
-        return self.out(torch.relu(self.fc(x))).reshape(*batch, -1)
 
 
 class FrameStackReplay(Transform):

@@ -1,6 +1,7 @@
-"""C51 (Bellemare et al., 2017) with a choice of replay sampler: uniform, PER, LaBER or a large batch.
+"""C51 (Bellemare et al., 2017) with a choice of replay sampler: uniform, PER, GER, LaBER or a large batch.
 
-One file, top to bottom: config, network, loss, sampler, update, loop. The Q-network outputs
+One file, top to bottom: config, network, loss, replay buffer, update, loop. The buffer samples through
+``torchsample.LaBERSampler`` (``m * B`` rows scored, ``B`` kept), PER or GER, as in ``agents/dqn.py``. The Q-network outputs
 ``atoms`` logits per action, a distribution over returns on a fixed support; the loss is
 :class:`torchsample.C51Loss` (TorchRL's ``DistributionalDQNLoss``, compile-friendly): the
 cross-entropy to the target distribution projected onto the support. LaBER's surrogate for C51 is
@@ -20,14 +21,17 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import nn
+from torchrl.data import LazyTensorStorage, PrioritizedSampler, RandomSampler, TensorDictReplayBuffer
 from torchrl.modules import MLP, DistributionalQValueActor
 from torchrl.objectives import HardUpdate, SoftUpdate
 
-from agents.atari import FrameStackReplay, NatureCNN, is_atari
+from agents.atari import FrameStackReplay, is_atari
 from agents.common import (
-    Replay, RunOptions, SamplerName, TrainingLoop, cli, make_env, resolve_device, seed_everything, to_tensordict,
+    PER_ALPHA, PER_BETA, VALUE_SAMPLERS, RunOptions, TrainingLoop, cli, diagnostics, make_env, resolve_device,
+    sampler_choice, seed_everything, to_tensordict,
 )
-from torchsample import C51Loss, LaBERLoss, make_update
+from agents.networks import MinAtarNetwork, NatureCNN
+from torchsample import C51Loss, GERSampler, LaBER, LaBERLoss, LaBERSampler, make_update
 
 
 @dataclass
@@ -38,10 +42,10 @@ class Config(RunOptions):
     env_id: str = "CartPole-v1"
     """gymnasium id: CartPole-v1, Acrobot-v1, MinAtar/{Breakout,Asterix,Freeway,Seaquest,SpaceInvaders}-v1,
     or an Atari game ALE/<Game>-v5 (e.g. ALE/Breakout-v5, ALE/Pong-v5)"""
-    sampler: SamplerName = "laber-mean"
+    sampler: Literal[VALUE_SAMPLERS] = "laber-mean"  # type: ignore[valid-type]
     """how training rows are drawn from the buffer (large-batch: uniform with m * batch-size rows; per-laber-mean
     and ger-laber-mean: PER or GER draws m * batch-size rows, LaBER keeps batch-size; ger: PER with exact
-    gradient-norm priorities; lfiw*: SAC and TD3 only)"""
+    gradient-norm priorities)"""
     m: int = 4
     """LaBER's large batch is m * batch-size rows, scored and down-sampled to batch-size"""
     surrogate: Literal["output", "last-layer", "exact"] = "output"
@@ -123,21 +127,6 @@ def env_defaults(env_id: str) -> Config:
     return Config(env_id=env_id, **family)
 
 
-class MinAtarNetwork(nn.Module):
-    """Conv(3x3, 16, stride 1) -> FC 128 -> FC outputs, ReLU (MinAtar's and the paper's Table 3)."""
-
-    def __init__(self, in_channels: int, outputs: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, 16, kernel_size=3, stride=1)
-        self.fc = nn.Linear(16 * 8 * 8, 128)
-        self.out = nn.Linear(128, outputs)
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        x = obs.float().movedim(-1, -3)  # MinAtar observations are [..., 10, 10, C] booleans
-        x = torch.relu(self.conv(x)).flatten(-3)
-        return self.out(torch.relu(self.fc(x)))
-
-
 def make_network(cfg: Config, env) -> nn.Module:
     """Logits ``[..., atoms, actions]`` (the layout TorchRL's distributional actor reads): the Nature-DQN
     network on Atari, the MinAtar network on MinAtar, a two-layer ReLU MLP elsewhere, with
@@ -167,6 +156,40 @@ def build_c51(cfg: Config, env, device: torch.device):
     return loss_module, q_values
 
 
+def make_replay(cfg: Config, loss_module: C51Loss, env, device: torch.device):
+    """The replay buffer of ``--sampler`` and, with ``--compile`` or ``--cudagraphs``, the LaBER module the
+    update calls.
+
+    TorchRL's samplers draw the rows: uniformly, PER's ``PrioritizedSampler`` or GER's
+    ``torchsample.GERSampler`` (PER with the rows' exact gradient norms). LaBER keeps ``B`` of ``m * B``
+    drawn rows: through ``torchsample.LaBERSampler``, inside ``rb.sample()``; with a compiled update, the
+    buffer draws ``m * B`` rows and the update calls LaBER on them, so that its scoring and draw are part
+    of the compiled (and captured) step (docs/gpu.md). On Atari the buffer stores 2 of a transition's 8
+    frames and re-stacks them when drawn (``agents/atari.py``), before LaBER scores the rows.
+    """
+    choice = sampler_choice(cfg.sampler)
+    if choice.draw == "per":
+        sampler = PrioritizedSampler(cfg.buffer_size, alpha=PER_ALPHA, beta=PER_BETA)
+    elif choice.draw == "ger":
+        sampler = GERSampler(loss_module, cfg.buffer_size, alpha=PER_ALPHA, beta=PER_BETA)
+    else:
+        sampler = RandomSampler()
+    laber, rows = None, cfg.m * cfg.batch_size if choice.large_batch else cfg.batch_size
+    if choice.weighting is not None:
+        laber = LaBER(loss_module, batch_size=cfg.batch_size, weighting=choice.weighting, surrogate=cfg.surrogate)
+        if cfg.compile or cfg.cudagraphs:
+            rows = cfg.m * cfg.batch_size
+        else:
+            sampler, laber = LaBERSampler(laber, m=cfg.m, inner=sampler), None
+    rb = TensorDictReplayBuffer(storage=LazyTensorStorage(cfg.buffer_size, device=device), sampler=sampler,
+                                batch_size=rows)
+    if is_atari(cfg.env_id):
+        rb.append_transform(FrameStackReplay(rb.storage, env.observation_space.shape))
+        if isinstance(sampler, LaBERSampler):
+            sampler.transform = rb.transform
+    return rb, laber
+
+
 def linear_epsilon(cfg: Config, step: int) -> float:
     frac = min(step / cfg.exploration_steps, 1.0)
     return cfg.start_epsilon + frac * (cfg.end_epsilon - cfg.start_epsilon)
@@ -191,14 +214,13 @@ def main(cfg: Config) -> dict:
         optimizer = torch.optim.Adam(loss_module.parameters(), lr=lr, eps=cfg.optimizer_eps,
                                      capturable=device.type == "cuda")
 
-    # The sampler: the buffer draws B rows (uniform, per) or m*B rows (large-batch, laber-*).
-    replay = Replay(cfg.sampler, loss_module, buffer_size=cfg.buffer_size, batch_size=cfg.batch_size, m=cfg.m,
-                    surrogate=cfg.surrogate, device=device, diagnostics_rows=cfg.diagnostics_rows)
-    if is_atari(cfg.env_id):  # store 2 of a transition's 8 frames, re-stack them when drawn (agents/atari.py)
-        replay.buffer.append_transform(FrameStackReplay(replay.buffer.storage, env.observation_space.shape))
+    # The replay buffer: B rows per update, drawn through LaBER (m*B scored by ||softmax(z) - m||, B kept),
+    # PER or GER, or uniformly.
+    rb, laber = make_replay(cfg, loss_module, env, device)
 
     def objective(data):
-        data = replay.downsample(data)  # LaBER: score the m*B rows with ||softmax(z) - m||, keep B
+        if laber is not None:  # a compiled update: LaBER keeps B of the m*B rows inside it
+            data = laber(data)
         return weighted_loss(data)["loss"], data
 
     # zero_grad, objective, backward, clip, step, target update; two fullgraph graphs with --compile.
@@ -220,10 +242,11 @@ def main(cfg: Config) -> dict:
         return greedy(obs)
 
     # Episode returns, evaluations, checkpoints (--resume, --stop-after), the progress bar.
-    loop = TrainingLoop(cfg, "c51", env, replay.buffer,
+    loop = TrainingLoop(cfg, "c51", env, rb,
                         {"loss": loss_module, "optimizer": optimizer, "target_updater": target_updater},
                         evaluation_policy, burn_in=cfg.learning_starts + 500, bar_every=1000, recent=10,
-                        diagnose=replay.diagnostics)
+                        diagnose=lambda: diagnostics(loss_module, rb, cfg.diagnostics_rows or cfg.m * cfg.batch_size,
+                                                     cfg.batch_size) if optimizer.state else {})  # from the 1st update
     env, obs = loop.env, loop.obs
     for step in loop.steps():
         epsilon = linear_epsilon(cfg, step)
@@ -233,15 +256,19 @@ def main(cfg: Config) -> dict:
             action = greedy(obs)
         next_obs, reward, terminated, truncated, _ = env.step(action)
         stored_reward = float(np.clip(reward, -1.0, 1.0)) if cfg.clip_rewards else reward
-        replay.add(to_tensordict(obs, action, stored_reward, next_obs, terminated, truncated, device))
+        rb.add(to_tensordict(obs, action, stored_reward, next_obs, terminated, truncated, device))
         obs = loop.record(step, next_obs, reward, terminated or truncated, epsilon=epsilon)
 
         if step >= cfg.learning_starts and (step + 1) % cfg.train_freq == 0:
             if cfg.lr_schedule == "linear":
                 optimizer.param_groups[0]["lr"].fill_(cfg.lr * (1.0 - step / cfg.total_steps))
+            prioritized = isinstance(rb.sampler, PrioritizedSampler)  # PER, GER (and with LaBER over them)
+            if prioritized:  # PER's importance exponent, annealed to 1 (Schaul et al.)
+                rb.sampler.beta = PER_BETA + (1.0 - PER_BETA) * step / cfg.total_steps
             for _ in range(cfg.gradient_steps):
-                _, data = update(replay.sample(progress=step / cfg.total_steps))
-                replay.after_update(data)  # PER: the per-sample cross-entropy; GER: the exact gradient norms
+                _, data = update(rb.sample())
+                if prioritized:  # the rows' new priorities: the cross-entropy (the loss wrote it), GER's exact norms
+                    rb.sampler.update_from(data) if cfg.sampler.startswith("ger") else rb.update_tensordict_priority(data)
 
         if loop.end_step(step, obs):
             break

@@ -16,20 +16,18 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Literal, Optional, Sequence, TypeVar
+from typing import Callable, Literal, NamedTuple, Optional, Sequence, TypeVar
 
 import gymnasium as gym
 import numpy as np
 import torch
 import tyro
 from tensordict import TensorDict
-from torchrl.data import LazyTensorStorage, PrioritizedSampler, RandomSampler, TensorDictReplayBuffer
+from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
 from tqdm import tqdm
 
-from torchsample import LaBER, grad_norm_scores
-from torchsample.surrogates import joint_norm
+from agents.devices import resolve_device  # noqa: F401  (the agents import it from here)
 from torchsample.diagnostics import critic_diagnostics
-from torchsample.lfiw import LFIW, FastSlowReplay, RatioNetwork
 
 C = TypeVar("C")
 
@@ -47,7 +45,7 @@ class RunOptions:
     cudagraphs: bool = False
     """capture the update in a CUDA graph (CUDA only)"""
     threads: int = 1
-    """torch CPU threads (1 lets agents.compare run one process per core)"""
+    """torch CPU threads (1 lets experiments.compare run one process per core)"""
     checkpoint_every: int = 0
     """steps between checkpoints (0: only at the end)"""
     keep_buffer: bool = False
@@ -70,12 +68,6 @@ class RunOptions:
     logger: Literal["csv", "tensorboard", "wandb"] = "csv"
     """TorchRL logger that also receives every scalar, under <out>/<logger>/ (wandb offline, no network);
     <out>/train.csv and <out>/eval.csv are written whichever is chosen"""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -128,202 +120,64 @@ def cli(env_defaults: Callable[[str], C], default_env_id: str, args: Optional[Se
 
 
 # ---------------------------------------------------------------------------------------------
-# The sampler choice
+# The --sampler names (each agent builds its replay buffer from them, in its own file)
 
 
-@dataclass(frozen=True)
-class SamplerSpec:
-    """How one ``--sampler`` draws a training batch."""
+class SamplerChoice(NamedTuple):
+    """What a ``--sampler`` name asks for (see :func:`sampler_choice`)."""
 
-    prioritized: bool
-    """the buffer draws with TorchRL's ``PrioritizedSampler``, priorities from the loss's ``"td_error"``"""
-    large: bool
-    """the buffer draws ``m * B`` rows (else ``B``)"""
-    weighting: Optional[str] = None
-    """LaBER down-samples the large batch to ``B`` rows with these weights (None: no down-sample)"""
-    priority: Literal["td", "exact"] = "td"
-    """with ``prioritized``: PER's ``|TD|`` (the loss's ``"td_error"``), or GER's exact per-sample gradient
-    norm over the critic's parameters (:func:`torchsample.grad_norm_scores`), of the rows each update used"""
-    lfiw: bool = False
-    """LFIW (Sinha et al.): a fast and a slow buffer, the slow rows weighted by a learned density ratio
+    draw: Literal["uniform", "per", "ger"]
+    """what draws the buffer's rows: TorchRL's ``RandomSampler`` or ``PrioritizedSampler`` (PER's ``|TD|``),
+    or ``torchsample.GERSampler`` (PER with the rows' exact gradient norms)"""
+    weighting: Optional[str]
+    """LaBER keeps ``B`` of ``m * B`` drawn rows with these weights (``torchsample.LaBERSampler``); None: no LaBER"""
+    large_batch: bool
+    """the LaBER paper's fairness baseline: the update trains on all ``m * B`` uniform rows"""
+    lfiw: bool
+    """LFIW (Sinha et al.): a fast and a slow buffer, the critics' rows weighted by a learned density ratio
     before any down-sample; actor-critic agents only (SAC, TD3), as in the paper"""
 
 
-SAMPLERS = {
-    "uniform": SamplerSpec(prioritized=False, large=False),
-    "per": SamplerSpec(prioritized=True, large=False),
-    "laber-mean": SamplerSpec(prioritized=False, large=True, weighting="mean"),
-    "laber-lazy": SamplerSpec(prioritized=False, large=True, weighting="lazy"),
-    "laber-max": SamplerSpec(prioritized=False, large=True, weighting="max"),
-    "large-batch": SamplerSpec(prioritized=False, large=True),  # the LaBER paper's fairness baseline
-    # PER-LaBER (the LaBER paper's): PER draws the large batch, LaBER keeps B, the weights multiply.
-    "per-laber-mean": SamplerSpec(prioritized=True, large=True, weighting="mean"),
-    # GER (the LaBER paper's): PER with exact per-sample gradient norms as priorities; GER-LaBER: GER
-    # draws the large batch, LaBER keeps B (exact-gradient LaBER is laber-mean with --surrogate exact).
-    "ger": SamplerSpec(prioritized=True, large=False, priority="exact"),
-    "ger-laber-mean": SamplerSpec(prioritized=True, large=True, weighting="mean", priority="exact"),
-    "lfiw": SamplerSpec(prioritized=False, large=False, lfiw=True),
-    # LFIW weighs the large slow batch (its normaliser a mean over D_s), then LaBER keeps B: docs/lfiw.md.
-    "lfiw-laber-mean": SamplerSpec(prioritized=False, large=True, weighting="mean", lfiw=True),
-}
-# The agents' --sampler choices, SAMPLERS' names (tyro lists a Literal's values in --help).
-SamplerName = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
+# DQN's and C51's --sampler choices; SAC and TD3 add LFIW's. PER-LaBER and GER-LaBER (the LaBER paper's): PER
+# or GER draws the large batch, LaBER keeps B, the weights multiply. Exact-gradient LaBER is laber-mean with
+# --surrogate exact.
+VALUE_SAMPLERS = ("uniform", "per", "laber-mean", "laber-lazy", "laber-max", "large-batch", "per-laber-mean", "ger",
+                  "ger-laber-mean")
+ACTOR_CRITIC_SAMPLERS = (*VALUE_SAMPLERS, "lfiw", "lfiw-laber-mean")
+# PER's exponents (Schaul et al., proportional); beta is annealed to 1 over the run.
+PER_ALPHA, PER_BETA = 0.6, 0.4
 
 
-def make_buffer(sampler: str, *, buffer_size: int, batch_size: int, m: int, device: torch.device,
-                per_alpha: float = 0.6, per_beta: float = 0.4) -> TensorDictReplayBuffer:
-    """The replay buffer ``sampler`` needs (see :data:`SAMPLERS`): its batch is ``m * batch_size``
-    rows for a large-batch sampler, else ``batch_size``; drawn by TorchRL's ``PrioritizedSampler``
-    (proportional, ``per_alpha``, ``per_beta``) or uniformly with replacement."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {sampler!r}")
-    spec = SAMPLERS[sampler]
-    if spec.lfiw:
-        raise ValueError(f"{sampler!r} keeps two buffers, a fast and a slow one: Replay builds them (FastSlowReplay)")
-    inner = PrioritizedSampler(buffer_size, alpha=per_alpha, beta=per_beta) if spec.prioritized else RandomSampler()
-    return TensorDictReplayBuffer(storage=LazyTensorStorage(buffer_size, device=device), sampler=inner,
-                                  batch_size=m * batch_size if spec.large else batch_size)
-
-
-class Replay:
-    """The replay buffer and the ``--sampler`` choice, in one place for every agent.
-
-    * ``add(transition)``: store a transition;
-    * ``sample(progress)``: the buffer's draw, ``B`` or ``m * B`` rows; PER's importance exponent
-      ``beta`` is annealed linearly from ``per_beta`` to 1 over ``progress`` in [0, 1] (Schaul et al.);
-    * ``downsample(batch)``, inside the update: LaBER keeps ``B`` of the ``m * B`` rows, scored with
-      ``loss_module``'s own networks (the other samplers pass the batch through); rows that carry a
-      ``"priority_weight"`` (PER's, LFIW's) keep it multiplied into LaBER's;
-    * ``after_update(batch)``: PER's new priorities, the ``"td_error"`` the loss (or LaBER) wrote for
-      the rows the update used; GER's, their exact per-sample gradient norms after the update
-      (``sqrt(sum_c n_c^2)`` over twin critics: the norm over both critics' parameters);
-    * ``diagnostics()``: :func:`torchsample.diagnostics.critic_diagnostics` on ``diagnostics_rows``
-      rows (0: ``m * B``) drawn uniformly from the buffer (the same rows whatever the sampler), ``{}``
-      before the first update.
-
-    ``surrogate`` is the LaBER samplers' rung: ``"output"`` (the paper's), ``"last-layer"`` or
-    ``"exact"`` (exact-gradient LaBER).
-
-    LFIW (``lfiw``, ``lfiw-laber-mean``; Sinha et al., Algorithm 1; ``docs/lfiw.md``): every
-    transition goes to a fast buffer (the latest ``lfiw_fast_size``) and to the slow one (``buffer``,
-    ``buffer_size``). Once the slow buffer holds more than ``lfiw_fast_size`` rows, ``sample`` first
-    trains the ratio network one step on ``B`` slow rows against ``B`` fast rows (Eq. 10), then
-    writes the self-normalised weights ``w~`` (Eq. 11) of the slow rows it returns (all ``m * B``
-    of them before LaBER's down-sample) into ``"priority_weight"``, which weighs the critics' TD
-    loss (Eq. 12); before that, weight 1. ``lfiw_stats()`` gives what to log of the ratio, and
-    ``checkpoint_modules()`` what a checkpoint must keep besides ``buffer``. Only actor-critic
-    losses (SAC, TD3: the paper's) are accepted; ``ratio_features`` is the width of
-    ``cat(observation, action)``.
-
-    A new sampler is a new :data:`SAMPLERS` entry (``--sampler`` offers every name there).
+def sampler_choice(name: str) -> SamplerChoice:
+    """What ``--sampler name`` asks for.
 
     Examples:
-        >>> replay = Replay("per", None, buffer_size=10, batch_size=2, m=4, device=torch.device("cpu"))
-        >>> for t in range(5):
-        ...     replay.add(to_tensordict([0.0], 0, 1.0, [1.0], False, False, torch.device("cpu")))
-        >>> replay.sample(progress=0.5).batch_size, round(replay.buffer.sampler.beta, 6)
-        (torch.Size([2]), 0.7)
-        >>> Replay("large-batch", None, buffer_size=10, batch_size=2, m=4, device=torch.device("cpu")).buffer.batch_size
-        8
+        >>> sampler_choice("ger-laber-mean")
+        SamplerChoice(draw='ger', weighting='mean', large_batch=False, lfiw=False)
+        >>> sampler_choice("lfiw").lfiw, sampler_choice("large-batch").large_batch
+        (True, True)
     """
+    if name not in ACTOR_CRITIC_SAMPLERS:
+        raise ValueError(f"sampler must be one of {ACTOR_CRITIC_SAMPLERS}, got {name!r}")
+    prefix, _, weighting = name.rpartition("laber-") if "laber-" in name else (name, "", "")
+    base = prefix.rstrip("-")
+    return SamplerChoice(draw=base if base in ("per", "ger") else "uniform", weighting=weighting or None,
+                         large_batch=name == "large-batch", lfiw=base == "lfiw")
 
-    def __init__(self, sampler: str, loss_module, *, buffer_size: int, batch_size: int, m: int, device: torch.device,
-                 critics: str = "independent", surrogate: str = "output", per_alpha: float = 0.6,
-                 per_beta: float = 0.4, ratio_features: Optional[int] = None, lfiw_fast_size: int = 10_000, lfiw_temperature: float = 5.0,
-                 lfiw_f: str = "js", diagnostics_rows: int = 0) -> None:
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {tuple(SAMPLERS)}, got {sampler!r}")
-        if isinstance(diagnostics_rows, bool) or not isinstance(diagnostics_rows, int) or diagnostics_rows < 0:
-            raise ValueError(f"diagnostics_rows must be an int >= 0 (0: m * batch_size), got {diagnostics_rows!r}")
-        self.diagnostics_rows = diagnostics_rows or m * batch_size
-        self.spec, self.per_beta, self.batch_size, self.m = SAMPLERS[sampler], per_beta, batch_size, m
-        self.loss_module, self.updates = loss_module, 0
-        self.lfiw = self.fast_slow = self.ratio_loss = self.weighted = None
-        if self.spec.lfiw:
-            if not hasattr(loss_module, "actor_network"):
-                raise ValueError(
-                    f"--sampler {sampler}: LFIW re-weights the critic of an actor-critic agent (SAC, TD3, as in "
-                    f"Sinha et al.); {type(loss_module).__name__} has no actor. Use it with agents.sac or agents.td3")
-            if ratio_features is None:
-                raise ValueError(f"--sampler {sampler} needs ratio_features, the width of cat(observation, action)")
-            self.fast_slow = FastSlowReplay(lfiw_fast_size, buffer_size, device=device)
-            self.buffer = self.fast_slow.slow  # the checkpoint's buffer; the fast one is in checkpoint_modules()
-            # threshold: LFIW's default, the fast buffer's size (before it the two buffers hold the same rows)
-            self.lfiw = LFIW(RatioNetwork(ratio_features).to(device), replay=self.fast_slow, f=lfiw_f,
-                             temperature=lfiw_temperature)
-            self.rows = m * batch_size if self.spec.large else batch_size
-        else:
-            self.buffer = make_buffer(sampler, buffer_size=buffer_size, batch_size=batch_size, m=m, device=device,
-                                      per_alpha=per_alpha, per_beta=per_beta)
-        # critics: LaBER with twin critics, one down-sample per critic ("independent") or one shared ("joint").
-        self.laber = (LaBER(loss_module, batch_size=batch_size, weighting=self.spec.weighting, critics=critics,
-                            surrogate=surrogate) if self.spec.weighting is not None else None)
 
-    def add(self, transition: TensorDict) -> None:
-        (self.buffer if self.fast_slow is None else self.fast_slow).add(transition)
-
-    def sample(self, progress: float) -> TensorDict:
-        if self.lfiw is not None:
-            return self._lfiw_sample()
-        if self.spec.prioritized:
-            self.buffer.sampler.beta = self.per_beta + (1.0 - self.per_beta) * min(max(progress, 0.0), 1.0)
-        return self.buffer.sample()
-
-    def _lfiw_sample(self) -> TensorDict:
-        # Algorithm 1: past the threshold, w_psi takes a step (Eq. 10) before it weighs the critics' rows.
-        if self.lfiw.active:
-            self.ratio_loss = self.lfiw.update(self.fast_slow.sample_slow(self.batch_size),
-                                               self.fast_slow.sample_fast(self.batch_size))
-        # w~ is normalised over these rows, a uniform sample of D_s: the large batch, before LaBER's down-sample.
-        self.weighted = self.lfiw(self.fast_slow.sample_slow(self.rows))
-        return self.weighted
-
-    def downsample(self, batch: TensorDict) -> TensorDict:
-        return batch if self.laber is None else self.laber(batch)
-
-    def after_update(self, batch: TensorDict) -> None:
-        self.updates += 1
-        if not self.spec.prioritized:
-            return
-        # Flat: PER-LaBER's twin-critic batches are [B, 1 + C], one storage index per priority, and
-        # TorchRL reads a 2-D index as one into a multi-dimensional storage.
-        rows = batch.reshape(-1)
-        if self.spec.priority == "exact":
-            priority = joint_norm(grad_norm_scores(self.loss_module, rows, "exact"))
-        else:
-            priority = rows["td_error"]
-        self.buffer.update_priority(rows["index"], priority.reshape(-1))
-
-    def diagnostics(self) -> dict[str, float]:
-        """:func:`torchsample.diagnostics.critic_diagnostics` of the loss's critic on ``diagnostics_rows``
-        rows drawn uniformly from the (slow) buffer; ``{}`` before the first update."""
-        if self.updates == 0 or self.loss_module is None:
-            return {}
-        storage = self.buffer.storage
-        # On a forked RNG: a run with diagnostics draws the same actions and batches as one without.
-        devices = [storage.device] if storage.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            index = torch.randint(len(storage), (self.diagnostics_rows,))
-            rows = storage[index].set("index", index.to(storage.device))
-            # The buffer's own sample transform, as for a training batch (Atari re-stacks its frames there).
-            return critic_diagnostics(self.loss_module, self.buffer.transform(rows), self.batch_size)
-
-    def lfiw_stats(self) -> dict[str, float]:
-        """The ratio network's mean, std and ESS (:func:`torchsample.lfiw.ratio_stats`) on the last
-        weighted slow batch (the large one with LaBER), its last loss (Eq. 10; minus it bounds
-        ``D_f(fast || slow)`` from below) and the slow buffer's size; ``{}`` without LFIW or before
-        the threshold, when no weighting happens."""
-        if self.lfiw is None or not self.lfiw.active or self.ratio_loss is None:
-            return {}
-        stats = {key: value.item() for key, value in self.lfiw.stats(self.weighted).items()}
-        return {**stats, "ratio_loss": self.ratio_loss.item(), "slow_size": len(self.fast_slow.slow)}
-
-    def checkpoint_modules(self) -> dict:
-        """What a checkpoint keeps besides ``buffer`` (as objects with ``state_dict``): with LFIW the
-        ratio network, its optimiser and the fast buffer (small: ``lfiw_fast_size`` rows)."""
-        if self.lfiw is None:
-            return {}
-        return {"lfiw": self.lfiw, "lfiw_optimizer": self.lfiw.optimizer, "lfiw_fast_buffer": self.fast_slow.fast}
+def diagnostics(loss_module, buffer: TensorDictReplayBuffer, rows: int, batch_size: int) -> dict[str, float]:
+    """:func:`torchsample.diagnostics.critic_diagnostics` of the loss's critic on ``rows`` rows drawn
+    uniformly from ``buffer``'s storage (the same rows whatever the sampler), through the buffer's own
+    transform (Atari re-stacks its frames there); on a forked RNG, so a run with diagnostics draws the
+    same actions and batches as one without."""
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"diagnostics rows must be an int >= 1 (--diagnostics-rows, 0: m * batch-size), got {rows!r}")
+    storage = buffer.storage
+    devices = [storage.device] if storage.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        index = torch.randint(len(storage), (rows,))
+        large = storage[index].set("index", index.to(storage.device))
+        return critic_diagnostics(loss_module, buffer.transform(large), batch_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,7 +270,7 @@ class Logger:
     ``config.logger`` (``"<name>/<key>"`` at ``step``), under ``<run_dir>/<config.logger>/``.
 
     The wide CSV files (one row per call, columns ``step,<key>,...``; ``name`` one of :attr:`FILES`)
-    are what ``agents.compare`` reads; TorchRL's ``CSVLogger`` writes one two-column file per scalar
+    are what ``experiments.compare`` reads; TorchRL's ``CSVLogger`` writes one two-column file per scalar
     without a header, so it is the extra sink here, not a replacement.
 
     A run that starts at ``start_step`` 0 replaces the files an earlier run left in ``run_dir`` (they
@@ -578,7 +432,7 @@ class Checkpointer:
     Examples:
         >>> import tempfile, torch
         >>> net = torch.nn.Linear(4, 2)
-        >>> buffer = make_buffer("uniform", buffer_size=10, batch_size=2, m=1, device=torch.device("cpu"))
+        >>> buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(10), batch_size=2)
         >>> ckpt = Checkpointer(RunOptions(stop_after=3), Path(tempfile.mkdtemp()), {"net": net}, buffer, total_steps=5)
         >>> step, env, loop = ckpt.resume(make_env("CartPole-v1", 0), seed=0)
         >>> step, sorted(loop)
@@ -639,11 +493,11 @@ class TrainingLoop:
     ``state`` names what it saves besides the buffer), the progress bar and steps/s after
     ``burn_in`` steps. An agent's loop reads::
 
-        loop = TrainingLoop(cfg, "dqn", env, replay.buffer, state, greedy, burn_in=1500, bar_every=1000, recent=10)
+        loop = TrainingLoop(cfg, "dqn", env, rb, state, greedy, burn_in=1500, bar_every=1000, recent=10)
         env, obs = loop.env, loop.obs  # with --resume: the checkpoint's env and episode
         for step in loop.steps():
             next_obs, reward, terminated, truncated, _ = env.step(action)
-            replay.add(...)
+            rb.add(...)
             obs = loop.record(step, next_obs, reward, terminated or truncated)  # after an episode: the next one's
             ...  # learn
             if loop.end_step(step, obs):  # True: --stop-after reached (a checkpoint was written)
@@ -655,7 +509,7 @@ class TrainingLoop:
         >>> cfg = RunOptions(stop_after=30, progress=False)
         >>> cfg.out, cfg.total_steps, cfg.eval_every, cfg.eval_episodes = Path(tempfile.mkdtemp()), 50, 20, 1
         >>> cfg.env_id, cfg.sampler = "CartPole-v1", "uniform"
-        >>> buffer = make_buffer("uniform", buffer_size=100, batch_size=2, m=1, device=torch.device("cpu"))
+        >>> buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(100), batch_size=2)
         >>> loop = TrainingLoop(cfg, "demo", make_env(cfg.env_id, 0), buffer, {}, lambda obs: 0,
         ...                     burn_in=10, bar_every=10, recent=5)
         >>> env, obs = loop.env, loop.obs
@@ -674,7 +528,7 @@ class TrainingLoop:
                  policy: Callable[[np.ndarray], np.ndarray], *, burn_in: int, bar_every: int, recent: int,
                  diagnose: Optional[Callable[[], dict]] = None) -> None:
         self.cfg, self.policy, self.bar_every, self.recent = cfg, policy, bar_every, recent
-        self.diagnose = diagnose  # Replay.diagnostics, every cfg.diagnostics_every steps
+        self.diagnose = diagnose  # the agent's diagnostics (common.diagnostics), every cfg.diagnostics_every steps
         run_name = f"{name}-{cfg.sampler}-{cfg.env_id.replace('/', '-')}-seed{cfg.seed}"
         self.checkpoints = Checkpointer(cfg, cfg.out, state, buffer, cfg.total_steps)
         start_step, self.env, saved = self.checkpoints.resume(env, cfg.seed)

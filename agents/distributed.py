@@ -34,6 +34,7 @@ from torchrl.data.replay_buffers import RayReplayBuffer
 from torchrl.modules import QValueActor
 from torchrl.objectives import DQNLoss, SoftUpdate
 
+from agents.devices import resolve_device
 from torchsample import LaBER, LaBERLoss, make_update
 
 try:
@@ -267,10 +268,6 @@ def make_replay(cfg: Config, *, remote: bool = True):
 
 # ---------------------------------------------------------------------------------------------
 # The learner
-
-
-def resolve_device(name: str) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 class Learner:

@@ -1,9 +1,10 @@
-"""DQN with a choice of replay sampler: uniform, PER, LaBER (mean/lazy/max) or a large batch.
+"""DQN with a choice of replay sampler: uniform, PER, GER, LaBER (mean/lazy/max, over any of them) or a
+large batch.
 
-One file, top to bottom: config, network, loss, sampler, update, loop. The LaBER down-sample is
-``torchsample.LaBER`` called on the buffer's large batch inside the update; PER is TorchRL's
-``PrioritizedSampler``; both are built by ``agents.common.Replay``. Where each default comes from:
-``docs/agents.md``.
+One file, top to bottom: config, network, loss, replay buffer, update, loop. The buffer samples through
+``torchsample.LaBERSampler``: it draws ``m * B`` rows, scores them with the loss's own networks and keeps
+``B``; PER is TorchRL's ``PrioritizedSampler``, GER ``torchsample.GERSampler``. Where each default comes
+from: ``docs/agents.md``.
 
     python -m agents.dqn --env-id CartPole-v1 --sampler laber-mean
     python -m agents.dqn --env-id MinAtar/Breakout-v1 --sampler laber-mean   # the paper's setting
@@ -19,14 +20,17 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import nn
+from torchrl.data import LazyTensorStorage, PrioritizedSampler, RandomSampler, TensorDictReplayBuffer
 from torchrl.modules import MLP, QValueActor
 from torchrl.objectives import DQNLoss, HardUpdate, SoftUpdate
 
-from agents.atari import FrameStackReplay, NatureCNN, is_atari
+from agents.atari import FrameStackReplay, is_atari
 from agents.common import (
-    Replay, RunOptions, SamplerName, TrainingLoop, cli, make_env, resolve_device, seed_everything, to_tensordict,
+    PER_ALPHA, PER_BETA, VALUE_SAMPLERS, RunOptions, TrainingLoop, cli, diagnostics, make_env, resolve_device,
+    sampler_choice, seed_everything, to_tensordict,
 )
-from torchsample import LaBERLoss, make_update
+from agents.networks import MinAtarNetwork, NatureCNN
+from torchsample import GERSampler, LaBER, LaBERLoss, LaBERSampler, make_update
 
 
 @dataclass
@@ -37,10 +41,10 @@ class Config(RunOptions):
     env_id: str = "CartPole-v1"
     """gymnasium id: CartPole-v1, Acrobot-v1, MinAtar/{Breakout,Asterix,Freeway,Seaquest,SpaceInvaders}-v1,
     or an Atari game ALE/<Game>-v5 (e.g. ALE/Breakout-v5, ALE/Pong-v5)"""
-    sampler: SamplerName = "laber-mean"
+    sampler: Literal[VALUE_SAMPLERS] = "laber-mean"  # type: ignore[valid-type]
     """how training rows are drawn from the buffer (large-batch: uniform with m * batch-size rows; per-laber-mean
     and ger-laber-mean: PER or GER draws m * batch-size rows, LaBER keeps batch-size; ger: PER with exact
-    gradient-norm priorities; lfiw*: SAC and TD3 only)"""
+    gradient-norm priorities)"""
     m: int = 4
     """LaBER's large batch is m * batch-size rows, scored and down-sampled to batch-size"""
     surrogate: Literal["output", "last-layer", "exact"] = "output"
@@ -118,28 +122,13 @@ def env_defaults(env_id: str) -> Config:
     return Config(env_id=env_id, **family)
 
 
-class MinAtarQNetwork(nn.Module):
-    """Conv(3x3, 16, stride 1) -> FC 128 -> FC n_actions, ReLU (MinAtar's and the paper's Table 3)."""
-
-    def __init__(self, in_channels: int, outputs: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, 16, kernel_size=3, stride=1)
-        self.fc = nn.Linear(16 * 8 * 8, 128)
-        self.out = nn.Linear(128, outputs)
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        x = obs.float().movedim(-1, -3)  # MinAtar observations are [..., 10, 10, C] booleans
-        x = torch.relu(self.conv(x)).flatten(-3)
-        return self.out(torch.relu(self.fc(x)))
-
-
 def make_q_network(cfg: Config, env) -> nn.Module:
     """The Nature-DQN network on Atari, the MinAtar network on MinAtar, a two-layer ReLU MLP elsewhere;
     one output per action."""
     if is_atari(cfg.env_id):
         return NatureCNN(env.observation_space.shape[0], env.action_space.n)
     if cfg.env_id.startswith("MinAtar/"):
-        return MinAtarQNetwork(env.observation_space.shape[-1], env.action_space.n)
+        return MinAtarNetwork(env.observation_space.shape[-1], env.action_space.n)
     return MLP(in_features=env.observation_space.shape[0], out_features=env.action_space.n,
                num_cells=[cfg.hidden, cfg.hidden], activation_class=nn.ReLU)
 
@@ -152,6 +141,40 @@ def build_dqn(cfg: Config, env, device: torch.device):
                           action_space="categorical", double_dqn=cfg.double_dqn)
     loss_module.make_value_estimator(gamma=cfg.gamma)
     return loss_module, q_network
+
+
+def make_replay(cfg: Config, loss_module: DQNLoss, env, device: torch.device):
+    """The replay buffer of ``--sampler`` and, with ``--compile`` or ``--cudagraphs``, the LaBER module the
+    update calls.
+
+    TorchRL's samplers draw the rows: uniformly, PER's ``PrioritizedSampler`` or GER's
+    ``torchsample.GERSampler`` (PER with the rows' exact gradient norms). LaBER keeps ``B`` of ``m * B``
+    drawn rows: through ``torchsample.LaBERSampler``, inside ``rb.sample()``; with a compiled update, the
+    buffer draws ``m * B`` rows and the update calls LaBER on them, so that its scoring and draw are part
+    of the compiled (and captured) step (docs/gpu.md). On Atari the buffer stores 2 of a transition's 8
+    frames and re-stacks them when drawn (``agents/atari.py``), before LaBER scores the rows.
+    """
+    choice = sampler_choice(cfg.sampler)
+    if choice.draw == "per":
+        sampler = PrioritizedSampler(cfg.buffer_size, alpha=PER_ALPHA, beta=PER_BETA)
+    elif choice.draw == "ger":
+        sampler = GERSampler(loss_module, cfg.buffer_size, alpha=PER_ALPHA, beta=PER_BETA)
+    else:
+        sampler = RandomSampler()
+    laber, rows = None, cfg.m * cfg.batch_size if choice.large_batch else cfg.batch_size
+    if choice.weighting is not None:
+        laber = LaBER(loss_module, batch_size=cfg.batch_size, weighting=choice.weighting, surrogate=cfg.surrogate)
+        if cfg.compile or cfg.cudagraphs:
+            rows = cfg.m * cfg.batch_size
+        else:
+            sampler, laber = LaBERSampler(laber, m=cfg.m, inner=sampler), None
+    rb = TensorDictReplayBuffer(storage=LazyTensorStorage(cfg.buffer_size, device=device), sampler=sampler,
+                                batch_size=rows)
+    if is_atari(cfg.env_id):
+        rb.append_transform(FrameStackReplay(rb.storage, env.observation_space.shape))
+        if isinstance(sampler, LaBERSampler):
+            sampler.transform = rb.transform
+    return rb, laber
 
 
 def linear_epsilon(cfg: Config, step: int) -> float:
@@ -178,14 +201,12 @@ def main(cfg: Config) -> dict:
         optimizer = torch.optim.Adam(loss_module.parameters(), lr=lr, eps=cfg.optimizer_eps,
                                      capturable=device.type == "cuda")
 
-    # The sampler: the buffer draws B rows (uniform, per) or m*B rows (large-batch, laber-*).
-    replay = Replay(cfg.sampler, loss_module, buffer_size=cfg.buffer_size, batch_size=cfg.batch_size, m=cfg.m,
-                    surrogate=cfg.surrogate, device=device, diagnostics_rows=cfg.diagnostics_rows)
-    if is_atari(cfg.env_id):  # store 2 of a transition's 8 frames, re-stack them when drawn (agents/atari.py)
-        replay.buffer.append_transform(FrameStackReplay(replay.buffer.storage, env.observation_space.shape))
+    # The replay buffer: B rows per update, drawn through LaBER (m*B scored, B kept), PER or GER, or uniformly.
+    rb, laber = make_replay(cfg, loss_module, env, device)
 
     def objective(data):
-        data = replay.downsample(data)  # LaBER: score the m*B rows with the loss's own networks, keep B
+        if laber is not None:  # a compiled update: LaBER keeps B of the m*B rows inside it
+            data = laber(data)
         return weighted_loss(data)["loss"], data
 
     # zero_grad, objective, backward, clip, step, target update; two fullgraph graphs with --compile.
@@ -207,10 +228,11 @@ def main(cfg: Config) -> dict:
         return greedy(obs)
 
     # Episode returns, evaluations, checkpoints (--resume, --stop-after), the progress bar.
-    loop = TrainingLoop(cfg, "dqn", env, replay.buffer,
+    loop = TrainingLoop(cfg, "dqn", env, rb,
                         {"loss": loss_module, "optimizer": optimizer, "target_updater": target_updater},
                         evaluation_policy, burn_in=cfg.learning_starts + 500, bar_every=1000, recent=10,
-                        diagnose=replay.diagnostics)
+                        diagnose=lambda: diagnostics(loss_module, rb, cfg.diagnostics_rows or cfg.m * cfg.batch_size,
+                                                     cfg.batch_size) if optimizer.state else {})  # from the 1st update
     env, obs = loop.env, loop.obs
     for step in loop.steps():
         epsilon = linear_epsilon(cfg, step)
@@ -220,15 +242,19 @@ def main(cfg: Config) -> dict:
             action = greedy(obs)
         next_obs, reward, terminated, truncated, _ = env.step(action)
         stored_reward = float(np.clip(reward, -1.0, 1.0)) if cfg.clip_rewards else reward
-        replay.add(to_tensordict(obs, action, stored_reward, next_obs, terminated, truncated, device))
+        rb.add(to_tensordict(obs, action, stored_reward, next_obs, terminated, truncated, device))
         obs = loop.record(step, next_obs, reward, terminated or truncated, epsilon=epsilon)
 
         if step >= cfg.learning_starts and (step + 1) % cfg.train_freq == 0:
             if cfg.lr_schedule == "linear":
                 optimizer.param_groups[0]["lr"].fill_(cfg.lr * (1.0 - step / cfg.total_steps))
+            prioritized = isinstance(rb.sampler, PrioritizedSampler)  # PER, GER (and with LaBER over them)
+            if prioritized:  # PER's importance exponent, annealed to 1 (Schaul et al.)
+                rb.sampler.beta = PER_BETA + (1.0 - PER_BETA) * step / cfg.total_steps
             for _ in range(cfg.gradient_steps):
-                _, data = update(replay.sample(progress=step / cfg.total_steps))
-                replay.after_update(data)  # PER: the new priorities, |TD|; GER: the exact gradient norms
+                _, data = update(rb.sample())
+                if prioritized:  # the rows' new priorities: PER's |TD| (the loss wrote it), GER's exact norms
+                    rb.sampler.update_from(data) if cfg.sampler.startswith("ger") else rb.update_tensordict_priority(data)
 
         if loop.end_step(step, obs):
             break

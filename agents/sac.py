@@ -1,6 +1,8 @@
-"""SAC (Haarnoja et al., 2018) with a choice of replay sampler: uniform, PER, LaBER, LFIW or a large batch.
+"""SAC (Haarnoja et al., 2018) with a choice of replay sampler: uniform, PER, GER, LaBER, LFIW or a large batch.
 
-One file, top to bottom: config, networks, loss, sampler, update, loop. TorchRL's ``SACLoss`` (twin
+One file, top to bottom: config, networks, loss, replay buffer, update, loop. The buffer samples through
+``torchsample.LaBERSampler`` (``m * B`` rows scored by each critic, ``B`` kept per critic), PER or GER;
+LFIW's two buffers and its ratio network's step are in the loop (``torchsample.lfiw``). TorchRL's ``SACLoss`` (twin
 critics, automatic temperature) wrapped by :class:`torchsample.LaBERLoss`: with LaBER each critic is
 trained on its own down-sampled rows, weighted, and the actor and temperature on uniform rows of the
 large batch (Lahire et al., 2022, Sec. 3.4). Where each default comes from: ``docs/agents.md``.
@@ -19,15 +21,17 @@ import torch
 from tensordict import TensorDict
 from tensordict.nn import NormalParamExtractor, TensorDictModule
 from torch import nn
-from torchrl.data import Bounded
+from torchrl.data import Bounded, LazyTensorStorage, PrioritizedSampler, RandomSampler, TensorDictReplayBuffer
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator
 from torchrl.objectives import SACLoss, SoftUpdate
 
 from agents.common import (
-    Replay, RunOptions, SamplerName, TrainingLoop, cli, make_env, resolve_device, seed_everything, to_tensordict,
+    ACTOR_CRITIC_SAMPLERS, PER_ALPHA, PER_BETA, RunOptions, TrainingLoop, cli, diagnostics, make_env, resolve_device,
+    sampler_choice, seed_everything, to_tensordict,
 )
-from torchsample import LaBERLoss, make_update
+from torchsample import GERSampler, LaBER, LaBERLoss, LaBERSampler, make_update
+from torchsample.lfiw import LFIW, FastSlowReplay, RatioNetwork
 
 
 @dataclass
@@ -37,7 +41,7 @@ class Config(RunOptions):
 
     env_id: str = "Pendulum-v1"
     """gymnasium id with a Box action space: Pendulum-v1, HalfCheetah-v5, Hopper-v5, ..."""
-    sampler: SamplerName = "laber-mean"
+    sampler: Literal[ACTOR_CRITIC_SAMPLERS] = "laber-mean"  # type: ignore[valid-type]
     """how training rows are drawn from the buffer (large-batch: uniform with m * batch-size rows;
     per-laber-mean, ger-laber-mean: PER or GER draws m * batch-size rows, LaBER keeps batch-size; ger: PER with
     exact gradient-norm priorities; lfiw, lfiw-laber-mean: the critics' rows weighted by a fast-vs-slow
@@ -123,6 +127,52 @@ def build_sac(cfg: Config, env, device: torch.device):
     return loss_module, actor
 
 
+def make_replay(cfg: Config, loss_module: SACLoss, env, device: torch.device):
+    """The replay buffer of ``--sampler``; with ``--compile`` or ``--cudagraphs``, the LaBER module the update
+    calls; with LFIW, its module and two buffers (``torchsample.lfiw``): ``(rb, laber, lfiw, fast_slow)``.
+
+    TorchRL's samplers draw the rows: uniformly, PER's ``PrioritizedSampler`` or GER's
+    ``torchsample.GERSampler``. LaBER keeps ``B`` of ``m * B`` drawn rows per critic, through
+    ``torchsample.LaBERSampler`` inside ``rb.sample()``, or, for a compiled update, inside it (docs/gpu.md).
+    LFIW draws the critics' rows from its slow buffer and weighs them (before LaBER keeps ``B``: the
+    sampler's ``transform``); ``rb`` is then that slow buffer.
+    """
+    choice = sampler_choice(cfg.sampler)
+    if choice.draw == "per":
+        sampler = PrioritizedSampler(cfg.buffer_size, alpha=PER_ALPHA, beta=PER_BETA)
+    elif choice.draw == "ger":
+        sampler = GERSampler(loss_module, cfg.buffer_size, alpha=PER_ALPHA, beta=PER_BETA)
+    else:
+        sampler = RandomSampler()
+    laber, rows = None, cfg.m * cfg.batch_size if choice.large_batch else cfg.batch_size
+    if choice.weighting is not None:
+        laber = LaBER(loss_module, batch_size=cfg.batch_size, weighting=choice.weighting, surrogate=cfg.surrogate,
+                      critics=cfg.critics)
+        if cfg.compile or cfg.cudagraphs:
+            rows = cfg.m * cfg.batch_size
+        else:
+            sampler, laber = LaBERSampler(laber, m=cfg.m, inner=sampler), None
+    if not choice.lfiw:
+        rb = TensorDictReplayBuffer(storage=LazyTensorStorage(cfg.buffer_size, device=device), sampler=sampler,
+                                    batch_size=rows)
+        return rb, laber, None, None
+    fast_slow = FastSlowReplay(cfg.lfiw_fast_size, cfg.buffer_size, device=device, sampler=sampler, batch_size=rows)
+    features = env.observation_space.shape[0] + env.action_space.shape[0]  # w_psi(s, a)
+    lfiw = LFIW(RatioNetwork(features).to(device), replay=fast_slow, f=cfg.lfiw_f, temperature=cfg.lfiw_temperature)
+    if isinstance(sampler, LaBERSampler):  # w~ normalised over the large batch, then LaBER keeps B (docs/lfiw.md)
+        sampler.transform = lfiw
+    return fast_slow.slow, laber, lfiw, fast_slow
+
+
+def lfiw_log(lfiw: LFIW, fast_slow: FastSlowReplay, ratio_loss: torch.Tensor, rows: int) -> dict[str, float]:
+    """What lfiw.csv records: the ratio's mean, spread and effective sample size on ``rows`` uniform rows of the
+    slow buffer, as many as w~ is normalised over (drawn on a forked RNG: logging does not change the run), its
+    last loss (Eq. 10; minus it bounds ``D_f(fast || slow)`` from below) and the slow buffer's size."""
+    with torch.random.fork_rng(devices=[]):
+        stats = {key: value.item() for key, value in lfiw.stats(fast_slow.sample_slow(rows)).items()}
+    return {**stats, "ratio_loss": ratio_loss.item(), "slow_size": len(fast_slow.slow)}
+
+
 def main(cfg: Config) -> dict:
     device = resolve_device(cfg.device)
     torch.set_num_threads(cfg.threads)
@@ -137,13 +187,13 @@ def main(cfg: Config) -> dict:
 
     # The sampler: the buffer draws B rows (uniform, per, lfiw) or m*B rows (large-batch, *laber-*); LFIW
     # draws from its slow buffer and weighs the rows for the critics (Sinha et al., Alg. 1).
-    replay = Replay(cfg.sampler, loss_module, buffer_size=cfg.buffer_size, batch_size=cfg.batch_size, m=cfg.m,
-                    surrogate=cfg.surrogate, device=device, critics=cfg.critics, lfiw_fast_size=cfg.lfiw_fast_size,
-                    lfiw_temperature=cfg.lfiw_temperature, lfiw_f=cfg.lfiw_f, diagnostics_rows=cfg.diagnostics_rows,
-                    ratio_features=env.observation_space.shape[0] + env.action_space.shape[0])  # w_psi(s, a)
+    # The replay buffer: B rows per critic per update, drawn through LaBER (m*B scored by each critic, B kept),
+    # PER or GER, or uniformly; with LFIW from its slow buffer, weighted (Sinha et al., Alg. 1).
+    rb, laber, lfiw, fast_slow = make_replay(cfg, loss_module, env, device)
 
     def objective(data):
-        data = replay.downsample(data)  # LaBER: B rows per critic, scored by that critic's surrogate
+        if laber is not None:  # a compiled update: LaBER keeps B rows per critic of the m*B inside it
+            data = laber(data)
         losses = weighted_loss(data)
         return losses["loss_qvalue"] + losses["loss_actor"] + losses["loss_alpha"], data
 
@@ -164,24 +214,37 @@ def main(cfg: Config) -> dict:
         return np.clip(action.cpu().numpy(), low, high).astype(np.float32)
 
     # Episode returns, evaluations, checkpoints (--resume, --stop-after), the progress bar.
-    loop = TrainingLoop(cfg, "sac", env, replay.buffer,
+    lfiw_state = {} if lfiw is None else {"lfiw": lfiw, "lfiw_optimizer": lfiw.optimizer, "lfiw_fast_buffer": fast_slow.fast}
+    loop = TrainingLoop(cfg, "sac", env, rb,
                         {"loss": loss_module, "optimizer": optimizer, "target_updater": target_updater,
-                         **replay.checkpoint_modules()}, policy,
+                         **lfiw_state}, policy,
                         burn_in=cfg.learning_starts + 200, bar_every=500, recent=5,
-                        diagnose=replay.diagnostics)
+                        diagnose=lambda: diagnostics(loss_module, rb, cfg.diagnostics_rows or cfg.m * cfg.batch_size,
+                                                     cfg.batch_size) if optimizer.state else {})  # from the 1st update
     env, obs = loop.env, loop.obs
     for step in loop.steps():
         action = env.action_space.sample() if step < cfg.learning_starts else policy(obs, explore=True)
         next_obs, reward, terminated, truncated, _ = env.step(action)
-        replay.add(to_tensordict(obs.astype(np.float32), np.asarray(action, dtype=np.float32), reward,
-                                 next_obs.astype(np.float32), terminated, truncated, device))
+        transition = to_tensordict(obs.astype(np.float32), np.asarray(action, dtype=np.float32), reward,
+                                   next_obs.astype(np.float32), terminated, truncated, device)
+        (rb if fast_slow is None else fast_slow).add(transition)  # LFIW: to the fast and the slow buffer
         obs = loop.record(step, next_obs, reward, terminated or truncated)
 
         if step >= cfg.learning_starts:
-            _, data = update(replay.sample(progress=step / cfg.total_steps))
-            replay.after_update(data)  # PER: the larger of the critics' |TD|; GER: the exact gradient norms
-            if (step + 1) % cfg.lfiw_log_every == 0 and (ratio := replay.lfiw_stats()):  # {} before the threshold
-                loop.logger.log("lfiw", step + 1, **ratio)
+            prioritized = isinstance(rb.sampler, PrioritizedSampler)  # PER, GER (and with LaBER over them)
+            if prioritized:  # PER's importance exponent, annealed to 1 (Schaul et al.)
+                rb.sampler.beta = PER_BETA + (1.0 - PER_BETA) * step / cfg.total_steps
+            if lfiw is not None and lfiw.active:  # Alg. 1: past the threshold, w_psi takes a step (Eq. 10) first
+                ratio_loss = lfiw.update(fast_slow.sample_slow(cfg.batch_size), fast_slow.sample_fast(cfg.batch_size))
+            data = rb.sample()  # with LFIW and LaBERSampler, w~ weighs the large batch before LaBER keeps B rows
+            if lfiw is not None and not isinstance(rb.sampler, LaBERSampler):
+                data = lfiw(data)  # Eq. 11-12: the critics' rows weighted by w~, normalised over them
+            _, data = update(data)
+            if prioritized:  # the rows' new priorities: PER's largest |TD| over the critics, GER's exact norms
+                rb.sampler.update_from(data) if cfg.sampler.startswith("ger") else rb.update_tensordict_priority(data)
+            if lfiw is not None and lfiw.active and (step + 1) % cfg.lfiw_log_every == 0:
+                rows = cfg.m * cfg.batch_size if "laber" in cfg.sampler else rb.batch_size  # w~'s normaliser
+                loop.logger.log("lfiw", step + 1, **lfiw_log(lfiw, fast_slow, ratio_loss, rows))
 
         if loop.end_step(step, obs):
             break

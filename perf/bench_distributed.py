@@ -1,8 +1,8 @@
 """The distributed learner (agents/distributed.py): updates/s and bytes moved per update, by where the buffer
 lives and how it is sampled, with 1 and 2 collector actors writing while the learner trains.
 
-    python perf/bench_distributed.py                       # about 2 minutes on 2 cores
-    python perf/bench_distributed.py --seconds 1 --repeats 20
+    python -m perf.bench_distributed                       # about 2 minutes on 2 cores
+    python -m perf.bench_distributed --seconds 1 --repeats 20
 
 Setups, each the agent's learner (DQN, CartPole MLP 256x256, B = 64, Adam, soft target) on one CPU thread:
 
@@ -35,15 +35,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import ray
-from common import environment, write_csv
 import tensordict
 import torch
 import torchrl
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the agents live beside the library
-from agents import distributed  # noqa: E402
+from agents import distributed
+from perf.common import RESULTS, environment, write_csv
 
-RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = ["ray", "sampler", "buffer", "m", "collectors", "batch_size",
            "updates_per_s", "vs_local", "runs", "from_buffer_bytes_per_update", "to_buffer_bytes_per_update",
            "ingest_bytes_per_update", "prefetch"]

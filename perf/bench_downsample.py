@@ -1,7 +1,7 @@
 """Time per call of the LaBER down-sample: ours against cpprb's LaBERmean and naive eager torch.
 
-    python perf/bench_downsample.py            # full: many iterations
-    python perf/bench_downsample.py --quick    # fewer iterations
+    python -m perf.bench_downsample            # full: many iterations
+    python -m perf.bench_downsample --quick    # fewer iterations
 
 Peers, measured in the same run, interleaved call by call so that machine noise hits all alike:
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, calls_for, describe, environment, repeat, time_interleaved, write_csv
+from perf.common import RESULTS, calls_for, describe, environment, repeat, time_interleaved, write_csv
 
 from torchsample import laber_downsample, laber_select
 

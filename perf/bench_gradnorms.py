@@ -16,7 +16,7 @@ On the MinAtar network (Conv2d(4->16, 3x3) + Linear(1024->128) + Linear(128->A))
 critic (17 + 6 -> 256 -> 256 -> 1), large batches of 4*32 and 4*256 rows. Medians of per-call times
 after a warm-up (perf/common.py's interleaved timer and CSV writer).
 
-    python perf/bench_gradnorms.py [--quick]     # writes perf/results/gradnorms_cpu.csv, gradnorms_cpu_laber.csv
+    python -m perf.bench_gradnorms [--quick]     # writes perf/results/gradnorms_cpu.csv, gradnorms_cpu_laber.csv
 """
 from __future__ import annotations
 
@@ -28,27 +28,14 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from common import RESULTS, describe, environment, repeat, time_interleaved, write_csv
+from perf.common import RESULTS, describe, environment, repeat, time_interleaved, write_csv
 
+from agents.networks import MinAtarNetwork
 from torchsample import SURROGATES, LaBER, LaBERLoss
 from torchsample.gradnorms import capture_last_layer_input, exact_grad_norms
 from torchsample.surrogates import critic_priorities
 
 ACTIONS = 6
-
-
-class MinAtarQNetwork(nn.Module):
-    """The LaBER paper's MinAtar network (its Table 3), as agents/dqn.py builds it."""
-
-    def __init__(self, in_channels: int = 4, outputs: int = ACTIONS) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, 16, kernel_size=3)
-        self.fc = nn.Linear(16 * 8 * 8, 128)
-        self.out = nn.Linear(128, outputs)
-
-    def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.conv(obs)).flatten(-3)
-        return self.out(torch.relu(self.fc(x)))
 
 
 def mujoco_critic() -> nn.Module:
@@ -58,9 +45,9 @@ def mujoco_critic() -> nn.Module:
 def make_case(name: str, n: int, generator: torch.Generator):
     """``(net, x, action, target)``; ``action`` is None for the critic (one output)."""
     if name == "minatar":
-        x = (torch.rand(n, 4, 10, 10, generator=generator) < 0.2).float()
+        x = torch.rand(n, 10, 10, 4, generator=generator) < 0.2  # MinAtar's layout: [N, 10, 10, C] booleans
         action = torch.randint(ACTIONS, (n,), generator=generator)
-        return MinAtarQNetwork(), x, action, torch.randn(n, generator=generator)
+        return MinAtarNetwork(4, ACTIONS), x, action, torch.randn(n, generator=generator)
     return mujoco_critic(), torch.randn(n, 23, generator=generator), None, torch.randn(n, generator=generator)
 
 
@@ -172,8 +159,8 @@ def torchrl_case(name: str, n: int, generator: torch.Generator):
     rows = {("next", "reward"): torch.randn(n, 1, generator=generator), ("next", "done"): terminated.clone(),
             ("next", "terminated"): terminated}
     if name == "minatar":
-        obs = lambda: (torch.rand(n, 4, 10, 10, generator=generator) < 0.2).float()  # noqa: E731
-        actor = QValueActor(MinAtarQNetwork(), in_keys=["observation"], action_space="categorical")
+        obs = lambda: torch.rand(n, 10, 10, 4, generator=generator) < 0.2  # noqa: E731
+        actor = QValueActor(MinAtarNetwork(4, ACTIONS), in_keys=["observation"], action_space="categorical")
         loss = DQNLoss(actor, loss_function="l2", delay_value=True, action_space="categorical")
         rows["action"] = torch.randint(ACTIONS, (n,), generator=generator)
     else:

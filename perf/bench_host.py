@@ -1,6 +1,6 @@
 """Host time of one call of the fused op, measured without a GPU: where the eager microseconds go.
 
-    python perf/bench_host.py            # writes perf/results/host_cpu.csv
+    python -m perf.bench_host            # writes perf/results/host_cpu.csv
 
 On the H200 the eager op took 230-520 us a call for every N <= 262k, 0.6-0.75x the naive torch path,
 while the kernel itself takes 4-13 us in a CUDA graph: the rest is host time. That part is
@@ -23,9 +23,8 @@ import sys
 from pathlib import Path
 
 import torch
-from common import RESULTS, describe, environment, time_interleaved, write_csv
+from perf.common import RESULTS, describe, environment, time_interleaved, write_csv
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torchsample.kernels.laber as laber  # noqa: E402
 from torchsample import ops  # noqa: E402
 from torchsample.codes import LossKind, Weighting  # noqa: E402

@@ -1,8 +1,8 @@
 """The fused LaBER op on the GPU: time per call against the naive torch path, and exactness.
 
-    python perf/bench_kernel.py                 # CUDA: the sweep, the bandwidth floor, the chi-square check
-    python perf/bench_kernel.py --quick         # CUDA: fewer sizes
-    python perf/bench_kernel.py --device cpu    # a small run of the same code on CPU (a smoke test: no graphs)
+    python -m perf.bench_kernel                 # CUDA: the sweep, the bandwidth floor, the chi-square check
+    python -m perf.bench_kernel --quick         # CUDA: fewer sizes
+    python -m perf.bench_kernel --device cpu    # a small run of the same code on CPU (a smoke test: no graphs)
 
 Peers, timed interleaved (``perf/common.py``, CUDA events) on the same inputs, eager and each
 captured in a CUDA graph (``calls`` consecutive calls in one ``torch.cuda.CUDAGraph``, replayed):
@@ -47,11 +47,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from common import (FLOOR_TARGET, RESULTS, Timing, calls_for, cuda_graph, describe, environment, fmt, read_csv, repeat,
+from perf.common import (FLOOR_TARGET, RESULTS, Timing, calls_for, cuda_graph, describe, environment, fmt, read_csv, repeat,
                     resolve_device, time_interleaved, write_csv)
-from gpu_check import kernel_section
+from perf.gpu_check import kernel_section
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from torchsample import critic_priorities, importance_weights, laber_downsample, laber_select  # noqa: E402
 
 EPS = 1e-6

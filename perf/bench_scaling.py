@@ -1,7 +1,7 @@
 """How the cost grows: the down-sampling op against N and B, and one sampling step against buffer size.
 
-    python perf/bench_scaling.py --quick   # coarse grids
-    python perf/bench_scaling.py --full    # finer grids, buffers up to 1e7 where memory allows
+    python -m perf.bench_scaling --quick   # coarse grids
+    python -m perf.bench_scaling --full    # finer grids, buffers up to 1e7 where memory allows
 
 1. ``laber_select`` against ``N = m * B`` from 128 to 65536 (B = 32) and against ``B`` (N = 16384),
    beside the naive eager torch down-sample of the same size.
@@ -20,7 +20,7 @@ import logging
 from pathlib import Path
 
 import torch
-from common import RESULTS, describe, environment, resolve_device, time_interleaved, write_csv
+from perf.common import RESULTS, describe, environment, resolve_device, time_interleaved, write_csv
 from tensordict import TensorDict
 from torchrl.data import LazyTensorStorage, PrioritizedSampler, TensorDictReplayBuffer
 
@@ -86,7 +86,7 @@ def buffer_scaling(device, iterations: int, full: bool) -> list[dict]:
 
         t = time_interleaved({"laber": laber_step, "per": per_step}, samples=iterations, warmup=20, device=device)
         rows.append({"sweep": "buffer", "buffer_size": size, "laber_step_us": t["laber"].us, "per_step_us": t["per"].us})
-        del uniform, per
+        uniform = per = None  # the next size's buffers need the memory
     return rows
 
 

@@ -1,8 +1,8 @@
 """Time per training update, by sampler: uniform (B), large batch (m*B), TorchRL's PER (B), LaBER-mean.
 
-    python perf/bench_update.py --quick              # CPU: DQN models eager, plus the compiled DQN CartPole pair
-    python perf/bench_update.py --full               # every model x sampler, eager and compiled (+ CUDA graphs on CUDA)
-    python perf/bench_update.py --device cuda        # CUDA: DQN MinAtar net and SAC MuJoCo MLP, eager, compiled and
+    python -m perf.bench_update --quick              # CPU: DQN models eager, plus the compiled DQN CartPole pair
+    python -m perf.bench_update --full               # every model x sampler, eager and compiled (+ CUDA graphs on CUDA)
+    python -m perf.bench_update --device cuda        # CUDA: DQN MinAtar net and SAC MuJoCo MLP, eager, compiled and
                                                      #   compiled + CUDA graph (what `make gpu-check` runs)
 
 One update = sample from the buffer, (LaBER: surrogate forward on m*B rows, down-sample), loss,
@@ -32,14 +32,13 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import torch
-from common import RESULTS, describe, environment, resolve_device, time_interleaved, write_csv
+from perf.common import RESULTS, describe, environment, resolve_device, time_interleaved, write_csv
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the agents live beside the library
 from torchrl.objectives import HardUpdate, SoftUpdate  # noqa: E402
 
 from agents import dqn, sac, td3  # noqa: E402
-from agents.common import make_buffer, make_env, to_tensordict  # noqa: E402
-from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer  # noqa: E402
+from agents.common import PER_ALPHA, PER_BETA, make_env, to_tensordict  # noqa: E402
+from torchrl.data import LazyTensorStorage, PrioritizedSampler, TensorDictReplayBuffer  # noqa: E402
 
 from torchsample import LaBER, LaBERLoss, LaBERSampler, make_update  # noqa: E402
 
@@ -120,11 +119,14 @@ def build_updates(model: str, sampler: str, modes: list[str], device, synthetic:
         env, note = env_for(cfg.env_id, synthetic)
         loss_module, _ = (sac.build_sac if agent is sac else td3.build_td3)(cfg, env, device)
         target = SoftUpdate(loss_module, tau=cfg.tau)
+    rows = M * cfg.batch_size if sampler in ("large-batch", "laber-mean") else cfg.batch_size
     if sampler == "laber-sampler":
-        buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(100_000, device=device), batch_size=cfg.batch_size,
-                                        sampler=LaBERSampler(LaBER(loss_module, batch_size=cfg.batch_size), m=M))
+        draw = LaBERSampler(LaBER(loss_module, batch_size=cfg.batch_size), m=M)
+    elif sampler == "per":
+        draw = PrioritizedSampler(100_000, alpha=PER_ALPHA, beta=PER_BETA)
     else:
-        buffer = make_buffer(sampler, buffer_size=100_000, batch_size=cfg.batch_size, m=M, device=device)
+        draw = None  # uniform
+    buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(100_000, device=device), batch_size=rows, sampler=draw)
     fill(buffer, env, 5_000, device)
     if sampler == "per":  # TorchRL 0.14 puts the tree beside CUDA storage when its extension has CUDA kernels
         note = "; ".join(filter(None, [note, f"PER sum-tree on {getattr(buffer.sampler, 'device', '?')}"]))

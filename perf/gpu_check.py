@@ -2,8 +2,8 @@
 CUDA, then a summary.
 
     make gpu-check PYTHON=python3               # on the GPU machine (../shared/gpu/suite.sh runs this)
-    python perf/gpu_check.py                    # the same
-    python perf/gpu_check.py --cpu-smoke --results-dir /tmp/gpu-check   # without a GPU: every step at CPU
+    python -m perf.gpu_check                    # the same
+    python -m perf.gpu_check --cpu-smoke --results-dir /tmp/gpu-check   # without a GPU: every step at CPU
                                                                         # smoke sizes, to check the plumbing
 
 Steps, each in its own process under a time limit, correctness first (9 minutes in all, sized from the
@@ -19,7 +19,7 @@ first H200 run: tests 138 s, kernel benchmark 52 s, the update benchmark's compi
 
 A step that fails or runs out of time does not stop the next (but ``import``). Then
 ``perf/results/gpu_summary_cuda.md``: the device and versions, each step's status and time (or why it
-did not run), and the headline figures of the CSVs this run wrote, beside the targets of issue 10.
+did not run), and the headline figures of the CSVs this run wrote, beside the targets of issues 10 and 24.
 Exits 1 when a step failed or timed out.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from common import (FLOOR_TARGET, GRAPH_TARGET_US, RESULTS, ROOT, SPEEDUP_TARGET, UPDATE_VS_PER_TARGET,
+from perf.common import (COMMITTED, FLOOR_TARGET, GRAPH_TARGET_US, ROOT, SPEEDUP_TARGET, UPDATE_VS_PER_TARGET,
                     UPDATE_VS_UNIFORM_TARGET, describe, environment, read_csv)
 
 TIMEOUTS = {"import": 60, "tests": 200, "kernel": 110, "update": 170}  # seconds; 9 minutes in all
@@ -125,22 +125,24 @@ def steps_for(args) -> list[Step]:
     check = Step("import", [py, "-c", IMPORT_CHECK.format(device=device)], args.timeout["import"])
     tests = Step("tests", [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfEs"],
                  args.timeout["tests"])
+    out = args.results_dir
     if args.cpu_smoke:
-        out = args.results_dir
         return [
             check,
             tests,
-            Step("kernel", [py, "perf/bench_kernel.py", "--device", "cpu", "--out", str(out / "kernel_cpu.csv")],
+            Step("kernel", [py, "-m", "perf.bench_kernel", "--device", "cpu", "--out", str(out / "kernel_cpu.csv")],
                  args.timeout["kernel"]),
-            Step("update", [py, "perf/bench_update.py", "--device", "cpu", "--models", "dqn-cartpole", "--modes", "eager",
+            Step("update", [py, "-m", "perf.bench_update", "--device", "cpu", "--models", "dqn-cartpole", "--modes", "eager",
                             "compiled", "cudagraph", "--iterations", "20", "--out", str(out / "update_cpu.csv")],
                  args.timeout["update"], needs=AGENT_DEPS),
         ]
     return [
         check,
         tests,
-        Step("kernel", [py, "perf/bench_kernel.py", "--device", "cuda"], args.timeout["kernel"]),
-        Step("update", [py, "perf/bench_update.py", "--device", "cuda"], args.timeout["update"], needs=AGENT_DEPS),
+        Step("kernel", [py, "-m", "perf.bench_kernel", "--device", "cuda", "--out", str(out / "kernel_cuda.csv")],
+             args.timeout["kernel"]),
+        Step("update", [py, "-m", "perf.bench_update", "--device", "cuda", "--out", str(out / "update_cuda.csv")],
+             args.timeout["update"], needs=AGENT_DEPS),
     ]
 
 
@@ -201,7 +203,7 @@ def kernel_section(rows: list[dict] | None) -> list[str]:
                      f"{cell(timed.get((key, 'multinomial', 'graph'), {}).get('median_us'))} | "
                      f"{cell(graph.get('input_GBps'))} |")
     failed = [r for r in rows if r["variant"] == "laber" and r["note"].startswith("failed")]
-    lines += ["", "Targets of issue 10 (set for an H100):", ""]
+    lines += ["", "Targets (issues 10 and 24):", ""]
     if small_graph:
         worst = max(small_graph)
         lines.append(f"- fused op in a CUDA graph, N <= 16k: at most {worst:.1f} us (target <= {GRAPH_TARGET_US:g} us: "
@@ -248,7 +250,7 @@ def update_section(rows: list[dict] | None) -> list[str]:
         lines.append(f"| {r['model']} | {r['mode']} | {r['sampler']} | {cell(r['median_ms'], 3)} | "
                      f"{cell(r['vs_uniform'], 2)} | "
                      f"{cell(r['vs_per'], 2)} | {cell(r['vs_large-batch'], 2)} | {r.get('note', '')} |")
-    lines += ["", "Targets of issue 10 (compiled + CUDA graph LaBER-mean update):", ""]
+    lines += ["", "Targets (issues 10 and 24; compiled + CUDA graph LaBER-mean update):", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         laber = ms.get((model, "cudagraph", "laber-mean"))
         uniform = ms.get((model, "compiled", "uniform"))
@@ -287,7 +289,8 @@ def write_summary(path: Path, steps: list[Step], tag: str, results_dir: Path, si
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-smoke", action="store_true", help="no GPU: run every step at CPU smoke sizes")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where the CSVs and the summary go")
+    parser.add_argument("--results-dir", type=Path, default=COMMITTED,
+                        help="where the CSVs and the summary go (default perf/results: a GPU run's figures are kept)")
     parser.add_argument("--only", nargs="+", choices=list(TIMEOUTS), help="run only these steps")
     parser.add_argument("--timeout", nargs="+", default=[], metavar="STEP=SECONDS",
                         help=f"time limits per step (default {', '.join(f'{k}={v}' for k, v in TIMEOUTS.items())})")
@@ -296,7 +299,7 @@ def main() -> None:
     args.timeout = {**TIMEOUTS, **{k: float(v) for k, v in (item.split("=", 1) for item in args.timeout)}}
     if not args.cpu_smoke and not torch.cuda.is_available():
         print("gpu-check: torch sees no CUDA device (torch.cuda.is_available() is False): nothing to check. "
-              "`python perf/gpu_check.py --cpu-smoke --results-dir DIR` runs the plumbing on CPU.")
+              "`python -m perf.gpu_check --cpu-smoke --results-dir DIR` runs the plumbing on CPU.")
         sys.exit(2)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     tag = "cpu" if args.cpu_smoke else "cuda"

@@ -1,7 +1,7 @@
 """The training scripts: each agent runs a few hundred steps with each sampler in a subprocess, its
 returns lie in what the environment can give, DQN learns CartPole, ``--resume`` reproduces the
 uninterrupted run, ``--help`` shows the defaults a run uses, and the sampler choice is built in one
-place (``agents.compare``: tests/test_compare.py)."""
+place (``experiments.compare``: tests/test_compare.py)."""
 import ast
 import csv
 import dataclasses
@@ -17,6 +17,8 @@ import pytest
 import torch
 from tensordict import TensorDict
 from torchrl.data import PrioritizedSampler
+
+from torchsample import GERSampler, LaBERSampler
 from torchrl.objectives import SoftUpdate
 
 from tests.conftest import AGENT_DEPS, require, requires_cuda  # noqa: E402
@@ -28,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLERS = ["uniform", "per", "laber-mean", "laber-lazy", "laber-max", "large-batch", "per-laber-mean", "ger",
             "ger-laber-mean", "lfiw", "lfiw-laber-mean"]
 AGENTS = {"dqn": dqn, "c51": c51, "sac": sac, "td3": td3}
-# LFIW re-weights an actor-critic's critics (Sinha et al.'s SAC and TD3): DQN and C51 refuse it.
-VALUE_BASED_SAMPLERS = [name for name in SAMPLERS if not common.SAMPLERS[name].lfiw]
+# LFIW re-weights an actor-critic's critics (Sinha et al.'s SAC and TD3): DQN and C51 do not offer it.
+VALUE_BASED_SAMPLERS = [name for name in SAMPLERS if not common.sampler_choice(name).lfiw]
 # A fast buffer of 100 rows: the slow one passes LFIW's threshold at step 101, so short runs re-weight.
 LFIW_ARGS = ["--lfiw-fast-size", "100", "--lfiw-log-every", "50"]
 # Small runs: a few hundred steps, learning from step 100, evaluation at the end.
@@ -81,7 +83,7 @@ RUNS = [(algo, sampler) for algo in AGENT_ARGS
 
 @pytest.mark.parametrize("algo, sampler", RUNS, ids=[f"{algo}-{sampler}" for algo, sampler in RUNS])
 def test_agent_runs_with_each_sampler(algo, sampler, tmp_path):
-    lfiw = common.SAMPLERS[sampler].lfiw
+    lfiw = common.sampler_choice(sampler).lfiw
     run_agent(algo, *AGENT_ARGS[algo], "--sampler", sampler, *(LFIW_ARGS if lfiw else []), "--out", str(tmp_path))
     evals = read_csv(tmp_path / "eval.csv")
     assert len(evals) == 1 and evals[0]["step"] == "300"
@@ -151,7 +153,7 @@ def test_a_finished_run_keeps_its_buffer_only_if_asked(tmp_path):
 # SAC with lfiw-laber-mean covers what SAC with laber-mean did (LaBER, the buffer, the RNGs) and LFIW's state.
 @pytest.mark.parametrize("algo, sampler", [("dqn", "laber-mean"), ("dqn", "per"), ("sac", "lfiw-laber-mean")])
 def test_resume_reproduces_the_uninterrupted_run(algo, sampler, tmp_path):
-    lfiw = common.SAMPLERS[sampler].lfiw  # the ratio network, its optimiser and the fast buffer must resume too
+    lfiw = common.sampler_choice(sampler).lfiw  # the ratio network, its optimiser and the fast buffer must resume too
     args = [*AGENT_ARGS[algo], "--total-steps", "400", "--eval-every", "200", "--sampler", sampler,
             "--learning-starts", "100", *(LFIW_ARGS if lfiw else [])]
     run_agent(algo, *args, "--out", str(tmp_path / "straight"))
@@ -178,9 +180,11 @@ def test_help_documents_every_option(algo):
     proc = run_agent(algo, "--help")
     for option in ["--sampler", "--m", "--batch-size", "--compile", "--cudagraphs", "--resume", "--device", "--env-id"]:
         assert option in proc.stdout
-    # Every sampler, one shared list; the help box wraps a long list, so compare without spaces and borders.
-    assert "--sampler{" + ",".join(common.SAMPLERS) + "}" in re.sub(r"[\s│╭╮╰╯─]", "", proc.stdout)
-    assert list(common.SAMPLERS) == SAMPLERS
+    # Every sampler the agent supports (LFIW's for SAC and TD3 only); the help box wraps a long list, so
+    # compare without spaces and borders.
+    offered = SAMPLERS if algo in ("sac", "td3") else VALUE_BASED_SAMPLERS
+    assert "--sampler{" + ",".join(offered) + "}" in re.sub(r"[\s│╭╮╰╯─]", "", proc.stdout)
+    assert list(common.ACTOR_CRITIC_SAMPLERS) == SAMPLERS and list(common.VALUE_SAMPLERS) == VALUE_BASED_SAMPLERS
     assert "(default: None)" not in proc.stdout
 
 
@@ -227,10 +231,11 @@ def test_help_shows_the_defaults_the_env_family_runs_with(algo, env_id, capsys):
         assert option[option.index("(default: "):].startswith(f"(default: {shown})"), option[:200]
 
 
-@pytest.mark.parametrize("module", ["common", "dqn", "c51", "sac", "td3", "compare"])
+@pytest.mark.parametrize("module", ["agents/common", "agents/dqn", "agents/c51", "agents/sac", "agents/td3",
+                                    "experiments/compare"])
 def test_every_config_field_has_a_docstring(module):
     """tyro turns the string under a field into its --help text: a field without one is undocumented."""
-    tree = ast.parse((ROOT / "agents" / f"{module}.py").read_text())
+    tree = ast.parse((ROOT / f"{module}.py").read_text())
     configs = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name in ("Config", "RunOptions")]
     assert configs
     for config in configs:
@@ -241,7 +246,7 @@ def test_every_config_field_has_a_docstring(module):
             following = body[i + 1] if i + 1 < len(body) else None
             documented = (isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
                           and isinstance(following.value.value, str) and following.value.value.strip())
-            assert documented, f"agents/{module}.py {config.name}.{body[i].target.id} has no docstring"
+            assert documented, f"{module}.py {config.name}.{body[i].target.id} has no docstring"
 
 
 @pytest.mark.parametrize("algo", list(AGENTS))
@@ -264,107 +269,85 @@ def test_each_agent_reads_alone(algo):
         assert foreign not in source, foreign
 
 
-# The sampler choice, built once in agents.common for all four agents.
+# The replay buffer each agent builds for its --sampler (dqn.make_replay; SAC and TD3 alike, with LFIW).
 
 
-def _cartpole_replay(sampler: str, batch_size: int = 8, m: int = 4, rows: int = 64):
+def _cartpole_replay(sampler: str, batch_size: int = 8, m: int = 4, rows: int = 64, compile: bool = False):
     env = common.make_env("CartPole-v1", 0)
-    loss_module, _ = dqn.build_dqn(dqn.Config(), env, torch.device("cpu"))
+    cfg = dqn.Config(sampler=sampler, batch_size=batch_size, m=m, buffer_size=1_000, compile=compile)
+    loss_module, _ = dqn.build_dqn(cfg, env, torch.device("cpu"))
     SoftUpdate(loss_module, tau=0.005)  # the agent's target updater (without one TorchRL warns)
-    replay = common.Replay(sampler, loss_module, buffer_size=1_000, batch_size=batch_size, m=m,
-                           device=torch.device("cpu"))
+    rb, laber = dqn.make_replay(cfg, loss_module, env, torch.device("cpu"))
     obs, _ = env.reset(seed=0)
     for _ in range(rows):
         action = env.action_space.sample()
         next_obs, reward, terminated, truncated, _ = env.step(action)
-        replay.add(common.to_tensordict(obs, action, reward, next_obs, terminated, truncated, torch.device("cpu")))
+        rb.add(common.to_tensordict(obs, action, reward, next_obs, terminated, truncated, torch.device("cpu")))
         obs = env.reset()[0] if terminated or truncated else next_obs
-    return replay, loss_module
+    return rb, laber, loss_module
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["sampler", "compiled-update"])
 @pytest.mark.parametrize("sampler", VALUE_BASED_SAMPLERS)
-def test_replay_draws_what_each_sampler_names(sampler):
+def test_the_buffer_draws_what_each_sampler_names(sampler, compile):
+    """LaBER through LaBERSampler (B rows out of rb.sample()), or, for a compiled update, in the update
+    (rb.sample() gives m * B rows, LaBER keeps B); PER and GER through TorchRL's PrioritizedSampler."""
     torch.manual_seed(0)
-    replay, _ = _cartpole_replay(sampler)
-    spec = common.SAMPLERS[sampler]
-    batch = replay.sample(progress=0.0)
-    assert batch.batch_size == torch.Size([32 if spec.large else 8])
-    selected = replay.downsample(batch)
-    if spec.weighting is not None:
+    rb, laber, _ = _cartpole_replay(sampler, compile=compile)
+    choice = common.sampler_choice(sampler)
+    batch = rb.sample()
+    in_update = compile and choice.weighting is not None
+    assert batch.batch_size == torch.Size([32 if choice.large_batch or in_update else 8])
+    assert (laber is not None) == in_update
+    assert isinstance(rb.sampler, LaBERSampler) == (choice.weighting is not None and not compile)
+    if in_update:
+        selected = laber(batch)
         assert selected.batch_size == torch.Size([8])
         assert set(selected["index"].tolist()) <= set(batch["index"].tolist())
-        weights = selected["priority_weight"]
+        batch = selected
+    if choice.weighting is not None:
+        weights = batch["priority_weight"]
         assert torch.isfinite(weights).all() and (weights > 0).all()
-    else:
-        assert selected is batch  # no down-sample
-    assert isinstance(replay.buffer.sampler, PrioritizedSampler) == spec.prioritized == sampler.startswith(("per", "ger"))
+        assert laber is None or laber.weighting == choice.weighting
+    assert isinstance(rb.sampler, PrioritizedSampler) == sampler.startswith(("per", "ger"))
+    assert isinstance(getattr(rb.sampler, "inner", rb.sampler), GERSampler) == sampler.startswith("ger")
 
 
 def test_per_laber_updates_the_priorities_of_the_rows_kept():
     """PER-LaBER with twin critics: the kept rows come as [B, 1 + C] (column 0 the actor's), with one
-    storage index per "td_error"; each of them gets its own priority, and only they do."""
+    storage index per "td_error"; each of them gets its own priority through TorchRL's
+    update_tensordict_priority, as the agents call it, and only they do."""
     torch.manual_seed(0)
-    np.random.seed(0)  # TorchRL's PrioritizedSampler draws from numpy's global RNG on CPU
+    np.random.seed(0)
     env = common.make_env("Pendulum-v1", 0)
-    loss_module, _ = sac.build_sac(sac.Config(hidden=(32, 32)), env, torch.device("cpu"))
+    cfg = sac.Config(hidden=(32, 32), sampler="per-laber-mean", batch_size=8, m=4, buffer_size=1_000)
+    loss_module, _ = sac.build_sac(cfg, env, torch.device("cpu"))
     SoftUpdate(loss_module, tau=0.005)
-    replay = common.Replay("per-laber-mean", loss_module, buffer_size=1_000, batch_size=8, m=4, device=torch.device("cpu"))
+    rb, *_ = sac.make_replay(cfg, loss_module, env, torch.device("cpu"))
     obs, _ = env.reset(seed=0)
     for _ in range(64):
         action = env.action_space.sample()
         next_obs, reward, terminated, truncated, _ = env.step(action)
-        replay.add(common.to_tensordict(obs, action, reward, next_obs, terminated, truncated, torch.device("cpu")))
+        rb.add(common.to_tensordict(obs, action, reward, next_obs, terminated, truncated, torch.device("cpu")))
         obs = next_obs
-    replay.buffer.update_priority(torch.arange(64), torch.rand(64) + 0.1)  # unequal priorities: PER weights != 1
-    large = replay.sample(progress=0.0)
-    rng = torch.get_rng_state()
-    laber_only = replay.laber.selection(large)
-    torch.set_rng_state(rng)  # the same draw again, through Replay
-    kept = replay.downsample(large)
+    rb.update_priority(torch.arange(64), torch.rand(64) + 0.1)  # unequal priorities: PER weights != 1
+    kept = rb.sample()
     assert kept.batch_size == torch.Size([8, 3]) and kept["td_error"].shape == kept["index"].shape
-    assert torch.equal(kept["index"], large["index"][laber_only.index])
-    # Each kept row's weight is LaBER's times PER's for that row.
-    per_weight = large["priority_weight"][laber_only.index]
-    assert per_weight.std() > 0.05
-    torch.testing.assert_close(kept["priority_weight"], laber_only.weight * per_weight)
-    sampler = replay.buffer.sampler
-    before = sampler._sum_tree[torch.arange(64)].clone()  # (priority + eps)^alpha of every stored row
+    tree = rb.sampler.inner._sum_tree
+    before = torch.tensor([tree[i] for i in range(64)])  # (priority + eps)^alpha of every stored row
     kept.set("td_error", kept["index"].float() + 1.0)  # a priority that names its row, duplicates agree
-    replay.after_update(kept)
-    after = sampler._sum_tree[torch.arange(64)]
+    rb.update_tensordict_priority(kept)
+    after = torch.tensor([tree[i] for i in range(64)])
     index = kept["index"].reshape(-1).unique()
-    torch.testing.assert_close(after[index], (index.float() + 1.0 + sampler._eps) ** sampler.alpha)
+    torch.testing.assert_close(after[index], (index.float() + 1.0 + rb.sampler.inner._eps) ** rb.sampler.alpha)
     others = torch.ones(64, dtype=torch.bool)
     others[index] = False
     assert torch.equal(after[others], before[others])
 
 
-def test_replay_anneals_per_beta_and_updates_priorities():
-    torch.manual_seed(0)
-    replay, _ = _cartpole_replay("per")
-    replay.sample(progress=0.5)
-    assert replay.buffer.sampler.beta == pytest.approx(0.7)
-    replay.sample(progress=2.0)
-    assert replay.buffer.sampler.beta == 1.0
-    # After the update, the priorities are the batch's "td_error": one row far above the rest is
-    # (almost surely) the only row drawn.
-    rows = torch.arange(64)
-    td_error = torch.zeros(64)
-    td_error[5] = 1e6
-    replay.after_update(TensorDict({"index": rows, "td_error": td_error}, [64]))  # the rows an update used
-    assert set(replay.sample(progress=1.0)["index"].tolist()) == {5}
-
-
-def test_replay_leaves_priorities_alone_without_per():
-    replay, _ = _cartpole_replay("laber-mean")
-    batch = replay.downsample(replay.sample(progress=0.0))
-    replay.after_update(batch)  # a uniform buffer has no priorities to update: a no-op, no error
-    assert batch.batch_size == torch.Size([8])
-
-
 def test_unknown_sampler_is_a_value_error_naming_the_choices():
     with pytest.raises(ValueError, match="sampler must be one of .*laber-mean"):
-        common.make_buffer("no-such-sampler", buffer_size=10, batch_size=2, m=4, device=torch.device("cpu"))
+        common.sampler_choice("no-such-sampler")
 
 
 @pytest.mark.parametrize("algo", ["dqn", "sac"])

@@ -4,15 +4,18 @@ saved with the buffer, 4x smaller per transition), the Dopamine defaults, and ea
 hundred steps with each sampler."""
 import math
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
+from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
 from torchrl.objectives import HardUpdate
 
 from tests.conftest import AGENT_DEPS, require  # noqa: E402
 
 require(*AGENT_DEPS + ("ale_py", "cv2"))
-from agents import atari, c51, common, dqn  # noqa: E402
+from agents import atari, c51, common, dqn, networks  # noqa: E402
 from tests.test_agents import read_csv, run_agent
 
 FRAME = 84 * 84  # bytes of one grey frame
@@ -48,7 +51,7 @@ def test_preprocessing_on_a_real_rom():
 
 
 def test_nature_network_has_the_papers_shape():
-    net = atari.NatureCNN(4, 6)
+    net = networks.NatureCNN(4, 6)
     # conv 4->32 8x8, 32->64 4x4, 64->64 3x3, FC 3136->512, 512->6: Mnih et al.'s 1.69M parameters
     expected = (4 * 32 * 64 + 32) + (32 * 64 * 16 + 64) + (64 * 64 * 9 + 64) + (3136 * 512 + 512) + (512 * 6 + 6)
     assert sum(p.numel() for p in net.parameters()) == expected
@@ -64,9 +67,12 @@ def _breakout_replay(sampler: str, buffer_size: int, steps: int, restack: bool =
     env = common.make_env("ALE/Breakout-v5", seed=0)
     loss_module, _ = dqn.build_dqn(dqn.env_defaults("ALE/Breakout-v5"), env, torch.device("cpu"))
     HardUpdate(loss_module, value_network_update_interval=2_000)
-    replay = common.Replay(sampler, loss_module, buffer_size=buffer_size, batch_size=8, m=4, device=torch.device("cpu"))
-    if restack:
-        replay.buffer.append_transform(atari.FrameStackReplay(replay.buffer.storage, env.observation_space.shape))
+    if restack:  # the agent's buffer, which re-stacks Atari frames
+        cfg = dataclasses.replace(dqn.env_defaults("ALE/Breakout-v5"), sampler=sampler, buffer_size=buffer_size,
+                                  batch_size=8, m=4)
+        replay, _ = dqn.make_replay(cfg, loss_module, env, torch.device("cpu"))
+    else:  # every stack stored whole
+        replay = TensorDictReplayBuffer(storage=LazyTensorStorage(buffer_size), batch_size=8)
     written = []
     obs, _ = env.reset(seed=0)
     for _ in range(steps):
@@ -82,7 +88,7 @@ def _breakout_replay(sampler: str, buffer_size: int, steps: int, restack: bool =
 def _assert_restacked_exactly(replay, written, batch) -> int:
     """Every drawn row's stacks equal the ones written; returns how many rows could not be checked
     (the oldest rows of a full ring buffer, whose earlier frames were overwritten)."""
-    oldest = len(written) - len(replay.buffer)
+    oldest = len(written) - len(replay)
     skipped = 0
     for i in range(batch.shape[0]):
         write_count, episode_step = int(batch["write_count"][i]), int(batch["episode_step"][i])
@@ -99,8 +105,8 @@ def _assert_restacked_exactly(replay, written, batch) -> int:
 def test_frame_stack_replay_rebuilds_the_stacks_exactly_across_episodes_and_wrap_around():
     # 1 500 random steps: about 8 episodes; a 600-row buffer wraps around twice.
     replay, _, written = _breakout_replay("uniform", buffer_size=600, steps=1_500)
-    assert len(replay.buffer) == 600
-    batch = replay.buffer.sample(4_000)
+    assert len(replay) == 600
+    batch = replay.sample(4_000)
     assert batch["observation"].shape == (4_000, 4, 84, 84) and batch["observation"].dtype == torch.uint8
     skipped = _assert_restacked_exactly(replay, written, batch)
     assert skipped <= 4_000 * 3 / 600 * 3  # at most the 3 oldest rows (expected 20 of 4 000 draws)
@@ -108,30 +114,38 @@ def test_frame_stack_replay_rebuilds_the_stacks_exactly_across_episodes_and_wrap
 
 
 @pytest.mark.parametrize("sampler", ["per", "laber-mean"])
-def test_per_and_laber_run_on_the_restacked_atari_batch(sampler):
+def test_per_and_laber_run_on_the_restacked_atari_batch(sampler, monkeypatch):
     torch.manual_seed(0)
     replay, loss_module, written = _breakout_replay(sampler, buffer_size=1_000, steps=300)
-    batch = replay.sample(progress=0.5)
-    assert batch.shape == (32 if sampler == "laber-mean" else 8,)
+    scored = []
+    if sampler == "laber-mean":  # LaBER scores the m*B rows after the buffer re-stacked them
+        select = replay.sampler.laber.selection
+        monkeypatch.setattr(replay.sampler.laber, "selection", lambda large, *a, **k: scored.append(large)
+                            or select(large, *a, **k))
+    batch = replay.sample()
+    assert batch.shape == (8,) and batch["observation"].shape == (8, 4, 84, 84)
     assert _assert_restacked_exactly(replay, written, batch) == 0  # nothing overwritten yet
-    selected = replay.downsample(batch)  # LaBER scores the m*B re-stacked rows with the Q-network
-    assert selected.shape == (8,) and selected["observation"].shape == (8, 4, 84, 84)
-    loss = loss_module(selected)["loss"]
+    if sampler == "laber-mean":
+        (large,) = scored
+        assert large.shape == (32,) and large["observation"].shape == (32, 4, 84, 84)
+        assert _assert_restacked_exactly(replay, written, large) == 0
+    loss = loss_module(batch)["loss"]
     assert torch.isfinite(loss)
-    replay.after_update(selected.set("td_error", torch.rand(8) + 0.1))  # PER: new priorities by index
+    if sampler == "per":
+        replay.update_tensordict_priority(batch.set("td_error", torch.rand(8) + 0.1))  # new priorities by index
 
 
 @pytest.mark.filterwarnings("ignore:Got conflicting batch_sizes")  # one large draw
 def test_frame_stack_replay_state_is_saved_with_the_buffer(tmp_path):
     replay, _, written = _breakout_replay("uniform", buffer_size=300, steps=400)
-    replay.buffer.dumps(tmp_path / "buffer")
+    replay.dumps(tmp_path / "buffer")
     restored, _, _ = _breakout_replay("uniform", buffer_size=300, steps=1)
-    restored.buffer.loads(tmp_path / "buffer")
-    original, loaded = replay.buffer._transform[0], restored.buffer._transform[0]
+    restored.loads(tmp_path / "buffer")
+    original, loaded = replay._transform[0], restored._transform[0]
     assert int(loaded.written) == int(original.written) == 400
     assert int(loaded.episode_step) == int(original.episode_step)
     torch.testing.assert_close(loaded.last_next_obs, original.last_next_obs)
-    batch = restored.buffer.sample(500)
+    batch = restored.sample(500)
     _assert_restacked_exactly(restored, written, batch)
 
 
@@ -142,11 +156,11 @@ def test_memory_per_transition():
     ours, _, _ = _breakout_replay("uniform", buffer_size=100, steps=10)
     # The rest of a row, the same in both: action (int64), reward (float32), terminated/truncated/done, index.
     rest = 8 + 4 + 3 + 8
-    assert atari.bytes_per_transition(naive.buffer) == NAIVE_FRAMES + rest == 56_471
-    assert atari.bytes_per_transition(ours.buffer) == 2 * FRAME + 2 * 8 + rest == 14_151
-    row = ours.buffer.storage[0]
+    assert atari.bytes_per_transition(naive) == NAIVE_FRAMES + rest == 56_471
+    assert atari.bytes_per_transition(ours) == 2 * FRAME + 2 * 8 + rest == 14_151
+    row = ours.storage[0]
     assert row["frame"].dtype == torch.uint8 and "observation" not in row.keys()
-    assert atari.bytes_per_transition(naive.buffer) / atari.bytes_per_transition(ours.buffer) > 3.99
+    assert atari.bytes_per_transition(naive) / atari.bytes_per_transition(ours) > 3.99
 
 
 # Dopamine's dqn.gin / c51.gin and the LaBER paper's Table 2 (docs/agents.md says which is which).
@@ -179,7 +193,7 @@ TINY = ["--env-id", "ALE/Pong-v5", "--total-steps", "300", "--learning-starts", 
 @pytest.mark.parametrize("sampler", ["uniform", "per", "laber-mean", "large-batch"])
 @pytest.mark.parametrize("algo", ["dqn", "c51"])
 def test_agent_runs_on_atari_with_each_sampler(algo, sampler, tmp_path):
-    run_agent(algo, *TINY, "--sampler", sampler, "--out", str(tmp_path))
+    run_agent(algo, *TINY, "--sampler", sampler, "--keep-buffer", "--out", str(tmp_path))
     evals = read_csv(tmp_path / "eval.csv")
     assert len(evals) == 1 and evals[0]["step"] == "300"
     returns = [float(evals[0]["eval_return"])]
@@ -189,5 +203,5 @@ def test_agent_runs_on_atari_with_each_sampler(algo, sampler, tmp_path):
     config = dict(line.split("=", 1) for line in (tmp_path / "config.txt").read_text().splitlines())
     assert config["clip_rewards"] == "True" and config["optimizer"] == ("rmsprop" if algo == "dqn" else "adam")
     assert (tmp_path / "checkpoint" / "state.pt").exists()
-    assert (tmp_path / "checkpoint" / "buffer" / "transform.t").exists()  # the re-stacking state
+    assert (tmp_path / "checkpoint" / "buffer" / "transform.t").exists()  # the re-stacking state (--keep-buffer)
 

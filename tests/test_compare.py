@@ -1,7 +1,8 @@
-"""``agents.compare``: rliable's metrics on hand-made scores with known answers, the batch-size sweep's
+"""``experiments.compare``: rliable's metrics on hand-made scores with known answers, the batch-size sweep's
 table and plot (diagnostics where runs wrote them), the multi-task aggregation and its performance
 profile, and real runs in subprocesses (a tiny sweep; a failed run reported, the others kept)."""
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,9 @@ from scipy.stats import trim_mean
 from tests.conftest import AGENT_DEPS, require  # noqa: E402
 
 require(*AGENT_DEPS + ("rliable", "matplotlib", "pandas"))
-from agents import compare  # noqa: E402
+from experiments import compare, reports, stats, sweep  # noqa: E402
+from experiments import runs as run_module  # noqa: E402
+from experiments.runs import Run, command, finished_run, gradient_steps  # noqa: E402
 from tests.test_agents import DISCRETE, assert_returns_possible
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +52,7 @@ def fake_run(folder: Path, env_id: str, returns: list[float], diagnostics: list[
 def test_iqm_is_the_25_percent_trimmed_mean_of_all_scores(runs, tasks):
     rng = np.random.default_rng(runs * 10 + tasks)
     scores = rng.normal(100, 30, (runs, tasks)) * rng.choice([1, 1, 10], (runs, tasks))  # outliers to trim
-    est = compare.interval_estimates({"s": scores}, ["mean", "iqm"], reps=300)["s"]
+    est = stats.interval_estimates({"s": scores}, ["mean", "iqm"], reps=300)["s"]
     assert est["iqm"][0] == pytest.approx(trim_mean(scores.ravel(), 0.25), rel=1e-12)
     assert est["mean"][0] == pytest.approx(scores.mean(), rel=1e-12)
     for point, low, high in est.values():
@@ -59,7 +62,7 @@ def test_iqm_is_the_25_percent_trimmed_mean_of_all_scores(runs, tasks):
 def test_iqm_trims_a_quarter_at_each_end():
     # 8 scores: the IQM is the mean of the middle 4, whatever the outliers.
     scores = np.array([[-1e6], [1.0], [2.0], [3.0], [4.0], [5.0], [6.0], [1e6]])
-    assert compare.interval_estimates({"s": scores}, ["iqm"], reps=100)["s"]["iqm"][0] == 3.5
+    assert stats.interval_estimates({"s": scores}, ["iqm"], reps=100)["s"]["iqm"][0] == 3.5
 
 
 def test_intervals_are_reproducible_and_leave_numpy_alone():
@@ -67,22 +70,22 @@ def test_intervals_are_reproducible_and_leave_numpy_alone():
     np.random.seed(123)
     before = np.random.random()
     np.random.seed(123)
-    first = compare.interval_estimates(scores, ["iqm"], reps=300)
+    first = stats.interval_estimates(scores, ["iqm"], reps=300)
     assert np.random.random() == before  # the global generator is restored
-    assert compare.interval_estimates(scores, ["iqm"], reps=300) == first
-    assert compare.interval_estimates(scores, ["iqm"], reps=300, seed=1) != first
+    assert stats.interval_estimates(scores, ["iqm"], reps=300) == first
+    assert stats.interval_estimates(scores, ["iqm"], reps=300, seed=1) != first
 
 
 def test_probability_of_improvement_of_a_sampler_over_itself_is_one_half():
     x = np.array([[10.0, -3.0], [20.0, -1.0], [30.0, -2.0]])
-    p, low, high = compare.improvement_over({"uniform": x, "again": x.copy()}, "uniform", reps=300)["again"]
+    p, low, high = stats.improvement_over({"uniform": x, "again": x.copy()}, "uniform", reps=300)["again"]
     assert p == 0.5 and low <= 0.5 <= high
 
 
 def test_probability_of_improvement_counts_ties_as_one_half():
     # x = 1, 3, 3 against y = 2, 2: 1 < 2 twice, 3 > 2 four times -> 4 / 6.
     x, y = np.array([[1.0], [3.0], [3.0]]), np.array([[2.0], [2.0]])
-    est = compare.improvement_over({"uniform": y, "x": x, "tie": np.array([[2.0]])}, "uniform", reps=300)
+    est = stats.improvement_over({"uniform": y, "x": x, "tie": np.array([[2.0]])}, "uniform", reps=300)
     assert est["x"][0] == pytest.approx(4 / 6)
     assert est["tie"] == (0.5, 0.5, 0.5)
     assert "uniform" not in est
@@ -90,11 +93,11 @@ def test_probability_of_improvement_counts_ties_as_one_half():
 
 def test_optimality_gap_on_normalised_returns():
     returns = np.array([[500.0], [250.0], [500.0], [0.0]])
-    normalised = compare.normalise(returns, "CartPole-v1")
-    gap = compare.interval_estimates({"s": normalised}, ["optimality_gap"], reps=300)["s"]["optimality_gap"]
+    normalised = stats.normalise(returns, "CartPole-v1")
+    gap = stats.interval_estimates({"s": normalised}, ["optimality_gap"], reps=300)["s"]["optimality_gap"]
     assert gap[0] == pytest.approx(1 - (1 + 0.5 + 1 + 0) / 4)
-    assert compare.normalise(np.array([-500.0, 0.0]), "Acrobot-v1").tolist() == [0.0, 1.0]
-    assert compare.normalise(np.array([1.0]), "MountainCar-v0") is None
+    assert stats.normalise(np.array([-500.0, 0.0]), "Acrobot-v1").tolist() == [0.0, 1.0]
+    assert stats.normalise(np.array([1.0]), "MountainCar-v0") is None
 
 
 @pytest.mark.parametrize("total, start, freq, steps", [(600, 200, 20, 4), (50_000, 1_000, 256, 128), (1000, 0, 1, 1),
@@ -104,8 +107,8 @@ def test_gradient_steps_counts_the_dqn_loop(total, start, freq, steps):
     expected = sum(steps for s in range(total) if s >= start and (s + 1) % freq == 0)
     config = {"total_steps": str(total), "learning_starts": str(start), "train_freq": str(freq),
               "gradient_steps": str(steps)}
-    assert compare.gradient_steps("dqn", config) == expected
-    assert compare.gradient_steps("dqn", {"total_steps": "10"}) is None
+    assert gradient_steps("dqn", config) == expected
+    assert gradient_steps("dqn", {"total_steps": "10"}) is None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -123,12 +126,12 @@ def sweep_of(tmp_path: Path, with_diagnostics: bool) -> tuple[compare.Config, li
                                {"step": 600, "grad_norm": b + i + k, "srank": 10 * b}] if with_diagnostics else []
                 folder = fake_run(tmp_path / f"bs{b}" / s / f"seed{k}", "CartPole-v1", [10.0, b + 10 * i + k],
                                   diagnostics, batch_size=b)
-                runs.append(compare.Run(s, k, folder, batch_size=b, returncode=0, wall_time=b + i))
-    rows_by_batch = {b: compare.summarise([r for r in runs if r.batch_size == b], cfg.samplers, cfg.env_id, 200)
+                runs.append(Run(s, k, folder, batch_size=b, returncode=0, wall_time=b + i))
+    rows_by_batch = {b: stats.summarise([r for r in runs if r.batch_size == b], cfg.samplers, cfg.env_id, 200)
                      for b in cfg.batch_sizes}
-    rows = compare.sweep_rows(cfg, runs, rows_by_batch)
-    compare.write_sweep(cfg, rows)
-    compare.plot_sweep(cfg, rows)
+    rows = sweep.sweep_rows(cfg, runs, rows_by_batch)
+    sweep.write_sweep(cfg, rows)
+    sweep.plot_sweep(cfg, rows)
     return cfg, rows
 
 
@@ -193,7 +196,7 @@ def test_aggregate_over_tasks_writes_table_profiles_and_skips_an_unknown_task(tm
 
 
 def run_compare(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "agents.compare", "--algo", "dqn", "--bootstrap", "200", *args]
+    cmd = [sys.executable, "-m", "experiments.compare", "--algo", "dqn", "--bootstrap", "200", *args]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -247,13 +250,13 @@ def test_batch_sizes_refuse_a_batch_size_in_extra(tmp_path):
 def test_diagnostics_plot_from_the_runs_diagnostics_and_none_without(tmp_path):
     rows = [{"step": s, "tv/uniform": 1.0, "tv/output": 0.1, "tv/last-layer": 0.05, "grad_norm": 2.0,
              "grad_variance": 0.5, "srank": 40, "dormant_fraction": 0.2} for s in (1000, 2000)]
-    runs = [compare.Run(sampler, seed, fake_run(tmp_path / sampler / f"seed{seed}", "CartPole-v1", [10, 20],
+    runs = [Run(sampler, seed, fake_run(tmp_path / sampler / f"seed{seed}", "CartPole-v1", [10, 20],
                                                 diagnostics=rows), returncode=0)
             for sampler in ("uniform", "laber-mean") for seed in (0, 1)]
-    path = compare.plot_diagnostics(tmp_path, "DQN", runs, ["uniform", "laber-mean"])
+    path = reports.plot_diagnostics(tmp_path, "DQN", runs, ["uniform", "laber-mean"])
     assert path == tmp_path / "diagnostics.png" and path.stat().st_size > 10_000
-    bare = [compare.Run("uniform", 0, fake_run(tmp_path / "bare", "CartPole-v1", [10, 20]), returncode=0)]
-    assert compare.plot_diagnostics(tmp_path / "bare", "DQN", bare, ["uniform"]) is None
+    bare = [Run("uniform", 0, fake_run(tmp_path / "bare", "CartPole-v1", [10, 20]), returncode=0)]
+    assert reports.plot_diagnostics(tmp_path / "bare", "DQN", bare, ["uniform"]) is None
 
 
 def test_diagnostics_table_pools_every_measurement(tmp_path):
@@ -262,45 +265,53 @@ def test_diagnostics_table_pools_every_measurement(tmp_path):
                  "second_moment/uniform": 4.0 * m, "second_moment/ideal": m}
                 for i, (o, last, m) in enumerate(zip(tv_out, tv_last, ideal))]
     two = rows([0.1, 0.3], [0.2, 0.2], [1, 2])
-    runs = [compare.Run("uniform", 0, fake_run(tmp_path / "a", "CartPole-v1", [1], two), returncode=0),
-            compare.Run("laber-mean", 0, fake_run(tmp_path / "b", "CartPole-v1", [1], rows([0.5], [0.4], [3])),
+    runs = [Run("uniform", 0, fake_run(tmp_path / "a", "CartPole-v1", [1], two), returncode=0),
+            Run("laber-mean", 0, fake_run(tmp_path / "b", "CartPole-v1", [1], rows([0.5], [0.4], [3])),
                         returncode=0),
-            compare.Run("per", 0, fake_run(tmp_path / "c", "CartPole-v1", [1]), returncode=0)]  # no diagnostics
-    table = compare.diagnostics_table(tmp_path, "DQN", runs).read_text()
+            Run("per", 0, fake_run(tmp_path / "c", "CartPole-v1", [1]), returncode=0)]  # no diagnostics
+    table = reports.diagnostics_table(tmp_path, "DQN", runs).read_text()
     assert "2 runs, 3 measurements" in table
     assert "| tv/output | 0.3 [0.1, 0.5] |" in table and "| tv/last-layer | 0.2 [0.2, 0.4] |" in table
     assert "| second_moment/ideal | 2 [1, 3] |" in table and "| second_moment/uniform / ideal | 4 [4, 4] |" in table
     assert "closer to exact sampling than output sampling: 2 of 3 measurements" in table
-    assert compare.diagnostics_table(tmp_path, "DQN", runs[2:]) is None
+    assert reports.diagnostics_table(tmp_path, "DQN", runs[2:]) is None
 
 
 # ---------------------------------------------------------------------------------------------------
 # --reuse: finished runs are kept, the others launched
 
 
-def test_finished_run_matches_the_arguments_and_needs_the_last_evaluation(tmp_path):
-    folder = fake_run(tmp_path / "run", "CartPole-v1", [10.0, 20.0], seed=3, progress=False, lr=0.001,
-                      hidden="(256, 256)", out=tmp_path / "run")
+def launched_with(folder: Path, args: list[str]) -> None:
+    """What experiments.runs.launch leaves beside a run: the arguments it was launched with."""
+    (folder / "args.json").write_text(json.dumps(args))
+
+
+def test_finished_run_matches_the_launched_arguments_and_needs_the_last_evaluation(tmp_path):
+    """--reuse compares the run's args.json (issue 22: not a re-parse of config.txt), its folder and
+    --resume aside, and needs eval.csv to reach total_steps."""
     args = ["--env-id", "CartPole-v1", "--seed", "3", "--out", str(tmp_path / "run"), "--no-progress",
             "--lr", "1e-3", "--hidden", "256", "256", "--total-steps", "600"]
-    assert compare.finished_run(args, folder) == pytest.approx(6.0)  # eval.csv's last wall time
-    assert compare.finished_run(args[:-1] + ["900"], folder) is None  # another value
-    assert compare.finished_run(args + ["--hidden", "256"], folder) is None  # a tuple of another length
-    assert compare.finished_run(args + ["--surrogate", "exact"], folder) is None  # a flag the config lacks
-    assert compare.finished_run(args + ["--progress"], folder) is None  # --progress is True, the run had False
+    folder = fake_run(tmp_path / "run", "CartPole-v1", [10.0, 20.0], seed=3)
+    assert finished_run(args, folder) is None  # no args.json: an unknown run is rerun, never reused
+    launched_with(folder, args)
+    assert finished_run(args, folder) == pytest.approx(6.0)  # eval.csv's last wall time
+    moved = [a if a != str(tmp_path / "run") else "/elsewhere" for a in args]
+    assert finished_run(moved, folder) == pytest.approx(6.0)  # the same run, wherever it was written
+    assert finished_run([*args, "--resume"], folder) == pytest.approx(6.0)
+    assert finished_run(args[:-1] + ["900"], folder) is None  # another value
+    assert finished_run(args + ["--hidden", "256"], folder) is None  # one more argument
+    assert finished_run(args[:-2], folder) is None  # one argument fewer
     unfinished = fake_run(tmp_path / "short", "CartPole-v1", [10.0], seed=3)  # last evaluation at step 300 of 600
-    assert compare.finished_run(["--seed", "3"], unfinished) is None
-    assert compare.finished_run(["--seed", "3"], tmp_path / "missing") is None
+    launched_with(unfinished, ["--seed", "3"])
+    assert finished_run(["--seed", "3"], unfinished) is None
+    assert finished_run(["--seed", "3"], tmp_path / "missing") is None
 
 
 def test_reuse_launches_only_the_runs_not_finished(tmp_path, monkeypatch):
     cfg = compare.Config(samplers=["uniform"], seeds=[0, 1], total_steps=600, out=tmp_path, reuse=True, bootstrap=200)
-    done = compare.Run("uniform", 0, tmp_path / "uniform" / "seed0")
-    args = compare.command(cfg, done)[3:]
-    recorded = {a[2:].replace("-", "_"): b for a, b in zip(args, args[1:]) if a.startswith("--") and not
-                b.startswith("--")}
-    recorded.pop("env_id")
-    fake_run(done.folder, "CartPole-v1", [100.0, 200.0], **{**recorded, "progress": False})
+    done = Run("uniform", 0, tmp_path / "uniform" / "seed0")
+    fake_run(done.folder, "CartPole-v1", [100.0, 200.0])
+    launched_with(done.folder, command(cfg, done)[3:])
     launched = []
 
     def run(cmd, **kwargs):
@@ -309,10 +320,11 @@ def test_reuse_launches_only_the_runs_not_finished(tmp_path, monkeypatch):
         fake_run(folder, "CartPole-v1", [50.0, 60.0], seed=1)
         return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(compare.subprocess, "run", run)
+    monkeypatch.setattr(run_module.subprocess, "run", run)
     rows = compare.main(cfg)
     assert [c[c.index("--seed") + 1] for c in launched] == ["1"]
     assert rows[0]["runs"] == 2 and rows[0]["mean"] == pytest.approx((200.0 + 60.0) / 2)
+    assert json.loads((tmp_path / "uniform" / "seed1" / "args.json").read_text()) == launched[0][3:]
 
 
 def test_reuse_resumes_an_interrupted_run_from_its_checkpoint(tmp_path, monkeypatch):
@@ -320,14 +332,10 @@ def test_reuse_resumes_an_interrupted_run_from_its_checkpoint(tmp_path, monkeypa
     buffer, goes on with --resume; one with other arguments starts again."""
     cfg = compare.Config(samplers=["uniform"], seeds=[0, 1], total_steps=600, out=tmp_path, reuse=True, bootstrap=200)
     for seed, other in [(0, False), (1, True)]:
-        run = compare.Run("uniform", seed, tmp_path / "uniform" / f"seed{seed}")
-        args = compare.command(cfg, run)[3:]
-        recorded = {a[2:].replace("-", "_"): b for a, b in zip(args, args[1:]) if a.startswith("--") and not
-                    b.startswith("--")}
-        recorded.pop("env_id")
-        if other:
-            recorded["total_steps"] = "900"  # another run length: not this run
-        fake_run(run.folder, "CartPole-v1", [100.0], **{**recorded, "progress": False})  # eval at 300 of 600
+        run = Run("uniform", seed, tmp_path / "uniform" / f"seed{seed}")
+        args = command(cfg, run)[3:]
+        fake_run(run.folder, "CartPole-v1", [100.0])  # eval at 300 of 600
+        launched_with(run.folder, [*args, "--lr", "0.5"] if other else args)  # another run: not this one
         (run.folder / "checkpoint" / "buffer").mkdir(parents=True)
     launched = {}
 
@@ -337,7 +345,7 @@ def test_reuse_resumes_an_interrupted_run_from_its_checkpoint(tmp_path, monkeypa
         fake_run(folder, "CartPole-v1", [50.0, 60.0])
         return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(compare.subprocess, "run", run)
+    monkeypatch.setattr(run_module.subprocess, "run", run)
     compare.main(cfg)
     assert launched["seed0"][-1] == "--resume" and "--resume" not in launched["seed1"]
 
@@ -353,7 +361,7 @@ def test_a_variant_entry_runs_its_sampler_with_its_arguments_under_its_label(tmp
         fake_run(folder, "CartPole-v1", [50.0, 60.0])
         return subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(compare.subprocess, "run", run)
+    monkeypatch.setattr(run_module.subprocess, "run", run)
     rows = compare.main(cfg)
     assert [r["sampler"] for r in rows] == ["uniform", "last-layer"]
     cmd = " ".join(launched["last-layer"])

@@ -1,7 +1,7 @@
-"""GER and GER-LaBER in the agents (``--sampler ger``, ``ger-laber-mean``, built by
-``agents.common.Replay``): after an update, PER's sum tree holds the exact per-sample gradient norms
-of the rows the update used, measured one row at a time by autograd; and ``--diagnostics-every``
-writes the diagnostics."""
+"""GER and GER-LaBER in the agents (``--sampler ger``, ``ger-laber-mean``, built by each agent's
+``make_replay`` on ``torchsample.GERSampler``): after an update, PER's sum tree holds the exact
+per-sample gradient norms of the rows the update used, measured one row at a time by autograd; and
+``--diagnostics-every`` writes the diagnostics."""
 import csv
 import os
 import subprocess
@@ -15,7 +15,7 @@ from torchrl.objectives import SoftUpdate
 from tests.conftest import AGENT_DEPS, require  # noqa: E402
 
 require(*AGENT_DEPS)
-from agents import common  # noqa: E402
+from agents import common, dqn, sac  # noqa: E402
 from tests import setups
 from tests.test_diagnostics import per_row_gradients
 from torchsample import LaBERLoss
@@ -24,22 +24,26 @@ from torchsample.critics import critic_of
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 B, M, ROWS = 8, 4, 400
+AGENTS = {"dqn": dqn, "sac": sac}
 
 
 def filled_replay(family: str, sampler: str):
     loss = setups.LOSSES[family]()
     SoftUpdate(loss, tau=0.005)  # the agents' target updater (without one TorchRL warns)
-    replay = common.Replay(sampler, loss, buffer_size=1_000, batch_size=B, m=M, device=CPU)
-    replay.buffer.extend(setups.batch(ROWS, continuous=setups.CONTINUOUS[family]))
-    return replay, loss
+    agent = AGENTS[family]
+    cfg = agent.Config(sampler=sampler, batch_size=B, m=M, buffer_size=1_000)
+    env = common.make_env("Pendulum-v1" if family == "sac" else "CartPole-v1", 0)
+    rb, *_ = agent.make_replay(cfg, loss, env, CPU)
+    rb.extend(setups.batch(ROWS, continuous=setups.CONTINUOUS[family]))
+    return rb, loss
 
 
 @pytest.mark.parametrize("sampler", ["ger", "ger-laber-mean"])
 @pytest.mark.parametrize("family", ["dqn", "sac"])
 def test_ger_priorities_are_the_exact_gradient_norms_of_the_rows_used(family, sampler):
-    replay, loss = filled_replay(family, sampler)
+    rb, loss = filled_replay(family, sampler)
     optimizer = torch.optim.SGD(loss.parameters(), lr=0.1)
-    batch = replay.downsample(replay.sample(progress=0.0))
+    batch = rb.sample()
     optimizer.zero_grad()
     losses = LaBERLoss(loss)(batch)
     sum(value for key, value in losses.items() if key.startswith("loss")).backward()
@@ -47,14 +51,15 @@ def test_ger_priorities_are_the_exact_gradient_norms_of_the_rows_used(family, sa
 
     rows = batch.reshape(-1)
     torch.manual_seed(3)  # SAC's target draws the next action: the same draw for the sampler and here
-    replay.after_update(batch)
+    rb.sampler.update_from(batch)  # what the agents call after each update
     torch.manual_seed(3)
     critic = critic_of(loss)
     target = critic.target(rows)
     # Over every critic parameter: the joint norm of the twin critics' per-row gradients.
     exact = per_row_gradients(critic, rows, target).square().sum((0, 2)).sqrt()
 
-    tree, alpha, eps = replay.buffer.sampler._sum_tree, replay.buffer.sampler._alpha, replay.buffer.sampler._eps
+    ger = rb.sampler.inner if sampler == "ger-laber-mean" else rb.sampler
+    tree, alpha, eps = ger._sum_tree, ger._alpha, ger._eps
     index = rows["index"]
     # A row drawn twice (LaBER draws with replacement) keeps its last write, under SAC's random target
     # another value than the first: check the rows drawn once.
@@ -66,24 +71,21 @@ def test_ger_priorities_are_the_exact_gradient_norms_of_the_rows_used(family, sa
     assert all(tree[i] == pytest.approx(1.0) for i in untouched)  # new rows: the default priority
 
 
-@pytest.mark.parametrize("batch_size, rows, drawn", [(2, 0, 2 * M), (8, 0, 8 * M), (2, 50, 50), (8, 50, 50)])
+@pytest.mark.parametrize("batch_size, rows, drawn", [(2, 2 * M, 2 * M), (8, 8 * M, 8 * M), (2, 50, 50), (8, 50, 50)])
 def test_diagnostics_draw_a_fixed_row_count_whatever_the_batch_size(monkeypatch, batch_size, rows, drawn):
     # The small-batch study compares srank and TVs across B: they must not be measured on m * B rows there.
     seen = []
     monkeypatch.setattr(common, "critic_diagnostics", lambda loss, large, b: seen.append((large.numel(), b)) or {})
-    loss = setups.LOSSES["dqn"]()
-    replay = common.Replay("laber-mean", loss, buffer_size=1_000, batch_size=batch_size, m=M, device=CPU,
-                           diagnostics_rows=rows)
-    replay.buffer.extend(setups.batch(ROWS, continuous=False))
-    replay.updates = 1  # diagnostics wait for the first update
-    replay.diagnostics()
+    rb, loss = filled_replay("dqn", "laber-mean")
+    common.diagnostics(loss, rb, rows, batch_size)
     assert seen == [(drawn, batch_size)]  # the gradient variance is still that of a batch of B
 
 
-@pytest.mark.parametrize("rows", [-1, 2.5, True])
+@pytest.mark.parametrize("rows", [-1, 0, 2.5, True])
 def test_diagnostics_rows_must_be_a_count(rows):
-    with pytest.raises(ValueError, match="diagnostics_rows must be an int >= 0"):
-        common.Replay("uniform", None, buffer_size=10, batch_size=2, m=M, device=CPU, diagnostics_rows=rows)
+    rb, loss = filled_replay("dqn", "uniform")
+    with pytest.raises(ValueError, match="diagnostics rows must be an int >= 1"):
+        common.diagnostics(loss, rb, rows, 2)
 
 
 def run_dqn(out: Path, *args: str) -> None:

@@ -1,5 +1,5 @@
 """``--logger csv|tensorboard|wandb``: every agent sends its scalars through TorchRL's logger of that
-name, and ``<out>/train.csv`` / ``<out>/eval.csv`` (what ``agents.compare`` reads) stay as they were.
+name, and ``<out>/train.csv`` / ``<out>/eval.csv`` (what ``experiments.compare`` reads) stay as they were.
 Each sink is read back: TorchRL's CSV files, TensorBoard's event files (``EventAccumulator``) and
 wandb's offline run (no network)."""
 import csv
@@ -173,7 +173,7 @@ def test_a_resumed_runs_wall_time_counts_the_time_before_its_checkpoint(tmp_path
         cfg = common.RunOptions(progress=False, **options)
         cfg.out, cfg.total_steps, cfg.eval_every, cfg.eval_episodes = tmp_path, 50, 20, 1
         cfg.env_id, cfg.sampler = "CartPole-v1", "uniform"
-        buffer = common.make_buffer("uniform", buffer_size=100, batch_size=2, m=1, device=common.torch.device("cpu"))
+        buffer = common.TensorDictReplayBuffer(storage=common.LazyTensorStorage(100), batch_size=2)
         loop = common.TrainingLoop(cfg, "demo", common.make_env(cfg.env_id, 0), buffer, {}, lambda obs: 0,
                                    burn_in=10, bar_every=10, recent=5)
         obs = loop.obs

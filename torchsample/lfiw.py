@@ -32,6 +32,7 @@ from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from torch import Tensor, nn
 from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
+from torchrl.data.replay_buffers.samplers import Sampler
 from torchrl.modules import MLP
 
 __all__ = [
@@ -278,7 +279,11 @@ class FastSlowReplay:
     0.8 ms from a separate 10^4-row buffer (one CPU thread, measured); the copy costs
     ``fast_size / slow_size`` more memory (1% with the defaults).
 
-    The rows each buffer returns carry their own storage ``"index"``.
+    The rows each buffer returns carry their own storage ``"index"``. :meth:`sample_slow` and
+    :meth:`sample_fast` draw uniformly from the storages (what the ratio network trains on, Eq. 10);
+    ``slow.sample()`` draws the critics' rows through the slow buffer's own ``sampler`` (uniform, or a
+    :class:`torchsample.LaBERSampler` whose ``transform`` is the :class:`LFIW` module: the weights of the
+    large batch, then LaBER's down-sample).
 
     Args:
         fast_size: capacity of ``D_f`` (10^4, ours: the paper's value is not in our source).
@@ -286,6 +291,8 @@ class FastSlowReplay:
             ``|D_f| < |D_s|``: ``fast_size`` must be smaller.
         device: where both storages live (``"cpu"``, TorchRL's default; ``"auto"``: that of the
             first data written).
+        sampler: the slow buffer's sampler (default uniform, with replacement).
+        batch_size: the slow buffer's batch size (``slow.sample()`` without an argument).
 
     Examples:
         >>> import torch
@@ -305,7 +312,8 @@ class FastSlowReplay:
     """
 
     def __init__(self, fast_size: int = 10_000, slow_size: int = 1_000_000, *,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", sampler: Optional[Sampler] = None,
+                 batch_size: Optional[int] = None) -> None:
         for name, size in (("fast_size", fast_size), ("slow_size", slow_size)):
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {size!r}")
@@ -314,7 +322,8 @@ class FastSlowReplay:
                              f"got fast_size={fast_size}, slow_size={slow_size}")
         self.fast_size, self.slow_size = fast_size, slow_size
         self.fast = TensorDictReplayBuffer(storage=LazyTensorStorage(fast_size, device=device))
-        self.slow = TensorDictReplayBuffer(storage=LazyTensorStorage(slow_size, device=device))
+        self.slow = TensorDictReplayBuffer(storage=LazyTensorStorage(slow_size, device=device), sampler=sampler,
+                                           batch_size=batch_size)
 
     def extend(self, data: TensorDictBase) -> None:
         """Write the transitions ``data`` (one batch dimension) to both buffers."""
@@ -327,20 +336,21 @@ class FastSlowReplay:
         self.fast.add(transition)
 
     def sample_slow(self, n: int) -> TensorDictBase:
-        """``n`` rows of the slow buffer, uniform with replacement."""
-        return self._sample(self.slow, "slow", n)
+        """``n`` rows of the slow buffer's storage, uniform with replacement (whatever its sampler)."""
+        return self._uniform(self.slow, "slow", n)
 
     def sample_fast(self, n: int) -> TensorDictBase:
         """``n`` rows of the fast buffer, uniform with replacement."""
-        return self._sample(self.fast, "fast", n)
+        return self._uniform(self.fast, "fast", n)
 
     @staticmethod
-    def _sample(buffer: TensorDictReplayBuffer, name: str, n: int) -> TensorDictBase:
+    def _uniform(buffer: TensorDictReplayBuffer, name: str, n: int) -> TensorDictBase:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an int >= 1, got {n!r}")
         if len(buffer) == 0:
             raise ValueError(f"the {name} buffer is empty: extend() the replay before sampling it")
-        return buffer.sample(n)
+        index = torch.randint(len(buffer), (n,))
+        return buffer.storage[index].set("index", index.to(buffer.storage.device))
 
     def state_dict(self) -> dict:
         """Both buffers' TorchRL state (storage, sampler, writer)."""

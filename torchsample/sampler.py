@@ -171,6 +171,8 @@ class LaBERSampler(Sampler):
         if isinstance(large_index, tuple):
             raise ValueError("LaBERSampler needs a one-dimensional storage (its inner sampler returned a tuple index)")
         large = _collate(storage.get(large_index))
+        if "index" not in large.keys():  # rows written outside a TensorDictReplayBuffer
+            large.set("index", large_index.to(large.device) if large.device is not None else large_index)
         if self.transform is not None:
             large = self.transform(large)
         return large_index, large, inner_info, laber.selection(large, batch_size, generator=self._rng)
