@@ -6,6 +6,7 @@ only torch, triton, numpy, scipy, pytest and the library's own dependencies: the
 modules (collected for their doctests, ``--doctest-modules``) are left out instead of failing
 collection, and the test modules that run the agents skip themselves (``tests.conftest.require``).
 """
+
 import importlib.util
 
 AGENTS = ("tyro", "gymnasium", "tqdm")
@@ -16,5 +17,6 @@ NEEDS = {  # module glob -> what importing those modules needs
     "agents/distributed.py": AGENTS + ("ray",),
 }
 
-collect_ignore_glob = [glob for glob, modules in NEEDS.items()
-                       if any(importlib.util.find_spec(name) is None for name in modules)]
+collect_ignore_glob = [
+    glob for glob, modules in NEEDS.items() if any(importlib.util.find_spec(name) is None for name in modules)
+]

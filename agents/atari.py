@@ -11,12 +11,12 @@ that stores each frame once or twice instead of eight times (the Nature-DQN netw
 
 Where the settings come from: ``docs/agents.md``.
 """
+
 from __future__ import annotations
 
 import gymnasium as gym
 import torch
 from tensordict import TensorDictBase
-from torch import nn
 from torchrl.envs.transforms import Transform
 
 FRAMES = 4
@@ -45,8 +45,9 @@ def make_atari_env(env_id: str) -> gym.Env:
 
     gym.register_envs(ale_py)
     env = gym.make(env_id, frameskip=1, repeat_action_probability=0.25, full_action_space=False)
-    env = gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84,
-                                          terminal_on_life_loss=False, grayscale_obs=True, scale_obs=False)
+    env = gym.wrappers.AtariPreprocessing(
+        env, noop_max=30, frame_skip=4, screen_size=84, terminal_on_life_loss=False, grayscale_obs=True, scale_obs=False
+    )
     return gym.wrappers.FrameStackObservation(env, FRAMES)
 
 

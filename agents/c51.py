@@ -1,8 +1,8 @@
 """C51 (Bellemare et al., 2017) with a choice of replay sampler: uniform, PER, GER, LaBER or a large batch.
 
 One file, top to bottom: config, network, loss, replay buffer, update, loop. The buffer samples through
-``torchsample.LaBERSampler`` (``m * B`` rows scored, ``B`` kept), PER or GER, as in ``agents/dqn.py``. The Q-network outputs
-``atoms`` logits per action, a distribution over returns on a fixed support; the loss is
+``torchsample.LaBERSampler`` (``m * B`` rows scored, ``B`` kept), PER or GER, as in ``agents/dqn.py``.
+The Q-network outputs ``atoms`` logits per action, a distribution over returns on a fixed support; the loss is
 :class:`torchsample.C51Loss` (TorchRL's ``DistributionalDQNLoss``, compile-friendly): the
 cross-entropy to the target distribution projected onto the support. LaBER's surrogate for C51 is
 ``||softmax(z_i) - m_i||_2``, the norm of the cross-entropy's gradient w.r.t. the logits (Lahire et
@@ -12,6 +12,7 @@ al., 2022, App. D). Where each default comes from: ``docs/agents.md``.
     python -m agents.c51 --env-id MinAtar/Breakout-v1 --help   # MinAtar's defaults
     python -m agents.c51 --env-id ALE/Breakout-v5 --help       # Atari: Dopamine's C51
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,8 +28,18 @@ from torchrl.objectives import HardUpdate, SoftUpdate
 
 from agents.atari import FrameStackReplay, is_atari
 from agents.common import (
-    PER_ALPHA, PER_BETA, VALUE_SAMPLERS, RunOptions, TrainingLoop, cli, diagnostics, make_env, resolve_device,
-    sampler_choice, seed_everything, to_tensordict,
+    PER_ALPHA,
+    PER_BETA,
+    VALUE_SAMPLERS,
+    RunOptions,
+    TrainingLoop,
+    cli,
+    diagnostics,
+    make_env,
+    resolve_device,
+    sampler_choice,
+    seed_everything,
+    to_tensordict,
 )
 from agents.networks import MinAtarNetwork, NatureCNN
 from torchsample import C51Loss, GERSampler, LaBER, LaBERLoss, LaBERSampler, make_update
@@ -108,16 +119,49 @@ class Config(RunOptions):
 
 # MinAtar's own DQN, the LaBER paper's Table 3, with the support of Bellemare et al.'s C51 (Config's
 # defaults are classic control's).
-MINATAR = dict(batch_size=32, total_steps=5_000_000, learning_starts=5_000, train_freq=1, gradient_steps=1,
-               optimizer="rmsprop", lr=1e-4, lr_schedule="constant", gamma=0.99, target_tau=0.0, target_update=1_000,
-               end_epsilon=0.1, exploration_steps=100_000, v_min=-10.0, v_max=10.0, optimizer_eps=0.01)
+MINATAR = dict(
+    batch_size=32,
+    total_steps=5_000_000,
+    learning_starts=5_000,
+    train_freq=1,
+    gradient_steps=1,
+    optimizer="rmsprop",
+    lr=1e-4,
+    lr_schedule="constant",
+    gamma=0.99,
+    target_tau=0.0,
+    target_update=1_000,
+    end_epsilon=0.1,
+    exploration_steps=100_000,
+    v_min=-10.0,
+    v_max=10.0,
+    optimizer_eps=0.01,
+)
 # Dopamine's C51 (c51.gin): DQN's schedule with Adam. Dopamine counts the target period in agent
 # steps (8 000), this loop in gradient steps: 8 000 / 4 = 2 000.
-ATARI = dict(batch_size=32, total_steps=50_000_000, learning_starts=20_000, train_freq=4, gradient_steps=1,
-             buffer_size=1_000_000, optimizer="adam", lr=2.5e-4, optimizer_eps=0.0003125, lr_schedule="constant",
-             gamma=0.99, target_tau=0.0, target_update=2_000, end_epsilon=0.01, exploration_steps=250_000,
-             max_grad_norm=0.0, v_min=-10.0, v_max=10.0, clip_rewards=True, eval_every=250_000,
-             eval_epsilon=0.001)
+ATARI = dict(
+    batch_size=32,
+    total_steps=50_000_000,
+    learning_starts=20_000,
+    train_freq=4,
+    gradient_steps=1,
+    buffer_size=1_000_000,
+    optimizer="adam",
+    lr=2.5e-4,
+    optimizer_eps=0.0003125,
+    lr_schedule="constant",
+    gamma=0.99,
+    target_tau=0.0,
+    target_update=2_000,
+    end_epsilon=0.01,
+    exploration_steps=250_000,
+    max_grad_norm=0.0,
+    v_min=-10.0,
+    v_max=10.0,
+    clip_rewards=True,
+    eval_every=250_000,
+    eval_epsilon=0.001,
+)
 
 
 def env_defaults(env_id: str) -> Config:
@@ -137,8 +181,12 @@ def make_network(cfg: Config, env) -> nn.Module:
     elif cfg.env_id.startswith("MinAtar/"):
         torso = MinAtarNetwork(env.observation_space.shape[-1], cfg.atoms * n_actions)
     else:
-        torso = MLP(in_features=env.observation_space.shape[0], out_features=cfg.atoms * n_actions,
-                    num_cells=[cfg.hidden, cfg.hidden], activation_class=nn.ReLU)
+        torso = MLP(
+            in_features=env.observation_space.shape[0],
+            out_features=cfg.atoms * n_actions,
+            num_cells=[cfg.hidden, cfg.hidden],
+            activation_class=nn.ReLU,
+        )
     return nn.Sequential(torso, nn.Unflatten(-1, (cfg.atoms, n_actions)))
 
 
@@ -181,8 +229,9 @@ def make_replay(cfg: Config, loss_module: C51Loss, env, device: torch.device):
             rows = cfg.m * cfg.batch_size
         else:
             sampler, laber = LaBERSampler(laber, m=cfg.m, inner=sampler), None
-    rb = TensorDictReplayBuffer(storage=LazyTensorStorage(cfg.buffer_size, device=device), sampler=sampler,
-                                batch_size=rows)
+    rb = TensorDictReplayBuffer(
+        storage=LazyTensorStorage(cfg.buffer_size, device=device), sampler=sampler, batch_size=rows
+    )
     if is_atari(cfg.env_id):
         rb.append_transform(FrameStackReplay(rb.storage, env.observation_space.shape))
         if isinstance(sampler, LaBERSampler):
@@ -203,16 +252,21 @@ def main(cfg: Config) -> dict:
     loss_module, q_values = build_c51(cfg, env, device)
     # The paper's estimator mean(w * l), with LaBER's or PER's weights (1 when there are none).
     weighted_loss = LaBERLoss(loss_module)
-    target_updater = (SoftUpdate(loss_module, tau=cfg.target_tau) if cfg.target_tau > 0
-                      else HardUpdate(loss_module, value_network_update_interval=cfg.target_update))
+    target_updater = (
+        SoftUpdate(loss_module, tau=cfg.target_tau)
+        if cfg.target_tau > 0
+        else HardUpdate(loss_module, value_network_update_interval=cfg.target_update)
+    )
     # A tensor learning rate can change without recompiling a compiled update.
     lr = torch.tensor(cfg.lr, device=device)
     if cfg.optimizer == "rmsprop":
-        optimizer = torch.optim.RMSprop(loss_module.parameters(), lr=lr, alpha=0.95, centered=True,
-                                        eps=cfg.optimizer_eps)
+        optimizer = torch.optim.RMSprop(
+            loss_module.parameters(), lr=lr, alpha=0.95, centered=True, eps=cfg.optimizer_eps
+        )
     else:
-        optimizer = torch.optim.Adam(loss_module.parameters(), lr=lr, eps=cfg.optimizer_eps,
-                                     capturable=device.type == "cuda")
+        optimizer = torch.optim.Adam(
+            loss_module.parameters(), lr=lr, eps=cfg.optimizer_eps, capturable=device.type == "cuda"
+        )
 
     # The replay buffer: B rows per update, drawn through LaBER (m*B scored by ||softmax(z) - m||, B kept),
     # PER or GER, or uniformly.
@@ -224,8 +278,9 @@ def main(cfg: Config) -> dict:
         return weighted_loss(data)["loss"], data
 
     # zero_grad, objective, backward, clip, step, target update; two fullgraph graphs with --compile.
-    update = make_update(objective, optimizer, target_updater, max_grad_norm=cfg.max_grad_norm or None,
-                         compile=cfg.compile)
+    update = make_update(
+        objective, optimizer, target_updater, max_grad_norm=cfg.max_grad_norm or None, compile=cfg.compile
+    )
     if cfg.cudagraphs:
         from tensordict.nn import CudaGraphModule
 
@@ -242,11 +297,22 @@ def main(cfg: Config) -> dict:
         return greedy(obs)
 
     # Episode returns, evaluations, checkpoints (--resume, --stop-after), the progress bar.
-    loop = TrainingLoop(cfg, "c51", env, rb,
-                        {"loss": loss_module, "optimizer": optimizer, "target_updater": target_updater},
-                        evaluation_policy, burn_in=cfg.learning_starts + 500, bar_every=1000, recent=10,
-                        diagnose=lambda: diagnostics(loss_module, rb, cfg.diagnostics_rows or cfg.m * cfg.batch_size,
-                                                     cfg.batch_size) if optimizer.state else {})  # from the 1st update
+    loop = TrainingLoop(
+        cfg,
+        "c51",
+        env,
+        rb,
+        {"loss": loss_module, "optimizer": optimizer, "target_updater": target_updater},
+        evaluation_policy,
+        burn_in=cfg.learning_starts + 500,
+        bar_every=1000,
+        recent=10,
+        diagnose=lambda: (
+            diagnostics(loss_module, rb, cfg.diagnostics_rows or cfg.m * cfg.batch_size, cfg.batch_size)
+            if optimizer.state
+            else {}
+        ),
+    )  # from the 1st update
     env, obs = loop.env, loop.obs
     for step in loop.steps():
         epsilon = linear_epsilon(cfg, step)
@@ -268,7 +334,9 @@ def main(cfg: Config) -> dict:
             for _ in range(cfg.gradient_steps):
                 _, data = update(rb.sample())
                 if prioritized:  # the rows' new priorities: the cross-entropy (the loss wrote it), GER's exact norms
-                    rb.sampler.update_from(data) if cfg.sampler.startswith("ger") else rb.update_tensordict_priority(data)
+                    rb.sampler.update_from(data) if cfg.sampler.startswith("ger") else rb.update_tensordict_priority(
+                        data
+                    )
 
         if loop.end_step(step, obs):
             break

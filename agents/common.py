@@ -3,6 +3,7 @@ logging, checkpoints and the loop's bookkeeping.
 
 Everything algorithm-specific (networks, losses, the update, acting) stays in the agent's own file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,16 +15,17 @@ import random
 import secrets
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Literal, NamedTuple, Optional, Sequence, TypeVar
+from typing import Literal, NamedTuple, Optional, TypeVar
 
 import gymnasium as gym
 import numpy as np
 import torch
 import tyro
 from tensordict import TensorDict
-from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
+from torchrl.data import TensorDictReplayBuffer
 from tqdm import tqdm
 
 from agents.devices import resolve_device  # noqa: F401  (the agents import it from here)
@@ -141,8 +143,17 @@ class SamplerChoice(NamedTuple):
 # DQN's and C51's --sampler choices; SAC and TD3 add LFIW's. PER-LaBER and GER-LaBER (the LaBER paper's): PER
 # or GER draws the large batch, LaBER keeps B, the weights multiply. Exact-gradient LaBER is laber-mean with
 # --surrogate exact.
-VALUE_SAMPLERS = ("uniform", "per", "laber-mean", "laber-lazy", "laber-max", "large-batch", "per-laber-mean", "ger",
-                  "ger-laber-mean")
+VALUE_SAMPLERS = (
+    "uniform",
+    "per",
+    "laber-mean",
+    "laber-lazy",
+    "laber-max",
+    "large-batch",
+    "per-laber-mean",
+    "ger",
+    "ger-laber-mean",
+)
 ACTOR_CRITIC_SAMPLERS = (*VALUE_SAMPLERS, "lfiw", "lfiw-laber-mean")
 # PER's exponents (Schaul et al., proportional); beta is annealed to 1 over the run.
 PER_ALPHA, PER_BETA = 0.6, 0.4
@@ -161,8 +172,12 @@ def sampler_choice(name: str) -> SamplerChoice:
         raise ValueError(f"sampler must be one of {ACTOR_CRITIC_SAMPLERS}, got {name!r}")
     prefix, _, weighting = name.rpartition("laber-") if "laber-" in name else (name, "", "")
     base = prefix.rstrip("-")
-    return SamplerChoice(draw=base if base in ("per", "ger") else "uniform", weighting=weighting or None,
-                         large_batch=name == "large-batch", lfiw=base == "lfiw")
+    return SamplerChoice(
+        draw=base if base in ("per", "ger") else "uniform",
+        weighting=weighting or None,
+        large_batch=name == "large-batch",
+        lfiw=base == "lfiw",
+    )
 
 
 def diagnostics(loss_module, buffer: TensorDictReplayBuffer, rows: int, batch_size: int) -> dict[str, float]:
@@ -234,8 +249,14 @@ def make_torchrl_logger(kind: str, log_dir: Path, exp_name: str, fresh: bool = T
         options = {"mode": "offline"}
         if "log_env_packages" in inspect.signature(WandbLogger.__init__).parameters:  # torchrl >= 0.12
             options["log_env_packages"] = False  # else it lists every installed package in the run
-        return WandbLogger(exp_name, offline=True, save_dir=str(log_dir), id=id_file.read_text().strip(),
-                           project="torchsample", **options)
+        return WandbLogger(
+            exp_name,
+            offline=True,
+            save_dir=str(log_dir),
+            id=id_file.read_text().strip(),
+            project="torchsample",
+            **options,
+        )
     raise ValueError(f"logger must be one of csv, tensorboard, wandb, got {kind!r}")
 
 
@@ -375,8 +396,9 @@ def load_state_of(obj, state: dict) -> None:
         setattr(obj, name, value)
 
 
-def save_checkpoint(path: Path, *, step: int, modules: dict, buffer: Optional[TensorDictReplayBuffer], env: gym.Env,
-                    loop_state: dict) -> None:
+def save_checkpoint(
+    path: Path, *, step: int, modules: dict, buffer: Optional[TensorDictReplayBuffer], env: gym.Env, loop_state: dict
+) -> None:
     """Writes ``path`` (a folder): module/optimizer state, the buffer (unless ``None``), the env and the RNGs.
 
     The env is pickled so that the episode in progress continues where it stopped; gymnasium's
@@ -408,13 +430,17 @@ def save_checkpoint(path: Path, *, step: int, modules: dict, buffer: Optional[Te
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, *, modules: dict, buffer: TensorDictReplayBuffer) -> tuple[int, Optional[gym.Env], dict]:
+def load_checkpoint(
+    path: Path, *, modules: dict, buffer: TensorDictReplayBuffer
+) -> tuple[int, Optional[gym.Env], dict]:
     """Restores what :func:`save_checkpoint` wrote; returns ``(step, env or None, loop_state)``."""
     path = Path(path)
     state = torch.load(path / "state.pt", weights_only=False)
     if not (path / "buffer").exists():
-        raise FileNotFoundError(f"{path} holds no replay buffer: it is the final checkpoint of a finished run, saved "
-                                "without --keep-buffer; there is nothing to resume")
+        raise FileNotFoundError(
+            f"{path} holds no replay buffer: it is the final checkpoint of a finished run, saved "
+            "without --keep-buffer; there is nothing to resume"
+        )
     for key, module in modules.items():
         load_state_of(module, state["modules"][key])
     buffer.loads(path / "buffer")
@@ -432,6 +458,7 @@ class Checkpointer:
     Examples:
         >>> import tempfile, torch
         >>> net = torch.nn.Linear(4, 2)
+        >>> from torchrl.data import LazyTensorStorage
         >>> buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(10), batch_size=2)
         >>> ckpt = Checkpointer(RunOptions(stop_after=3), Path(tempfile.mkdtemp()), {"net": net}, buffer, total_steps=5)
         >>> step, env, loop = ckpt.resume(make_env("CartPole-v1", 0), seed=0)
@@ -443,7 +470,9 @@ class Checkpointer:
         (True, True)
     """
 
-    def __init__(self, opts: RunOptions, out: Path, modules: dict, buffer: TensorDictReplayBuffer, total_steps: int) -> None:
+    def __init__(
+        self, opts: RunOptions, out: Path, modules: dict, buffer: TensorDictReplayBuffer, total_steps: int
+    ) -> None:
         self.opts, self.path, self.total_steps = opts, Path(out) / "checkpoint", total_steps
         self.modules, self.buffer = modules, buffer
 
@@ -509,6 +538,7 @@ class TrainingLoop:
         >>> cfg = RunOptions(stop_after=30, progress=False)
         >>> cfg.out, cfg.total_steps, cfg.eval_every, cfg.eval_episodes = Path(tempfile.mkdtemp()), 50, 20, 1
         >>> cfg.env_id, cfg.sampler = "CartPole-v1", "uniform"
+        >>> from torchrl.data import LazyTensorStorage
         >>> buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(100), batch_size=2)
         >>> loop = TrainingLoop(cfg, "demo", make_env(cfg.env_id, 0), buffer, {}, lambda obs: 0,
         ...                     burn_in=10, bar_every=10, recent=5)
@@ -524,21 +554,42 @@ class TrainingLoop:
         (30, ['20', '9.0'])
     """
 
-    def __init__(self, cfg, name: str, env: gym.Env, buffer: TensorDictReplayBuffer, state: dict,
-                 policy: Callable[[np.ndarray], np.ndarray], *, burn_in: int, bar_every: int, recent: int,
-                 diagnose: Optional[Callable[[], dict]] = None) -> None:
+    def __init__(
+        self,
+        cfg,
+        name: str,
+        env: gym.Env,
+        buffer: TensorDictReplayBuffer,
+        state: dict,
+        policy: Callable[[np.ndarray], np.ndarray],
+        *,
+        burn_in: int,
+        bar_every: int,
+        recent: int,
+        diagnose: Optional[Callable[[], dict]] = None,
+    ) -> None:
         self.cfg, self.policy, self.bar_every, self.recent = cfg, policy, bar_every, recent
         self.diagnose = diagnose  # the agent's diagnostics (common.diagnostics), every cfg.diagnostics_every steps
         run_name = f"{name}-{cfg.sampler}-{cfg.env_id.replace('/', '-')}-seed{cfg.seed}"
         self.checkpoints = Checkpointer(cfg, cfg.out, state, buffer, cfg.total_steps)
         start_step, self.env, saved = self.checkpoints.resume(env, cfg.seed)
         self.logger = Logger(cfg.out, cfg, exp_name=run_name, start_step=start_step)
-        self.obs, self.episode_return, self.episode_returns = saved["obs"], saved["episode_return"], saved["episode_returns"]
+        self.obs, self.episode_return, self.episode_returns = (
+            saved["obs"],
+            saved["episode_return"],
+            saved["episode_returns"],
+        )
         self.timer, self.t_start, self.last_eval, self.stopped_at = StepTimer(burn_in), time.time(), float("nan"), None
         # A resumed run's wall time goes on from its checkpoint's, so eval.csv holds the whole run's.
         self.wall_before = saved.get("wall_time", 0.0)
-        self.bar = tqdm(range(start_step, cfg.total_steps), initial=start_step, total=cfg.total_steps,
-                        disable=not cfg.progress, mininterval=1.0, desc=f"{name} {cfg.sampler} {cfg.env_id}")
+        self.bar = tqdm(
+            range(start_step, cfg.total_steps),
+            initial=start_step,
+            total=cfg.total_steps,
+            disable=not cfg.progress,
+            mininterval=1.0,
+            desc=f"{name} {cfg.sampler} {cfg.env_id}",
+        )
 
     def steps(self):
         """The remaining step numbers (from the checkpoint's with ``--resume``), with the progress bar."""
@@ -560,18 +611,29 @@ class TrainingLoop:
         cfg = self.cfg
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.total_steps:
             self.last_eval = evaluate(cfg.env_id, self.policy, cfg.eval_episodes, seed=10_000 + cfg.seed)
-            self.logger.log("eval", step + 1, eval_return=self.last_eval, wall_time=self.wall_time(),
-                            steps_per_s=self.timer.rate(step))
+            self.logger.log(
+                "eval",
+                step + 1,
+                eval_return=self.last_eval,
+                wall_time=self.wall_time(),
+                steps_per_s=self.timer.rate(step),
+            )
         if self.diagnose is not None and cfg.diagnostics_every > 0 and (step + 1) % cfg.diagnostics_every == 0:
             values = self.diagnose()
             if values:
                 self.logger.log("diagnostics", step + 1, **values)
-        if self.checkpoints.after_step(step + 1, self.env, obs=obs, episode_return=self.episode_return,
-                                       episode_returns=self.episode_returns, wall_time=self.wall_time()):
+        if self.checkpoints.after_step(
+            step + 1,
+            self.env,
+            obs=obs,
+            episode_return=self.episode_return,
+            episode_returns=self.episode_returns,
+            wall_time=self.wall_time(),
+        ):
             self.stopped_at = step + 1
             return True
         if step % self.bar_every == 0 or step + 1 == cfg.total_steps:  # the final bar shows the final figures
-            recent = np.mean(self.episode_returns[-self.recent:]) if self.episode_returns else float("nan")
+            recent = np.mean(self.episode_returns[-self.recent :]) if self.episode_returns else float("nan")
             self.bar.set_postfix(ret=f"{recent:.1f}", eval=f"{self.last_eval:.1f}", sps=f"{self.timer.rate(step):.0f}")
         self.timer.rate(step)
         return False

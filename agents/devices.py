@@ -1,4 +1,5 @@
 """Where the agents and the benchmarks run (torch only: the GPU check imports it on a bare image)."""
+
 from __future__ import annotations
 
 import torch

@@ -12,16 +12,18 @@ how to run it on a multi-node cluster: ``docs/distributed.md``.
     python -m agents.distributed --sampler per --collectors 2
     python -m agents.distributed --address auto --collectors 8          # on a running cluster (ray start)
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Optional
+from typing import Literal, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -171,8 +173,9 @@ def ray_cluster(address: Optional[str] = None, num_cpus: int = 2) -> Iterator[No
 
 def q_network(obs_dim: int, n_actions: int, hidden: int) -> nn.Module:
     """Two ReLU layers of ``hidden`` units, one output per action (CleanRL's CartPole network)."""
-    return nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                         nn.Linear(hidden, n_actions))
+    return nn.Sequential(
+        nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, n_actions)
+    )
 
 
 def make_env(env_id: str, seed: int) -> gym.Env:
@@ -225,15 +228,18 @@ class EnvCollector:
                 next_ob, _ = self.env.reset()
             self.obs = next_ob
         term, trunc = torch.tensor(terminated).unsqueeze(-1), torch.tensor(truncated).unsqueeze(-1)
-        rows = TensorDict({
-            "observation": torch.as_tensor(np.stack(obs)),
-            "action": torch.tensor(actions),
-            ("next", "observation"): torch.as_tensor(np.stack(next_obs)),
-            ("next", "reward"): torch.tensor(rewards, dtype=torch.float32).unsqueeze(-1),
-            ("next", "terminated"): term,
-            ("next", "truncated"): trunc,
-            ("next", "done"): term | trunc,
-        }, batch_size=[steps])
+        rows = TensorDict(
+            {
+                "observation": torch.as_tensor(np.stack(obs)),
+                "action": torch.tensor(actions),
+                ("next", "observation"): torch.as_tensor(np.stack(next_obs)),
+                ("next", "reward"): torch.tensor(rewards, dtype=torch.float32).unsqueeze(-1),
+                ("next", "terminated"): term,
+                ("next", "truncated"): trunc,
+                ("next", "done"): term | trunc,
+            },
+            batch_size=[steps],
+        )
         if buffer is None:
             return rows, returns
         buffer.extend(rows)
@@ -262,8 +268,9 @@ def make_replay(cfg: Config, *, remote: bool = True):
     storage = partial(LazyTensorStorage, cfg.buffer_size)
     if not remote:
         return TensorDictReplayBuffer(storage=storage(), sampler=sampler())
-    return RayReplayBuffer(replay_buffer_cls=TensorDictReplayBuffer, storage=storage, sampler=sampler,
-                           remote_config={"num_cpus": 0})
+    return RayReplayBuffer(
+        replay_buffer_cls=TensorDictReplayBuffer, storage=storage, sampler=sampler, remote_config={"num_cpus": 0}
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,15 +292,20 @@ class Learner:
     (``ValueError``).
     """
 
-    def __init__(self, cfg: Config, obs_dim: int, n_actions: int, replay, *, device: torch.device,
-                 prefetch: bool = False) -> None:
+    def __init__(
+        self, cfg: Config, obs_dim: int, n_actions: int, replay, *, device: torch.device, prefetch: bool = False
+    ) -> None:
         if prefetch and cfg.sampler == "per":
             raise ValueError("prefetch draws before the priorities of this update arrive: not with --sampler per")
         self.cfg, self.replay, self.device, self.prefetch = cfg, replay, device, prefetch
         self.network = q_network(obs_dim, n_actions, cfg.hidden).to(device)
-        loss_module = DQNLoss(QValueActor(self.network, in_keys=["observation"], action_space="categorical"),
-                              loss_function="smooth_l1", delay_value=True, double_dqn=True,
-                              action_space="categorical")
+        loss_module = DQNLoss(
+            QValueActor(self.network, in_keys=["observation"], action_space="categorical"),
+            loss_function="smooth_l1",
+            delay_value=True,
+            double_dqn=True,
+            action_space="categorical",
+        )
         loss_module.make_value_estimator(gamma=cfg.gamma)
         laber = None
         if cfg.sampler.startswith("laber-"):
@@ -307,8 +319,9 @@ class Learner:
                 batch = laber(batch)  # score the m*B rows with the loss's own networks, keep B, weights
             return weighted_loss(batch)["loss"], batch
 
-        self.update = make_update(objective, optimizer, SoftUpdate(loss_module, tau=cfg.target_tau),
-                                  max_grad_norm=cfg.max_grad_norm)
+        self.update = make_update(
+            objective, optimizer, SoftUpdate(loss_module, tau=cfg.target_tau), max_grad_norm=cfg.max_grad_norm
+        )
         self.draw_size = cfg.m * cfg.batch_size if laber is not None else cfg.batch_size
         self.draws_per_call = 1 if cfg.sampler == "per" else cfg.draws_per_call
         self._draws: list[TensorDict] = []
@@ -407,8 +420,10 @@ def train(cfg: Config, replay, collectors: list, log: Callable[[str], None] = pr
                     written, episode_returns = ray.get(ref)
                 except ray.exceptions.RayActorError as err:
                     lost += 1
-                    log(f"collector lost ({type(err).__name__}): its rows stay in the buffer, "
-                        f"{len(pending) + len(idle)} collectors go on")
+                    log(
+                        f"collector lost ({type(err).__name__}): its rows stay in the buffer, "
+                        f"{len(pending) + len(idle)} collectors go on"
+                    )
                     continue
                 steps += written
                 returns += episode_returns
@@ -431,19 +446,30 @@ def train(cfg: Config, replay, collectors: list, log: Callable[[str], None] = pr
             if now - last_log >= cfg.log_every:
                 last_log = now
                 recent = f"{np.mean(returns[-10:]):.1f}" if returns else "-"
-                log(f"steps {steps:>7}  updates {updates:>6}  updates/s {updates / max(learn_time, 1e-9):6.1f}  "
+                log(
+                    f"steps {steps:>7}  updates {updates:>6}  updates/s {updates / max(learn_time, 1e-9):6.1f}  "
                     f"steps/s {steps / (now - start):7.1f}  return (last 10 episodes) {recent:>6}  "
-                    f"collectors {len(pending) + len(idle)}")
+                    f"collectors {len(pending) + len(idle)}"
+                )
     finally:
         learner.close()
     wall = time.perf_counter() - start
     final = evaluate(cfg.env_id, learner.network, cfg.eval_episodes, cfg.seed + 10_000, device)
-    result = dict(steps=steps, updates=updates, episodes=len(returns), lost_collectors=lost,
-                  updates_per_s=updates / max(learn_time, 1e-9), steps_per_s=steps / wall,
-                  wall_s=wall, eval_return=final)
-    log(f"done: {steps} steps, {updates} updates ({result['updates_per_s']:.1f} updates/s while updating), "
+    result = dict(
+        steps=steps,
+        updates=updates,
+        episodes=len(returns),
+        lost_collectors=lost,
+        updates_per_s=updates / max(learn_time, 1e-9),
+        steps_per_s=steps / wall,
+        wall_s=wall,
+        eval_return=final,
+    )
+    log(
+        f"done: {steps} steps, {updates} updates ({result['updates_per_s']:.1f} updates/s while updating), "
         f"{result['steps_per_s']:.1f} steps/s, final greedy evaluation return {final:.1f} "
-        f"({cfg.eval_episodes} episodes)")
+        f"({cfg.eval_episodes} episodes)"
+    )
     return result
 
 
@@ -451,8 +477,10 @@ def main(cfg: Config) -> dict:
     if ray is None:
         raise SystemExit("agents.distributed needs Ray: pip install 'torchsample[distributed]'")
     if cfg.address is None and cfg.collectors * cfg.collector_cpus > cfg.num_cpus:
-        raise SystemExit(f"{cfg.collectors} collectors of {cfg.collector_cpus} CPU need more than --num-cpus "
-                         f"{cfg.num_cpus}: raise --num-cpus or lower --collector-cpus")
+        raise SystemExit(
+            f"{cfg.collectors} collectors of {cfg.collector_cpus} CPU need more than --num-cpus "
+            f"{cfg.num_cpus}: raise --num-cpus or lower --collector-cpus"
+        )
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -463,8 +491,10 @@ def main(cfg: Config) -> dict:
             collectors = start_collectors(cfg)
             log = partial(print, flush=True)
             large = f" (m = {cfg.m})" if cfg.sampler.startswith("laber-") else ""
-            log(f"sampler {cfg.sampler}{large}, {cfg.collectors} collectors, {cfg.total_steps} steps, "
-                f"Ray at {ray.get_runtime_context().gcs_address}")
+            log(
+                f"sampler {cfg.sampler}{large}, {cfg.collectors} collectors, {cfg.total_steps} steps, "
+                f"Ray at {ray.get_runtime_context().gcs_address}"
+            )
             return train(cfg, replay, collectors, log)
         finally:
             for actor in collectors:

@@ -11,6 +11,7 @@ from: ``docs/agents.md``.
     python -m agents.dqn --env-id MinAtar/Breakout-v1 --help                 # MinAtar's defaults
     python -m agents.dqn --env-id ALE/Breakout-v5 --help                     # Atari: Dopamine's DQN
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,8 +27,18 @@ from torchrl.objectives import DQNLoss, HardUpdate, SoftUpdate
 
 from agents.atari import FrameStackReplay, is_atari
 from agents.common import (
-    PER_ALPHA, PER_BETA, VALUE_SAMPLERS, RunOptions, TrainingLoop, cli, diagnostics, make_env, resolve_device,
-    sampler_choice, seed_everything, to_tensordict,
+    PER_ALPHA,
+    PER_BETA,
+    VALUE_SAMPLERS,
+    RunOptions,
+    TrainingLoop,
+    cli,
+    diagnostics,
+    make_env,
+    resolve_device,
+    sampler_choice,
+    seed_everything,
+    to_tensordict,
 )
 from agents.networks import MinAtarNetwork, NatureCNN
 from torchsample import GERSampler, LaBER, LaBERLoss, LaBERSampler, make_update
@@ -104,15 +115,46 @@ class Config(RunOptions):
 
 
 # MinAtar's own DQN, the LaBER paper's Table 3 (Config's defaults are classic control's).
-MINATAR = dict(batch_size=32, total_steps=5_000_000, learning_starts=5_000, train_freq=1, gradient_steps=1,
-               optimizer="rmsprop", lr=1e-4, lr_schedule="constant", gamma=0.99, target_tau=0.0, target_update=1_000,
-               end_epsilon=0.1, exploration_steps=100_000, optimizer_eps=0.01)
+MINATAR = dict(
+    batch_size=32,
+    total_steps=5_000_000,
+    learning_starts=5_000,
+    train_freq=1,
+    gradient_steps=1,
+    optimizer="rmsprop",
+    lr=1e-4,
+    lr_schedule="constant",
+    gamma=0.99,
+    target_tau=0.0,
+    target_update=1_000,
+    end_epsilon=0.1,
+    exploration_steps=100_000,
+    optimizer_eps=0.01,
+)
 # Dopamine's DQN (dqn.gin), the LaBER paper's Table 2. Dopamine counts the target period in agent
 # steps (8 000), this loop in gradient steps: 8 000 / 4 = 2 000.
-ATARI = dict(batch_size=32, total_steps=50_000_000, learning_starts=20_000, train_freq=4, gradient_steps=1,
-             buffer_size=1_000_000, optimizer="rmsprop", lr=2.5e-4, optimizer_eps=1e-5, lr_schedule="constant",
-             gamma=0.99, target_tau=0.0, target_update=2_000, end_epsilon=0.01, exploration_steps=250_000,
-             max_grad_norm=0.0, double_dqn=False, clip_rewards=True, eval_every=250_000, eval_epsilon=0.001)
+ATARI = dict(
+    batch_size=32,
+    total_steps=50_000_000,
+    learning_starts=20_000,
+    train_freq=4,
+    gradient_steps=1,
+    buffer_size=1_000_000,
+    optimizer="rmsprop",
+    lr=2.5e-4,
+    optimizer_eps=1e-5,
+    lr_schedule="constant",
+    gamma=0.99,
+    target_tau=0.0,
+    target_update=2_000,
+    end_epsilon=0.01,
+    exploration_steps=250_000,
+    max_grad_norm=0.0,
+    double_dqn=False,
+    clip_rewards=True,
+    eval_every=250_000,
+    eval_epsilon=0.001,
+)
 
 
 def env_defaults(env_id: str) -> Config:
@@ -129,16 +171,25 @@ def make_q_network(cfg: Config, env) -> nn.Module:
         return NatureCNN(env.observation_space.shape[0], env.action_space.n)
     if cfg.env_id.startswith("MinAtar/"):
         return MinAtarNetwork(env.observation_space.shape[-1], env.action_space.n)
-    return MLP(in_features=env.observation_space.shape[0], out_features=env.action_space.n,
-               num_cells=[cfg.hidden, cfg.hidden], activation_class=nn.ReLU)
+    return MLP(
+        in_features=env.observation_space.shape[0],
+        out_features=env.action_space.n,
+        num_cells=[cfg.hidden, cfg.hidden],
+        activation_class=nn.ReLU,
+    )
 
 
 def build_dqn(cfg: Config, env, device: torch.device):
     """TorchRL's DQNLoss with a delayed (target) copy of the Q-network; and the Q-network."""
     q_network = make_q_network(cfg, env).to(device)
     actor = QValueActor(q_network, in_keys=["observation"], action_space="categorical")
-    loss_module = DQNLoss(actor, loss_function="l2" if cfg.loss == "l2" else "smooth_l1", delay_value=True,
-                          action_space="categorical", double_dqn=cfg.double_dqn)
+    loss_module = DQNLoss(
+        actor,
+        loss_function="l2" if cfg.loss == "l2" else "smooth_l1",
+        delay_value=True,
+        action_space="categorical",
+        double_dqn=cfg.double_dqn,
+    )
     loss_module.make_value_estimator(gamma=cfg.gamma)
     return loss_module, q_network
 
@@ -168,8 +219,9 @@ def make_replay(cfg: Config, loss_module: DQNLoss, env, device: torch.device):
             rows = cfg.m * cfg.batch_size
         else:
             sampler, laber = LaBERSampler(laber, m=cfg.m, inner=sampler), None
-    rb = TensorDictReplayBuffer(storage=LazyTensorStorage(cfg.buffer_size, device=device), sampler=sampler,
-                                batch_size=rows)
+    rb = TensorDictReplayBuffer(
+        storage=LazyTensorStorage(cfg.buffer_size, device=device), sampler=sampler, batch_size=rows
+    )
     if is_atari(cfg.env_id):
         rb.append_transform(FrameStackReplay(rb.storage, env.observation_space.shape))
         if isinstance(sampler, LaBERSampler):
@@ -190,16 +242,21 @@ def main(cfg: Config) -> dict:
     loss_module, q_network = build_dqn(cfg, env, device)
     # The paper's estimator mean(w * l), with LaBER's or PER's weights (1 when there are none).
     weighted_loss = LaBERLoss(loss_module)
-    target_updater = (SoftUpdate(loss_module, tau=cfg.target_tau) if cfg.target_tau > 0
-                      else HardUpdate(loss_module, value_network_update_interval=cfg.target_update))
+    target_updater = (
+        SoftUpdate(loss_module, tau=cfg.target_tau)
+        if cfg.target_tau > 0
+        else HardUpdate(loss_module, value_network_update_interval=cfg.target_update)
+    )
     # A tensor learning rate can change without recompiling a compiled update.
     lr = torch.tensor(cfg.lr, device=device)
     if cfg.optimizer == "rmsprop":
-        optimizer = torch.optim.RMSprop(loss_module.parameters(), lr=lr, alpha=0.95, centered=True,
-                                        eps=cfg.optimizer_eps)
+        optimizer = torch.optim.RMSprop(
+            loss_module.parameters(), lr=lr, alpha=0.95, centered=True, eps=cfg.optimizer_eps
+        )
     else:
-        optimizer = torch.optim.Adam(loss_module.parameters(), lr=lr, eps=cfg.optimizer_eps,
-                                     capturable=device.type == "cuda")
+        optimizer = torch.optim.Adam(
+            loss_module.parameters(), lr=lr, eps=cfg.optimizer_eps, capturable=device.type == "cuda"
+        )
 
     # The replay buffer: B rows per update, drawn through LaBER (m*B scored, B kept), PER or GER, or uniformly.
     rb, laber = make_replay(cfg, loss_module, env, device)
@@ -210,8 +267,9 @@ def main(cfg: Config) -> dict:
         return weighted_loss(data)["loss"], data
 
     # zero_grad, objective, backward, clip, step, target update; two fullgraph graphs with --compile.
-    update = make_update(objective, optimizer, target_updater, max_grad_norm=cfg.max_grad_norm or None,
-                         compile=cfg.compile)
+    update = make_update(
+        objective, optimizer, target_updater, max_grad_norm=cfg.max_grad_norm or None, compile=cfg.compile
+    )
     if cfg.cudagraphs:
         from tensordict.nn import CudaGraphModule
 
@@ -228,11 +286,22 @@ def main(cfg: Config) -> dict:
         return greedy(obs)
 
     # Episode returns, evaluations, checkpoints (--resume, --stop-after), the progress bar.
-    loop = TrainingLoop(cfg, "dqn", env, rb,
-                        {"loss": loss_module, "optimizer": optimizer, "target_updater": target_updater},
-                        evaluation_policy, burn_in=cfg.learning_starts + 500, bar_every=1000, recent=10,
-                        diagnose=lambda: diagnostics(loss_module, rb, cfg.diagnostics_rows or cfg.m * cfg.batch_size,
-                                                     cfg.batch_size) if optimizer.state else {})  # from the 1st update
+    loop = TrainingLoop(
+        cfg,
+        "dqn",
+        env,
+        rb,
+        {"loss": loss_module, "optimizer": optimizer, "target_updater": target_updater},
+        evaluation_policy,
+        burn_in=cfg.learning_starts + 500,
+        bar_every=1000,
+        recent=10,
+        diagnose=lambda: (
+            diagnostics(loss_module, rb, cfg.diagnostics_rows or cfg.m * cfg.batch_size, cfg.batch_size)
+            if optimizer.state
+            else {}
+        ),
+    )  # from the 1st update
     env, obs = loop.env, loop.obs
     for step in loop.steps():
         epsilon = linear_epsilon(cfg, step)
@@ -254,7 +323,9 @@ def main(cfg: Config) -> dict:
             for _ in range(cfg.gradient_steps):
                 _, data = update(rb.sample())
                 if prioritized:  # the rows' new priorities: PER's |TD| (the loss wrote it), GER's exact norms
-                    rb.sampler.update_from(data) if cfg.sampler.startswith("ger") else rb.update_tensordict_priority(data)
+                    rb.sampler.update_from(data) if cfg.sampler.startswith("ger") else rb.update_tensordict_priority(
+                        data
+                    )
 
         if loop.end_step(step, obs):
             break

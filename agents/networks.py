@@ -3,6 +3,7 @@
 Each ends in one ``nn.Linear`` (the layer the last-layer rung of the surrogate ladder reads) with
 ``outputs`` outputs: one per action (DQN), or ``atoms * actions`` (C51).
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,9 +39,12 @@ class NatureCNN(nn.Module):
     def __init__(self, frames: int, outputs: int) -> None:
         super().__init__()
         self.torso = nn.Sequential(
-            nn.Conv2d(frames, 32, kernel_size=8, stride=4), nn.ReLU(),
-            nn.Conv2d(32, 64, kernel_size=4, stride=2), nn.ReLU(),
-            nn.Conv2d(64, 64, kernel_size=3, stride=1), nn.ReLU(),
+            nn.Conv2d(frames, 32, kernel_size=8, stride=4),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, kernel_size=4, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, kernel_size=3, stride=1),
+            nn.ReLU(),
         )
         self.fc = nn.Linear(64 * 7 * 7, 512)
         self.out = nn.Linear(512, outputs)

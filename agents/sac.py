@@ -10,6 +10,7 @@ large batch (Lahire et al., 2022, Sec. 3.4). Where each default comes from: ``do
     python -m agents.sac --env-id Pendulum-v1 --sampler laber-mean
     python -m agents.sac --env-id HalfCheetah-v5 --sampler laber-mean   # 1M steps
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,8 +28,18 @@ from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator
 from torchrl.objectives import SACLoss, SoftUpdate
 
 from agents.common import (
-    ACTOR_CRITIC_SAMPLERS, PER_ALPHA, PER_BETA, RunOptions, TrainingLoop, cli, diagnostics, make_env, resolve_device,
-    sampler_choice, seed_everything, to_tensordict,
+    ACTOR_CRITIC_SAMPLERS,
+    PER_ALPHA,
+    PER_BETA,
+    RunOptions,
+    TrainingLoop,
+    cli,
+    diagnostics,
+    make_env,
+    resolve_device,
+    sampler_choice,
+    seed_everything,
+    to_tensordict,
 )
 from torchsample import GERSampler, LaBER, LaBERLoss, LaBERSampler, make_update
 from torchsample.lfiw import LFIW, FastSlowReplay, RatioNetwork
@@ -107,22 +118,35 @@ def action_spec(env, device) -> Bounded:
 def make_critic(cfg: Config, env, device) -> ValueOperator:
     """Q(s, a): an MLP on the concatenated observation and action; SACLoss vmaps the twin copies."""
     in_features = env.observation_space.shape[0] + env.action_space.shape[0]
-    return ValueOperator(MLP(in_features=in_features, out_features=1, num_cells=list(cfg.hidden), activation_class=nn.ReLU),
-                         in_keys=["observation", "action"]).to(device)
+    return ValueOperator(
+        MLP(in_features=in_features, out_features=1, num_cells=list(cfg.hidden), activation_class=nn.ReLU),
+        in_keys=["observation", "action"],
+    ).to(device)
 
 
 def build_sac(cfg: Config, env, device: torch.device):
     """TanhNormal actor, twin critics, SACLoss with a learned temperature (target entropy -dim(A))."""
     spec = action_spec(env, device)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    net = nn.Sequential(MLP(in_features=obs_dim, out_features=2 * act_dim, num_cells=list(cfg.hidden), activation_class=nn.ReLU),
-                        NormalParamExtractor())
-    actor = ProbabilisticActor(TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"]),
-                               in_keys=["loc", "scale"], spec=spec, distribution_class=TanhNormal,
-                               distribution_kwargs={"low": spec.space.low, "high": spec.space.high},
-                               return_log_prob=True).to(device)
-    loss_module = SACLoss(actor, make_critic(cfg, env, device), num_qvalue_nets=2, action_spec=spec,
-                          loss_function="l2" if cfg.loss == "l2" else "smooth_l1")
+    net = nn.Sequential(
+        MLP(in_features=obs_dim, out_features=2 * act_dim, num_cells=list(cfg.hidden), activation_class=nn.ReLU),
+        NormalParamExtractor(),
+    )
+    actor = ProbabilisticActor(
+        TensorDictModule(net, in_keys=["observation"], out_keys=["loc", "scale"]),
+        in_keys=["loc", "scale"],
+        spec=spec,
+        distribution_class=TanhNormal,
+        distribution_kwargs={"low": spec.space.low, "high": spec.space.high},
+        return_log_prob=True,
+    ).to(device)
+    loss_module = SACLoss(
+        actor,
+        make_critic(cfg, env, device),
+        num_qvalue_nets=2,
+        action_spec=spec,
+        loss_function="l2" if cfg.loss == "l2" else "smooth_l1",
+    )
     loss_module.make_value_estimator(gamma=cfg.gamma)
     return loss_module, actor
 
@@ -146,15 +170,21 @@ def make_replay(cfg: Config, loss_module: SACLoss, env, device: torch.device):
         sampler = RandomSampler()
     laber, rows = None, cfg.m * cfg.batch_size if choice.large_batch else cfg.batch_size
     if choice.weighting is not None:
-        laber = LaBER(loss_module, batch_size=cfg.batch_size, weighting=choice.weighting, surrogate=cfg.surrogate,
-                      critics=cfg.critics)
+        laber = LaBER(
+            loss_module,
+            batch_size=cfg.batch_size,
+            weighting=choice.weighting,
+            surrogate=cfg.surrogate,
+            critics=cfg.critics,
+        )
         if cfg.compile or cfg.cudagraphs:
             rows = cfg.m * cfg.batch_size
         else:
             sampler, laber = LaBERSampler(laber, m=cfg.m, inner=sampler), None
     if not choice.lfiw:
-        rb = TensorDictReplayBuffer(storage=LazyTensorStorage(cfg.buffer_size, device=device), sampler=sampler,
-                                    batch_size=rows)
+        rb = TensorDictReplayBuffer(
+            storage=LazyTensorStorage(cfg.buffer_size, device=device), sampler=sampler, batch_size=rows
+        )
         return rb, laber, None, None
     fast_slow = FastSlowReplay(cfg.lfiw_fast_size, cfg.buffer_size, device=device, sampler=sampler, batch_size=rows)
     features = env.observation_space.shape[0] + env.action_space.shape[0]  # w_psi(s, a)
@@ -181,8 +211,12 @@ def main(cfg: Config) -> dict:
     loss_module, actor = build_sac(cfg, env, device)
     # Critics weighted (the paper's estimator), each on its own rows with LaBER; actor on uniform rows.
     weighted_loss = LaBERLoss(loss_module)
-    optimizer = torch.optim.Adam(loss_module.parameters(), lr=torch.tensor(cfg.lr, device=device), eps=cfg.adam_eps,
-                                 capturable=device.type == "cuda")
+    optimizer = torch.optim.Adam(
+        loss_module.parameters(),
+        lr=torch.tensor(cfg.lr, device=device),
+        eps=cfg.adam_eps,
+        capturable=device.type == "cuda",
+    )
     target_updater = SoftUpdate(loss_module, tau=cfg.tau)
 
     # The sampler: the buffer draws B rows (uniform, per, lfiw) or m*B rows (large-batch, *laber-*); LFIW
@@ -210,23 +244,44 @@ def main(cfg: Config) -> dict:
     def policy(obs: np.ndarray, explore: bool = False) -> np.ndarray:
         """A sample of the policy when exploring, its mode when evaluating."""
         with set_exploration_type(ExplorationType.RANDOM if explore else ExplorationType.DETERMINISTIC):
-            action = actor(TensorDict({"observation": torch.as_tensor(obs, dtype=torch.float32, device=device)}))["action"]
+            action = actor(TensorDict({"observation": torch.as_tensor(obs, dtype=torch.float32, device=device)}))[
+                "action"
+            ]
         return np.clip(action.cpu().numpy(), low, high).astype(np.float32)
 
     # Episode returns, evaluations, checkpoints (--resume, --stop-after), the progress bar.
-    lfiw_state = {} if lfiw is None else {"lfiw": lfiw, "lfiw_optimizer": lfiw.optimizer, "lfiw_fast_buffer": fast_slow.fast}
-    loop = TrainingLoop(cfg, "sac", env, rb,
-                        {"loss": loss_module, "optimizer": optimizer, "target_updater": target_updater,
-                         **lfiw_state}, policy,
-                        burn_in=cfg.learning_starts + 200, bar_every=500, recent=5,
-                        diagnose=lambda: diagnostics(loss_module, rb, cfg.diagnostics_rows or cfg.m * cfg.batch_size,
-                                                     cfg.batch_size) if optimizer.state else {})  # from the 1st update
+    lfiw_state = (
+        {} if lfiw is None else {"lfiw": lfiw, "lfiw_optimizer": lfiw.optimizer, "lfiw_fast_buffer": fast_slow.fast}
+    )
+    loop = TrainingLoop(
+        cfg,
+        "sac",
+        env,
+        rb,
+        {"loss": loss_module, "optimizer": optimizer, "target_updater": target_updater, **lfiw_state},
+        policy,
+        burn_in=cfg.learning_starts + 200,
+        bar_every=500,
+        recent=5,
+        diagnose=lambda: (
+            diagnostics(loss_module, rb, cfg.diagnostics_rows or cfg.m * cfg.batch_size, cfg.batch_size)
+            if optimizer.state
+            else {}
+        ),
+    )  # from the 1st update
     env, obs = loop.env, loop.obs
     for step in loop.steps():
         action = env.action_space.sample() if step < cfg.learning_starts else policy(obs, explore=True)
         next_obs, reward, terminated, truncated, _ = env.step(action)
-        transition = to_tensordict(obs.astype(np.float32), np.asarray(action, dtype=np.float32), reward,
-                                   next_obs.astype(np.float32), terminated, truncated, device)
+        transition = to_tensordict(
+            obs.astype(np.float32),
+            np.asarray(action, dtype=np.float32),
+            reward,
+            next_obs.astype(np.float32),
+            terminated,
+            truncated,
+            device,
+        )
         (rb if fast_slow is None else fast_slow).add(transition)  # LFIW: to the fast and the slow buffer
         obs = loop.record(step, next_obs, reward, terminated or truncated)
 

@@ -12,6 +12,7 @@ Where each default comes from: ``docs/agents.md``.
     python -m agents.td3 --env-id Pendulum-v1 --sampler laber-mean
     python -m agents.td3 --env-id HalfCheetah-v5 --sampler laber-mean   # 1M steps
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,8 +29,18 @@ from torchrl.modules import MLP, TanhModule, ValueOperator
 from torchrl.objectives import SoftUpdate, TD3Loss
 
 from agents.common import (
-    ACTOR_CRITIC_SAMPLERS, PER_ALPHA, PER_BETA, RunOptions, TrainingLoop, cli, diagnostics, make_env, resolve_device,
-    sampler_choice, seed_everything, to_tensordict,
+    ACTOR_CRITIC_SAMPLERS,
+    PER_ALPHA,
+    PER_BETA,
+    RunOptions,
+    TrainingLoop,
+    cli,
+    diagnostics,
+    make_env,
+    resolve_device,
+    sampler_choice,
+    seed_everything,
+    to_tensordict,
 )
 from torchsample import GERSampler, LaBER, LaBERLoss, LaBERSampler, make_update
 from torchsample.lfiw import LFIW, FastSlowReplay, RatioNetwork
@@ -116,21 +127,32 @@ def action_spec(env, device) -> Bounded:
 def make_critic(cfg: Config, env, device) -> ValueOperator:
     """Q(s, a): an MLP on the concatenated observation and action; TD3Loss vmaps the twin copies."""
     in_features = env.observation_space.shape[0] + env.action_space.shape[0]
-    return ValueOperator(MLP(in_features=in_features, out_features=1, num_cells=list(cfg.hidden), activation_class=nn.ReLU),
-                         in_keys=["observation", "action"]).to(device)
+    return ValueOperator(
+        MLP(in_features=in_features, out_features=1, num_cells=list(cfg.hidden), activation_class=nn.ReLU),
+        in_keys=["observation", "action"],
+    ).to(device)
 
 
 def build_td3(cfg: Config, env, device: torch.device):
     """Deterministic tanh actor scaled to the action bounds, twin critics, TD3Loss."""
     spec = action_spec(env, device)
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    net = TensorDictModule(MLP(in_features=obs_dim, out_features=act_dim, num_cells=list(cfg.hidden), activation_class=nn.ReLU),
-                           in_keys=["observation"], out_keys=["param"])
+    net = TensorDictModule(
+        MLP(in_features=obs_dim, out_features=act_dim, num_cells=list(cfg.hidden), activation_class=nn.ReLU),
+        in_keys=["observation"],
+        out_keys=["param"],
+    )
     actor = TensorDictSequential(net, TanhModule(in_keys=["param"], out_keys=["action"], spec=spec)).to(device)
     bound = float(spec.space.high.max())
-    loss_module = TD3Loss(actor, make_critic(cfg, env, device), action_spec=spec, num_qvalue_nets=2,
-                          policy_noise=cfg.policy_noise * bound, noise_clip=cfg.noise_clip * bound,
-                          loss_function="l2" if cfg.loss == "l2" else "smooth_l1")
+    loss_module = TD3Loss(
+        actor,
+        make_critic(cfg, env, device),
+        action_spec=spec,
+        num_qvalue_nets=2,
+        policy_noise=cfg.policy_noise * bound,
+        noise_clip=cfg.noise_clip * bound,
+        loss_function="l2" if cfg.loss == "l2" else "smooth_l1",
+    )
     loss_module.make_value_estimator(gamma=cfg.gamma)
     return loss_module, actor
 
@@ -154,15 +176,21 @@ def make_replay(cfg: Config, loss_module: TD3Loss, env, device: torch.device):
         sampler = RandomSampler()
     laber, rows = None, cfg.m * cfg.batch_size if choice.large_batch else cfg.batch_size
     if choice.weighting is not None:
-        laber = LaBER(loss_module, batch_size=cfg.batch_size, weighting=choice.weighting, surrogate=cfg.surrogate,
-                      critics=cfg.critics)
+        laber = LaBER(
+            loss_module,
+            batch_size=cfg.batch_size,
+            weighting=choice.weighting,
+            surrogate=cfg.surrogate,
+            critics=cfg.critics,
+        )
         if cfg.compile or cfg.cudagraphs:
             rows = cfg.m * cfg.batch_size
         else:
             sampler, laber = LaBERSampler(laber, m=cfg.m, inner=sampler), None
     if not choice.lfiw:
-        rb = TensorDictReplayBuffer(storage=LazyTensorStorage(cfg.buffer_size, device=device), sampler=sampler,
-                                    batch_size=rows)
+        rb = TensorDictReplayBuffer(
+            storage=LazyTensorStorage(cfg.buffer_size, device=device), sampler=sampler, batch_size=rows
+        )
         return rb, laber, None, None
     fast_slow = FastSlowReplay(cfg.lfiw_fast_size, cfg.buffer_size, device=device, sampler=sampler, batch_size=rows)
     features = env.observation_space.shape[0] + env.action_space.shape[0]  # w_psi(s, a)
@@ -189,8 +217,12 @@ def main(cfg: Config) -> dict:
     loss_module, actor = build_td3(cfg, env, device)
     # Critics weighted (the paper's estimator), each on its own rows with LaBER; actor on uniform rows.
     weighted_loss = LaBERLoss(loss_module)
-    optimizer = torch.optim.Adam(loss_module.parameters(), lr=torch.tensor(cfg.lr, device=device), eps=cfg.adam_eps,
-                                 capturable=device.type == "cuda")
+    optimizer = torch.optim.Adam(
+        loss_module.parameters(),
+        lr=torch.tensor(cfg.lr, device=device),
+        eps=cfg.adam_eps,
+        capturable=device.type == "cuda",
+    )
     target_updater = SoftUpdate(loss_module, tau=cfg.tau)
 
     # The sampler: the buffer draws B rows (uniform, per, lfiw) or m*B rows (large-batch, *laber-*); LFIW
@@ -228,19 +260,38 @@ def main(cfg: Config) -> dict:
         return np.clip(action, low, high).astype(np.float32)
 
     # Episode returns, evaluations, checkpoints (--resume, --stop-after), the progress bar.
-    lfiw_state = {} if lfiw is None else {"lfiw": lfiw, "lfiw_optimizer": lfiw.optimizer, "lfiw_fast_buffer": fast_slow.fast}
-    loop = TrainingLoop(cfg, "td3", env, rb,
-                        {"loss": loss_module, "optimizer": optimizer, "target_updater": target_updater,
-                         **lfiw_state}, policy,
-                        burn_in=cfg.learning_starts + 200, bar_every=500, recent=5,
-                        diagnose=lambda: diagnostics(loss_module, rb, cfg.diagnostics_rows or cfg.m * cfg.batch_size,
-                                                     cfg.batch_size) if optimizer.state else {})  # from the 1st update
+    lfiw_state = (
+        {} if lfiw is None else {"lfiw": lfiw, "lfiw_optimizer": lfiw.optimizer, "lfiw_fast_buffer": fast_slow.fast}
+    )
+    loop = TrainingLoop(
+        cfg,
+        "td3",
+        env,
+        rb,
+        {"loss": loss_module, "optimizer": optimizer, "target_updater": target_updater, **lfiw_state},
+        policy,
+        burn_in=cfg.learning_starts + 200,
+        bar_every=500,
+        recent=5,
+        diagnose=lambda: (
+            diagnostics(loss_module, rb, cfg.diagnostics_rows or cfg.m * cfg.batch_size, cfg.batch_size)
+            if optimizer.state
+            else {}
+        ),
+    )  # from the 1st update
     env, obs = loop.env, loop.obs
     for step in loop.steps():
         action = env.action_space.sample() if step < cfg.learning_starts else policy(obs, explore=True)
         next_obs, reward, terminated, truncated, _ = env.step(action)
-        transition = to_tensordict(obs.astype(np.float32), np.asarray(action, dtype=np.float32), reward,
-                                   next_obs.astype(np.float32), terminated, truncated, device)
+        transition = to_tensordict(
+            obs.astype(np.float32),
+            np.asarray(action, dtype=np.float32),
+            reward,
+            next_obs.astype(np.float32),
+            terminated,
+            truncated,
+            device,
+        )
         (rb if fast_slow is None else fast_slow).add(transition)  # LFIW: to the fast and the slow buffer
         obs = loop.record(step, next_obs, reward, terminated or truncated)
 

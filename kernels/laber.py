@@ -58,6 +58,7 @@ int argument has a method called on it (``tl.cast(B, tl.int64)``, not ``B.to(tl.
 compile the kernels with every int as a constant, each one alone, and with the specialisation
 Triton derives from real launch arguments.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -88,7 +89,16 @@ SURROGATE_OUTPUT, SURROGATE_LAST_LAYER = int(Surrogate.OUTPUT), int(Surrogate.LA
 RNG_SLOTS = 64  # arrival tickets in a state: up to 64 rows of several tiles complete independently
 MAX_ROUNDS_IN_TILE = 4  # rounds of draws the completing program does itself; more take a launch of their own
 
-__all__ = ["laber_fused", "laber_fused_call", "launch_laber", "launch_plan", "allocate_buffers", "new_rng_state", "rng_state", "RNG_SLOTS"]
+__all__ = [
+    "laber_fused",
+    "laber_fused_call",
+    "launch_laber",
+    "launch_plan",
+    "allocate_buffers",
+    "new_rng_state",
+    "rng_state",
+    "RNG_SLOTS",
+]
 
 
 @triton.jit
@@ -104,8 +114,19 @@ def uniform52(seed, offsets):
 
 
 @triton.jit
-def search(u, mask, priority_row, chunk_row, tile_row, N, n_tiles, tile_steps, last_positive,
-           BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+def search(
+    u,
+    mask,
+    priority_row,
+    chunk_row,
+    tile_row,
+    N,
+    n_tiles,
+    tile_steps,
+    last_positive,
+    BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
     """For ``u`` in ``[0, total)``: the smallest ``i`` with ``cdf_i > u`` and its ``p_i`` (step 4).
 
     ``tile_row`` holds the tile prefix (step 3), ``chunk_row`` the chunk prefixes within each tile,
@@ -158,20 +179,41 @@ def search(u, mask, priority_row, chunk_row, tile_row, N, n_tiles, tile_steps, l
 
 
 @triton.jit
-def tile_priorities(pred_row, target_row, h_row, offs, mask, K, D, eps, huber_delta, bias_sq, stride_pn, stride_pk,
-                    stride_tn, stride_tk, stride_hn, stride_hd, LOSS: tl.constexpr, SURROGATE: tl.constexpr,
-                    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def tile_priorities(
+    pred_row,
+    target_row,
+    h_row,
+    offs,
+    mask,
+    K,
+    D,
+    eps,
+    huber_delta,
+    bias_sq,
+    stride_pn,
+    stride_pk,
+    stride_tn,
+    stride_tk,
+    stride_hn,
+    stride_hd,
+    LOSS: tl.constexpr,
+    SURROGATE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """``p + eps`` in float32 of the items ``offs`` (``[CHUNKS, CHUNK]``), 0 outside ``mask`` (step 1)."""
     if LOSS == CATEGORICAL:
         offs_k = tl.arange(0, BLOCK_K)[None, None, :]
         mask_nk = mask[:, :, None] & (offs_k < K)
-        z = tl.load(pred_row + offs[:, :, None] * stride_pn + offs_k * stride_pk, mask=mask_nk,
-                    other=0.0).to(tl.float32)
+        z = tl.load(pred_row + offs[:, :, None] * stride_pn + offs_k * stride_pk, mask=mask_nk, other=0.0).to(
+            tl.float32
+        )
         # A large finite fill (not -inf, and after the cast: fp16 has no 1e30) keeps padded rows
         # free of inf - inf.
         z = tl.where(mask_nk, z, -1e30)
-        m = tl.load(target_row + offs[:, :, None] * stride_tn + offs_k * stride_tk, mask=mask_nk,
-                    other=0.0).to(tl.float32)
+        m = tl.load(target_row + offs[:, :, None] * stride_tn + offs_k * stride_tk, mask=mask_nk, other=0.0).to(
+            tl.float32
+        )
         e = tl.exp(z - tl.max(z, axis=2)[:, :, None])
         diff = tl.where(mask_nk, e / tl.sum(e, axis=2)[:, :, None] - m, 0.0)
         p = tl.sqrt(tl.sum(diff * diff, axis=2))
@@ -192,8 +234,9 @@ def tile_priorities(pred_row, target_row, h_row, offs, mask, K, D, eps, huber_de
         h_sq = tl.zeros_like(p)
         for d_start in range(0, D, BLOCK_D):
             mask_nd = mask[:, :, None] & (d_start + offs_d < D)
-            h = tl.load(h_row + offs[:, :, None] * stride_hn + (d_start + offs_d) * stride_hd, mask=mask_nd,
-                        other=0.0).to(tl.float32)
+            h = tl.load(
+                h_row + offs[:, :, None] * stride_hn + (d_start + offs_d) * stride_hd, mask=mask_nd, other=0.0
+            ).to(tl.float32)
             h_sq += tl.sum(h * h, axis=2)
         p = p * tl.sqrt(h_sq + bias_sq)  # ||(h, 1)|| with a bias, ||h|| without
     return tl.where(mask, p + eps, 0.0)
@@ -218,16 +261,34 @@ def row_prefix(chunk_row, tile_row, tile_last_row, n_tiles, CHUNKS: tl.constexpr
 
 
 @triton.jit
-def draw_block(row, offs_b, seed, counter, total, last_positive, priority_row, chunk_row, tile_row, index_ptr,
-               weight_ptr, N, B, n_tiles, tile_steps, WEIGHTING: tl.constexpr, BLOCK_N: tl.constexpr,
-               CHUNK: tl.constexpr):
+def draw_block(
+    row,
+    offs_b,
+    seed,
+    counter,
+    total,
+    last_positive,
+    priority_row,
+    chunk_row,
+    tile_row,
+    index_ptr,
+    weight_ptr,
+    N,
+    B,
+    n_tiles,
+    tile_steps,
+    WEIGHTING: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
     """Step 4 for the draws ``offs_b`` of ``row``: stores their indices and weights (for ``"max"``
     the picked ``p``, until the minimum is known) and returns the picked ``p`` (``inf`` outside)."""
     mask_b = offs_b < B
     empty = total <= 0.0
     u01 = uniform52(seed, counter + row * B + offs_b)
-    index, picked = search(u01 * total, mask_b, priority_row, chunk_row, tile_row, N, n_tiles, tile_steps,
-                           last_positive, BLOCK_N, CHUNK)
+    index, picked = search(
+        u01 * total, mask_b, priority_row, chunk_row, tile_row, N, n_tiles, tile_steps, last_positive, BLOCK_N, CHUNK
+    )
     index = tl.where(empty, tl.minimum((u01 * N).to(tl.int64), N - 1), index)
     tl.store(index_ptr + row * B + offs_b, index, mask=mask_b)
     picked = tl.where(empty, 1.0, picked)  # an all-zero row gets weight 1, not 0/0
@@ -242,9 +303,24 @@ def draw_block(row, offs_b, seed, counter, total, last_positive, priority_row, c
 
 
 @triton.jit
-def draw_row(row, seed, counter, priority_ptr, scratch_ptr, index_ptr, weight_ptr, N, B, n_tiles, tile_steps,
-             WEIGHTING: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, BLOCK_B: tl.constexpr,
-             BLOCK_T: tl.constexpr):
+def draw_row(
+    row,
+    seed,
+    counter,
+    priority_ptr,
+    scratch_ptr,
+    index_ptr,
+    weight_ptr,
+    N,
+    B,
+    n_tiles,
+    tile_steps,
+    WEIGHTING: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     """Steps 3 and 4 for one complete row, in the program that completed it."""
     CHUNKS: tl.constexpr = BLOCK_N // CHUNK
     priority_row = priority_ptr + row * N
@@ -257,8 +333,26 @@ def draw_row(row, seed, counter, priority_ptr, scratch_ptr, index_ptr, weight_pt
     smallest = tl.full((), float("inf"), dtype=tl.float32)
     for b_start in range(0, B, BLOCK_B):
         offs_b = b_start + tl.arange(0, BLOCK_B).to(tl.int64)
-        picked = draw_block(row, offs_b, seed, counter, total, last_positive, priority_row, chunk_row, tile_row,
-                            index_ptr, weight_ptr, N, B, n_tiles, tile_steps, WEIGHTING, BLOCK_N, CHUNK)
+        picked = draw_block(
+            row,
+            offs_b,
+            seed,
+            counter,
+            total,
+            last_positive,
+            priority_row,
+            chunk_row,
+            tile_row,
+            index_ptr,
+            weight_ptr,
+            N,
+            B,
+            n_tiles,
+            tile_steps,
+            WEIGHTING,
+            BLOCK_N,
+            CHUNK,
+        )
         smallest = tl.minimum(smallest, tl.min(picked, axis=0))
     if WEIGHTING == MAX:
         # The picked p stored above by other threads is read back.
@@ -320,9 +414,28 @@ def laber_fused_kernel(
     # 1. This tile's priorities (as [CHUNKS, CHUNK]), chunk prefixes and last positive item.
     offs = tile * BLOCK_N + (tl.arange(0, CHUNKS)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]).to(tl.int64)
     mask = offs < N
-    p = tile_priorities(pred_ptr + c * stride_pc, target_ptr + c * stride_tc, h_ptr + c * stride_hc, offs, mask, K,
-                        D, eps, huber_delta, bias_sq, stride_pn, stride_pk, stride_tn, stride_tk, stride_hn, stride_hd,
-                        LOSS, SURROGATE, BLOCK_K, BLOCK_D)
+    p = tile_priorities(
+        pred_ptr + c * stride_pc,
+        target_ptr + c * stride_tc,
+        h_ptr + c * stride_hc,
+        offs,
+        mask,
+        K,
+        D,
+        eps,
+        huber_delta,
+        bias_sq,
+        stride_pn,
+        stride_pk,
+        stride_tn,
+        stride_tk,
+        stride_hn,
+        stride_hd,
+        LOSS,
+        SURROGATE,
+        BLOCK_K,
+        BLOCK_D,
+    )
     tl.store(priority_ptr + c * N + offs, p, mask=mask)
     chunks = tl.cumsum(tl.sum(p.to(tl.float64), axis=1), axis=0)
     chunk_row = scratch_ptr + c * n_tiles * (CHUNKS + 2)
@@ -354,8 +467,24 @@ def laber_fused_kernel(
             seed = tl.load(state_ptr)
             counter = tl.load(state_ptr + 1)
             for row in range(first_row, C, row_step):
-                draw_row(row, seed, counter, priority_ptr, scratch_ptr, index_ptr, weight_ptr, N, B, n_tiles,
-                         tile_steps, WEIGHTING, BLOCK_N, CHUNK, BLOCK_B, BLOCK_T)
+                draw_row(
+                    row,
+                    seed,
+                    counter,
+                    priority_ptr,
+                    scratch_ptr,
+                    index_ptr,
+                    weight_ptr,
+                    N,
+                    B,
+                    n_tiles,
+                    tile_steps,
+                    WEIGHTING,
+                    BLOCK_N,
+                    CHUNK,
+                    BLOCK_B,
+                    BLOCK_T,
+                )
             # The counter advances once every row has read it: every thread's reads precede the
             # ticket (the barrier), and the tickets are acq_rel.
             tl.debug_barrier()
@@ -402,8 +531,26 @@ def laber_draw_kernel(
     last_positive = tl.load(tile_row + n_tiles).to(tl.int64)
     seed = tl.load(state_ptr)
     counter = tl.load(state_ptr + 1)
-    draw_block(row, offs_b, seed, counter, total, last_positive, priority_ptr + row * N, chunk_row, tile_row,
-               index_ptr, weight_ptr, N, B, n_tiles, tile_steps, WEIGHTING, BLOCK_N, CHUNK)
+    draw_block(
+        row,
+        offs_b,
+        seed,
+        counter,
+        total,
+        last_positive,
+        priority_ptr + row * N,
+        chunk_row,
+        tile_row,
+        index_ptr,
+        weight_ptr,
+        N,
+        B,
+        n_tiles,
+        tile_steps,
+        WEIGHTING,
+        BLOCK_N,
+        CHUNK,
+    )
     # The last program to finish advances the counter: every thread's read of it precedes the ticket.
     tl.debug_barrier()
     finished = tl.atomic_add(state_ptr + 2, 1, sem="acq_rel", scope="gpu")
@@ -468,10 +615,25 @@ def launch_plan(N: int, K: int, B: int, loss: int, D: int = 0) -> LaunchPlan:
     split = _cdiv(B, block_b) > MAX_ROUNDS_IN_TILE
     draw_num_warps = 8
     draw_block_b = max(16, min(_next_power_of_2(B), 32 * draw_num_warps))
-    constexprs = {"BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_D": block_d, "CHUNK": chunk, "BLOCK_B": block_b,
-                  "BLOCK_T": max(16, min(_next_power_of_2(n_tiles), 1024))}
-    return LaunchPlan(n_tiles, n_tiles.bit_length(), n_tiles * (block_n // chunk + 2), split, _cdiv(B, draw_block_b),
-                      constexprs, num_warps, draw_block_b, draw_num_warps)
+    constexprs = {
+        "BLOCK_N": block_n,
+        "BLOCK_K": block_k,
+        "BLOCK_D": block_d,
+        "CHUNK": chunk,
+        "BLOCK_B": block_b,
+        "BLOCK_T": max(16, min(_next_power_of_2(n_tiles), 1024)),
+    }
+    return LaunchPlan(
+        n_tiles,
+        n_tiles.bit_length(),
+        n_tiles * (block_n // chunk + 2),
+        split,
+        _cdiv(B, draw_block_b),
+        constexprs,
+        num_warps,
+        draw_block_b,
+        draw_num_warps,
+    )
 
 
 def block_sizes(N: int, K: int, B: int, loss: int, D: int = 0) -> dict:
@@ -496,15 +658,30 @@ def allocate_buffers(pred: Tensor, batch_size: int, loss: int, D: int = 0, plan:
     if plan is None:
         plan = launch_plan(N, K, batch_size, int(loss), D)
     device = pred.device
-    return Buffers(torch.empty(C, batch_size, device=device, dtype=torch.int64),
-                   torch.empty(C, batch_size, device=device, dtype=torch.float32),
-                   torch.empty(C, N, device=device, dtype=torch.float32),
-                   torch.empty(C, plan.scratch_per_row, device=device, dtype=torch.float64))
+    return Buffers(
+        torch.empty(C, batch_size, device=device, dtype=torch.int64),
+        torch.empty(C, batch_size, device=device, dtype=torch.float32),
+        torch.empty(C, N, device=device, dtype=torch.float32),
+        torch.empty(C, plan.scratch_per_row, device=device, dtype=torch.float64),
+    )
 
 
-def launch_laber(pred: Tensor, target: Tensor, features: Tensor | None, state: Tensor, batch_size: int, loss: int,
-                 weighting: int, eps: float, huber_delta: float, bias: bool = True, *, buffers: Buffers | None = None,
-                 split_draws: bool | None = None, traceable: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+def launch_laber(
+    pred: Tensor,
+    target: Tensor,
+    features: Tensor | None,
+    state: Tensor,
+    batch_size: int,
+    loss: int,
+    weighting: int,
+    eps: float,
+    huber_delta: float,
+    bias: bool = True,
+    *,
+    buffers: Buffers | None = None,
+    split_draws: bool | None = None,
+    traceable: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the kernel (and, for many draws, :func:`laber_draw_kernel` after it), with no host
     sync; returns ``(index, weight, priority)``.
 
@@ -528,28 +705,72 @@ def launch_laber(pred: Tensor, target: Tensor, features: Tensor | None, state: T
     h = pred if features is None else features  # never read by the output rung
     plan = launch_plan(N, K, batch_size, int(loss), D)
     split = plan.split_draws if split_draws is None else split_draws
-    index, weight, priority, scratch = (buffers if buffers is not None
-                                        else allocate_buffers(pred, batch_size, loss, D, plan))
+    index, weight, priority, scratch = (
+        buffers if buffers is not None else allocate_buffers(pred, batch_size, loss, D, plan)
+    )
     # Triton launches on the current device: tensors on another GPU need their own current. Not
     # while tracing (fake tensors: no device to switch to, and Inductor guards the device itself).
-    on_device = (torch.cuda.device(pred.device) if pred.is_cuda and not is_fake(pred)
-                 and pred.device.index != torch.cuda.current_device() else contextlib.nullcontext())
+    on_device = (
+        torch.cuda.device(pred.device)
+        if pred.is_cuda and not is_fake(pred) and pred.device.index != torch.cuda.current_device()
+        else contextlib.nullcontext()
+    )
     wrap = wrap_triton if traceable else _as_is
     with on_device:
         wrap(laber_fused_kernel)[(C * plan.n_tiles,)](
-            pred, target, h, priority, scratch, index, weight, state,
-            C, N, K, D, batch_size, plan.n_tiles, state.numel() - 3, eps, huber_delta, 1.0 if bias else 0.0,
+            pred,
+            target,
+            h,
+            priority,
+            scratch,
+            index,
+            weight,
+            state,
+            C,
+            N,
+            K,
+            D,
+            batch_size,
+            plan.n_tiles,
+            state.numel() - 3,
+            eps,
+            huber_delta,
+            1.0 if bias else 0.0,
             plan.tile_steps,
-            pred.stride(0), pred.stride(1), pred.stride(2), target.stride(0), target.stride(1), target.stride(2),
-            h.stride(0), h.stride(1), h.stride(2),
-            LOSS=int(loss), SURROGATE=surrogate, WEIGHTING=int(weighting), DRAW=not split, **plan.constexprs,
+            pred.stride(0),
+            pred.stride(1),
+            pred.stride(2),
+            target.stride(0),
+            target.stride(1),
+            target.stride(2),
+            h.stride(0),
+            h.stride(1),
+            h.stride(2),
+            LOSS=int(loss),
+            SURROGATE=surrogate,
+            WEIGHTING=int(weighting),
+            DRAW=not split,
+            **plan.constexprs,
             num_warps=plan.num_warps,
         )
         if split:
             wrap(laber_draw_kernel)[(C * plan.draw_blocks,)](
-                priority, scratch, index, weight, state, C, N, batch_size, plan.n_tiles, plan.tile_steps,
-                plan.draw_blocks, WEIGHTING=int(weighting), BLOCK_N=plan.constexprs["BLOCK_N"],
-                CHUNK=plan.constexprs["CHUNK"], BLOCK_B=plan.draw_block_b, num_warps=plan.draw_num_warps,
+                priority,
+                scratch,
+                index,
+                weight,
+                state,
+                C,
+                N,
+                batch_size,
+                plan.n_tiles,
+                plan.tile_steps,
+                plan.draw_blocks,
+                WEIGHTING=int(weighting),
+                BLOCK_N=plan.constexprs["BLOCK_N"],
+                CHUNK=plan.constexprs["CHUNK"],
+                BLOCK_B=plan.draw_block_b,
+                num_warps=plan.draw_num_warps,
             )
             if int(weighting) == int(Weighting.MAX):
                 # The draw programs stored each picked p; the minimum over the minibatch spans them all.
@@ -562,8 +783,18 @@ def _as_is(kernel):
 
 
 @triton_op("torchsample::laber_fused", mutates_args={"rng_state"})
-def laber_fused(pred: Tensor, target: Tensor, features: Optional[Tensor], rng_state: Tensor, batch_size: int,
-                loss: int, weighting: int, eps: float, huber_delta: float, bias: bool) -> tuple[Tensor, Tensor, Tensor]:
+def laber_fused(
+    pred: Tensor,
+    target: Tensor,
+    features: Optional[Tensor],
+    rng_state: Tensor,
+    batch_size: int,
+    loss: int,
+    weighting: int,
+    eps: float,
+    huber_delta: float,
+    bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """``torch.ops.torchsample.laber_fused``: the fused LaBER op on CUDA tensors.
 
     Args:
@@ -592,27 +823,43 @@ def laber_fused(pred: Tensor, target: Tensor, features: Optional[Tensor], rng_st
 def _traced(x: Tensor) -> bool:
     """Whether a call on ``x`` is being traced or transformed: torch.compile, make_fx or export (a
     dispatch mode), fake tensors, functorch's wrappers."""
-    return (torch.compiler.is_compiling() or is_fake(x) or _get_current_dispatch_mode() is not None
-            or torch._C._functorch.is_functorch_wrapped_tensor(x))
+    return (
+        torch.compiler.is_compiling()
+        or is_fake(x)
+        or _get_current_dispatch_mode() is not None
+        or torch._C._functorch.is_functorch_wrapped_tensor(x)
+    )
 
 
-def laber_fused_call(pred: Tensor, target: Tensor, features: Optional[Tensor], rng_state: Tensor, batch_size: int,
-                     loss: int, weighting: int, eps: float, huber_delta: float, bias: bool = True
-                     ) -> tuple[Tensor, Tensor, Tensor]:
+def laber_fused_call(
+    pred: Tensor,
+    target: Tensor,
+    features: Optional[Tensor],
+    rng_state: Tensor,
+    batch_size: int,
+    loss: int,
+    weighting: int,
+    eps: float,
+    huber_delta: float,
+    bias: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`laber_fused`, the op, where something traces the call; else its implementation directly.
 
     Eagerly the op's dispatch is pure host time, about 20 us a call (measured on CPU with the launches
     replaced by no-ops, ``perf/bench_host.py``), more than the kernel takes on a GPU for N <= 16k.
     """
     if _traced(pred):
-        return torch.ops.torchsample.laber_fused(pred, target, features, rng_state, batch_size, loss, weighting, eps,
-                                                 huber_delta, bias)
-    return launch_laber(pred, target, features, rng_state, batch_size, loss, weighting, eps, huber_delta, bias,
-                        traceable=False)
+        return torch.ops.torchsample.laber_fused(
+            pred, target, features, rng_state, batch_size, loss, weighting, eps, huber_delta, bias
+        )
+    return launch_laber(
+        pred, target, features, rng_state, batch_size, loss, weighting, eps, huber_delta, bias, traceable=False
+    )
 
 
-def new_rng_state(device: torch.device | str, generator: torch.Generator | None = None,
-                  slots: int = RNG_SLOTS) -> Tensor:
+def new_rng_state(
+    device: torch.device | str, generator: torch.Generator | None = None, slots: int = RNG_SLOTS
+) -> Tensor:
     """A fresh state for the kernel: int64 ``[3 + slots]``, ``(seed, 0, 0, ...)`` on ``device``.
 
     The seed comes from ``generator`` (on any device), or from torch's default CPU generator, so
@@ -659,8 +906,12 @@ def rng_state(device: torch.device, generator: torch.Generator | None = None) ->
     key = (device, _stream_key(device))
     state = _STATES.get(key)
     if state is None:
-        if device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_available() \
-                and torch.cuda.is_current_stream_capturing():
+        if (
+            device.type == "cuda"
+            and not torch.compiler.is_compiling()
+            and torch.cuda.is_available()
+            and torch.cuda.is_current_stream_capturing()
+        ):
             raise RuntimeError(
                 "laber: this stream has no default rng_state yet and one cannot be created during CUDA graph "
                 "capture; pass rng_state=torchsample.kernels.laber.new_rng_state(device), created before capture "

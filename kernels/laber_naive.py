@@ -7,6 +7,7 @@ draws up to where ``u * sum(p)`` lies within float64 rounding of a boundary of t
 (the kernel sums in another order: tiles, chunks, items), so the kernel tests can hold the kernel to
 it draw for draw.
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,9 +16,17 @@ from torch import Tensor
 from torchsample.codes import LossKind, Weighting
 
 
-def laber_naive(pred: Tensor, target: Tensor, u: Tensor, loss: int, weighting: int, eps: float,
-                huber_delta: float = 1.0, features: Tensor | None = None, bias: bool = True
-                ) -> tuple[Tensor, Tensor, Tensor]:
+def laber_naive(
+    pred: Tensor,
+    target: Tensor,
+    u: Tensor,
+    loss: int,
+    weighting: int,
+    eps: float,
+    huber_delta: float = 1.0,
+    features: Tensor | None = None,
+    bias: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
     """The kernel's algorithm on ``[C, N, K]`` inputs and ``[C, B]`` uniforms in ``[0, 1)``.
 
     ``p = ||g|| + eps`` in float32, ``||g||`` the output gradient norm of ``loss`` (``2 |q - y|``,

@@ -22,13 +22,13 @@ weights), PER's ``(index, priority)`` payload; Ray adds a task header of its own
 what the collectors send per update (to the buffer actor, or to the learner with a local buffer). Timed on
 CPU: quote the ratios (``vs_local``: against the local buffer with the same sampler, m and collectors).
 """
+
 from __future__ import annotations
 
 import argparse
 import pickle
 import platform
 import statistics
-import sys
 import time
 import warnings
 from dataclasses import replace
@@ -42,9 +42,21 @@ import torchrl
 from agents import distributed
 from perf.common import RESULTS, environment, write_csv
 
-COLUMNS = ["ray", "sampler", "buffer", "m", "collectors", "batch_size",
-           "updates_per_s", "vs_local", "runs", "from_buffer_bytes_per_update", "to_buffer_bytes_per_update",
-           "ingest_bytes_per_update", "prefetch"]
+COLUMNS = [
+    "ray",
+    "sampler",
+    "buffer",
+    "m",
+    "collectors",
+    "batch_size",
+    "updates_per_s",
+    "vs_local",
+    "runs",
+    "from_buffer_bytes_per_update",
+    "to_buffer_bytes_per_update",
+    "ingest_bytes_per_update",
+    "prefetch",
+]
 
 
 def nbytes(obj) -> int:
@@ -59,11 +71,13 @@ class Setup:
         self.replay = distributed.make_replay(cfg, remote=remote)
         self.client = self.replay.client() if remote else None  # local: the chunks come back here
         weights = distributed.q_network(4, 2, cfg.hidden).state_dict()
-        for rows, _ in ray.get([actor.collect.remote(weights, 1.0, prefill // len(collectors), self.client)
-                                for actor in collectors]):
+        for rows, _ in ray.get(
+            [actor.collect.remote(weights, 1.0, prefill // len(collectors), self.client) for actor in collectors]
+        ):
             self._write(rows)
-        self.learner = distributed.Learner(cfg, 4, 2, self.replay, device=torch.device("cpu"),
-                                           prefetch=remote and cfg.sampler != "per")
+        self.learner = distributed.Learner(
+            cfg, 4, 2, self.replay, device=torch.device("cpu"), prefetch=remote and cfg.sampler != "per"
+        )
         for _ in range(10):  # warm-up
             batch = self.learner.step()
         # One call returns draws_per_call draws: the bytes per update are one draw's.
@@ -109,9 +123,13 @@ class Setup:
 
 
 def versions() -> dict:
-    return dict(device=f"CPU ({platform.processor() or platform.machine()}), 1 learner thread",
-                torch=torch.__version__, torchrl=torchrl.__version__, tensordict=tensordict.__version__,
-                ray=ray.__version__)
+    return dict(
+        device=f"CPU ({platform.processor() or platform.machine()}), 1 learner thread",
+        torch=torch.__version__,
+        torchrl=torchrl.__version__,
+        tensordict=tensordict.__version__,
+        ray=ray.__version__,
+    )
 
 
 def main() -> None:
@@ -133,14 +151,15 @@ def main() -> None:
         try:
             for m in args.m:
                 for where in ("ray", "local"):
-                    setups["laber-mean", where, m] = Setup(replace(base, sampler="laber-mean", m=m), where == "ray",
-                                                           args.prefill, collectors)
+                    setups["laber-mean", where, m] = Setup(
+                        replace(base, sampler="laber-mean", m=m), where == "ray", args.prefill, collectors
+                    )
             for where in ("ray", "local"):
-                setups["per", where, ""] = Setup(replace(base, sampler="per"), where == "ray", args.prefill,
-                                                 collectors)
+                setups["per", where, ""] = Setup(replace(base, sampler="per"), where == "ray", args.prefill, collectors)
             # What the collectors send per update at the agent's replay ratio (the same for every setup).
-            chunk, _ = ray.get(collectors[0].collect.remote(distributed.q_network(4, 2, base.hidden).state_dict(),
-                                                            0.1, base.chunk))
+            chunk, _ = ray.get(
+                collectors[0].collect.remote(distributed.q_network(4, 2, base.hidden).state_dict(), 0.1, base.chunk)
+            )
             ingest = nbytes(chunk) / base.chunk / base.updates_per_step
             runs = {(key, n): [] for n in args.collectors for key in setups}
             for round_ in range(args.repeats):
@@ -149,12 +168,22 @@ def main() -> None:
                 print(f"round {round_ + 1}/{args.repeats}", end="\r", flush=True)
             for ((sampler, where, m), n), rates in runs.items():
                 setup = setups[sampler, where, m]
-                rows.append(dict(**versions(), sampler=sampler, buffer=where, m=m, collectors=n,
-                                 batch_size=base.batch_size, updates_per_s=statistics.median(rates),
-                                 runs=" ".join(f"{r:.0f}" for r in rates),
-                                 from_buffer_bytes_per_update=setup.from_buffer,
-                                 to_buffer_bytes_per_update=setup.to_buffer,
-                                 ingest_bytes_per_update=round(ingest), prefetch=setup.learner.prefetch))
+                rows.append(
+                    dict(
+                        **versions(),
+                        sampler=sampler,
+                        buffer=where,
+                        m=m,
+                        collectors=n,
+                        batch_size=base.batch_size,
+                        updates_per_s=statistics.median(rates),
+                        runs=" ".join(f"{r:.0f}" for r in rates),
+                        from_buffer_bytes_per_update=setup.from_buffer,
+                        to_buffer_bytes_per_update=setup.to_buffer,
+                        ingest_bytes_per_update=round(ingest),
+                        prefetch=setup.learner.prefetch,
+                    )
+                )
         finally:
             for setup in setups.values():
                 setup.close()
@@ -168,19 +197,25 @@ def main() -> None:
 
 def report(rows: list[dict], out: Path) -> None:
     print(f"\n{rows[0]['device']}; torch {rows[0]['torch']}, torchrl {rows[0]['torchrl']}, ray {rows[0]['ray']}\n")
-    print("| sampler | buffer | m | collectors | updates/s | vs local | bytes from buffer / update "
-          "| bytes to buffer / update | ingest bytes / update |")
+    print(
+        "| sampler | buffer | m | collectors | updates/s | vs local | bytes from buffer / update "
+        "| bytes to buffer / update | ingest bytes / update |"
+    )
     print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in sorted(rows, key=lambda r: (r["collectors"], r["sampler"] == "per", str(r["m"]), r["buffer"])):
-        print(f"| {r['sampler']} | {r['buffer']} | {r['m']} | {r['collectors']} | {r['updates_per_s']:.1f} "
-              f"| {r['vs_local']:.2f} | {r['from_buffer_bytes_per_update']} | {r['to_buffer_bytes_per_update']} "
-              f"| {r['ingest_bytes_per_update']} |")
+        print(
+            f"| {r['sampler']} | {r['buffer']} | {r['m']} | {r['collectors']} | {r['updates_per_s']:.1f} "
+            f"| {r['vs_local']:.2f} | {r['from_buffer_bytes_per_update']} | {r['to_buffer_bytes_per_update']} "
+            f"| {r['ingest_bytes_per_update']} |"
+        )
     by = {(r["sampler"], r["buffer"], r["m"], r["collectors"]): r["updates_per_s"] for r in rows}
     for n in sorted({r["collectors"] for r in rows}):
         laber = by.get(("laber-mean", "ray", 4, n))
         if laber:
-            print(f"\n{n} collector(s): LaBER-mean m=4 over Ray {laber / by['laber-mean', 'local', 4, n]:.2f}x the "
-                  f"local buffer; PER over Ray {by['per', 'ray', '', n] / laber:.2f}x LaBER over Ray's updates/s")
+            print(
+                f"\n{n} collector(s): LaBER-mean m=4 over Ray {laber / by['laber-mean', 'local', 4, n]:.2f}x the "
+                f"local buffer; PER over Ray {by['per', 'ray', '', n] / laber:.2f}x LaBER over Ray's updates/s"
+            )
     print(f"\nwrote {write_csv(out, rows, COLUMNS, environment('cpu'))}")
 
 

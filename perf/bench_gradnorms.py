@@ -18,6 +18,7 @@ after a warm-up (perf/common.py's interleaved timer and CSV writer).
 
     python -m perf.bench_gradnorms [--quick]     # writes perf/results/gradnorms_cpu.csv, gradnorms_cpu_laber.csv
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,9 +29,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from perf.common import RESULTS, describe, environment, repeat, time_interleaved, write_csv
-
 from agents.networks import MinAtarNetwork
+from perf.common import RESULTS, describe, environment, repeat, time_interleaved, write_csv
 from torchsample import SURROGATES, LaBER, LaBERLoss
 from torchsample.gradnorms import capture_last_layer_input, exact_grad_norms
 from torchsample.surrogates import critic_priorities
@@ -134,8 +134,13 @@ def bench(name: str, n: int, quick: bool) -> dict:
         "ghost": ghost,
     }
     number = 3 if quick else 10
-    times = time_interleaved({key: repeat(fn, number) for key, fn in fast.items()}, samples=5 if quick else 31,
-                             warmup=1, device="cpu", progress=f"{name} N={n}")
+    times = time_interleaved(
+        {key: repeat(fn, number) for key, fn in fast.items()},
+        samples=5 if quick else 31,
+        warmup=1,
+        device="cpu",
+        progress=f"{name} N={n}",
+    )
     slow = time_interleaved({"ghost": ghost, "vmap_grad": vmap_grad}, samples=3 if quick else 9, warmup=1, device="cpu")
     row = {"net": name, "N": n}
     row.update({f"{key}_ms": t.median * 1e3 for key, t in times.items()})
@@ -156,8 +161,11 @@ def torchrl_case(name: str, n: int, generator: torch.Generator):
     from torchrl.objectives import DQNLoss, TD3Loss
 
     terminated = torch.rand(n, 1, generator=generator) < 0.05
-    rows = {("next", "reward"): torch.randn(n, 1, generator=generator), ("next", "done"): terminated.clone(),
-            ("next", "terminated"): terminated}
+    rows = {
+        ("next", "reward"): torch.randn(n, 1, generator=generator),
+        ("next", "done"): terminated.clone(),
+        ("next", "terminated"): terminated,
+    }
     if name == "minatar":
         obs = lambda: torch.rand(n, 10, 10, 4, generator=generator) < 0.2  # noqa: E731
         actor = QValueActor(MinAtarNetwork(4, ACTIONS), in_keys=["observation"], action_space="categorical")
@@ -166,8 +174,11 @@ def torchrl_case(name: str, n: int, generator: torch.Generator):
     else:
         obs = lambda: torch.randn(n, 17, generator=generator)  # noqa: E731
         spec = Bounded(-torch.ones(6), torch.ones(6), (6,))
-        actor = Actor(nn.Sequential(nn.Linear(17, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 6),
-                                    nn.Tanh()), in_keys=["observation"], spec=spec)
+        actor = Actor(
+            nn.Sequential(nn.Linear(17, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 6), nn.Tanh()),
+            in_keys=["observation"],
+            spec=spec,
+        )
         critic = MLP(in_features=17 + 6, out_features=1, num_cells=[256, 256])  # mujoco_critic's, on (s, a)
         loss = TD3Loss(actor, ValueOperator(critic, in_keys=["observation", "action"]), action_spec=spec)
         rows["action"] = torch.rand(n, 6, generator=generator) * 2 - 1
@@ -193,8 +204,13 @@ def bench_laber(name: str, n: int, quick: bool) -> dict:
             optimizer.step()
 
         updates[rung] = update
-    times = time_interleaved({rung: repeat(fn, 2 if quick else 5) for rung, fn in updates.items()},
-                             samples=5 if quick else 21, warmup=1, device="cpu", progress=f"LaBER {name} N={n}")
+    times = time_interleaved(
+        {rung: repeat(fn, 2 if quick else 5) for rung, fn in updates.items()},
+        samples=5 if quick else 21,
+        warmup=1,
+        device="cpu",
+        progress=f"LaBER {name} N={n}",
+    )
     row = {"loss": "DQNLoss (MinAtar)" if name == "minatar" else "TD3Loss (MuJoCo)", "N": n}
     row.update({f"{rung}_ms": times[rung].median * 1e3 for rung in SURROGATES})
     row["last-layer/output"] = ratio(times, "last-layer", "output")
@@ -221,9 +237,21 @@ def main() -> None:
     laber_rows = [bench_laber(name, n, args.quick) for name in ("minatar", "mujoco") for n in (4 * 32, 4 * 256)]
     env = environment("cpu")
     print(describe(env))
-    columns = ["net", "N", "output_ms", "last_layer_ms", "last_layer/output", "update_output_ms",
-               "update_last_layer_ms", "update: last_layer/output", "fwd_bwd_ms", "ghost_ms", "ghost/fwd_bwd",
-               "vmap_grad_ms", "vmap_grad/ghost"]
+    columns = [
+        "net",
+        "N",
+        "output_ms",
+        "last_layer_ms",
+        "last_layer/output",
+        "update_output_ms",
+        "update_last_layer_ms",
+        "update: last_layer/output",
+        "fwd_bwd_ms",
+        "ghost_ms",
+        "ghost/fwd_bwd",
+        "vmap_grad_ms",
+        "vmap_grad/ghost",
+    ]
     print_table(rows, columns)
     print("# targets: update: last_layer/output <= 1.1, ghost/fwd_bwd <= 3, vmap_grad/ghost >= 5")
     print(f"CSV: {write_csv(args.out, rows, columns, env)}")

@@ -16,16 +16,16 @@ Triton's argument binding and the driver call, is not in it). Peers, timed inter
   dispatcher;
 * ``launch_laber``, ``allocate_buffers``, ``launch_plan``: its parts.
 """
+
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
-from perf.common import RESULTS, describe, environment, time_interleaved, write_csv
 
 import torchsample.kernels.laber as laber  # noqa: E402
+from perf.common import RESULTS, describe, environment, time_interleaved, write_csv
 from torchsample import ops  # noqa: E402
 from torchsample.codes import LossKind, Weighting  # noqa: E402
 
@@ -55,16 +55,29 @@ def main() -> None:
         state = laber.new_rng_state("cpu")
         fns = {
             "public path": lambda: ops._fused(q, y, None, B, loss, "mean", 1e-6, 1.0, None, state),
-            "op (dispatcher)": lambda: torch.ops.torchsample.laber_fused(q, y, None, state, B, loss, weighting, 1e-6, 1.0),
+            "op (dispatcher)": lambda: torch.ops.torchsample.laber_fused(
+                q, y, None, state, B, loss, weighting, 1e-6, 1.0
+            ),
             "direct": lambda: laber.laber_fused_call(q, y, None, state, B, loss, weighting, 1e-6, 1.0),
-            "launch_laber": lambda: laber.launch_laber(q, y, None, state, B, loss, weighting, 1e-6, 1.0, traceable=False),
+            "launch_laber": lambda: laber.launch_laber(
+                q, y, None, state, B, loss, weighting, 1e-6, 1.0, traceable=False
+            ),
             "allocate_buffers": lambda: laber.allocate_buffers(q, B, loss),
             "launch_plan": lambda: laber.launch_plan(N, 1, B, loss, 0),
         }
         timings = time_interleaved(fns, samples=args.samples, warmup=200, device="cpu", samples_per_turn=50)
         for part, t in timings.items():
-            rows.append({"N": N, "B": B, "C": C, "part": part, "median_us": t.median * 1e6, "q20_us": t.q20 * 1e6,
-                         "q80_us": t.q80 * 1e6})
+            rows.append(
+                {
+                    "N": N,
+                    "B": B,
+                    "C": C,
+                    "part": part,
+                    "median_us": t.median * 1e6,
+                    "q20_us": t.q20 * 1e6,
+                    "q80_us": t.q80 * 1e6,
+                }
+            )
     env = environment("cpu")
     write_csv(args.out, rows, COLUMNS, env)
     print(f"Host time of one fused-op call, launches replaced by no-ops ({describe(env)}); us, median [q20, q80]\n")

@@ -38,6 +38,7 @@ Then two checks:
 Writes ``perf/results/kernel_<device>.csv`` (the device name and versions on every row). Exits 1 when
 a ``laber`` timing or a check failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,16 +48,46 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from perf.common import (FLOOR_TARGET, RESULTS, Timing, calls_for, cuda_graph, describe, environment, fmt, read_csv, repeat,
-                    resolve_device, time_interleaved, write_csv)
-from perf.gpu_check import kernel_section
 
+from perf.common import (
+    FLOOR_TARGET,
+    RESULTS,
+    Timing,
+    calls_for,
+    cuda_graph,
+    describe,
+    environment,
+    fmt,
+    read_csv,
+    repeat,
+    resolve_device,
+    time_interleaved,
+    write_csv,
+)
+from perf.gpu_check import kernel_section
 from torchsample import critic_priorities, importance_weights, laber_downsample, laber_select  # noqa: E402
 
 EPS = 1e-6
 VARIANTS = ["laber", "naive", "multinomial"]
-COLUMNS = ["sweep", "score", "C", "N", "B", "K", "variant", "mode", "median_us", "q20_us", "q80_us", "calls",
-           "draws_per_s", "input_GBps", "time_vs_naive", "value", "note"]
+COLUMNS = [
+    "sweep",
+    "score",
+    "C",
+    "N",
+    "B",
+    "K",
+    "variant",
+    "mode",
+    "median_us",
+    "q20_us",
+    "q80_us",
+    "calls",
+    "draws_per_s",
+    "input_GBps",
+    "time_vs_naive",
+    "value",
+    "note",
+]
 P_VALUE_FLOOR = 1e-4  # a correct sampler fails a check this rarely
 
 
@@ -72,8 +103,8 @@ class Case:
 
     @property
     def kind(self) -> str:
-        """The loss, and the rung where it is not the output: the CSV's ``score`` column (what the kernel scores), the key
-        perf/gpu_check.py groups the rows by."""
+        """The loss, and the rung where it is not the output: the CSV's ``score`` column (what the kernel
+        scores), the key perf/gpu_check.py groups the rows by."""
         return self.loss + (f"+last-layer-D{self.D}" if self.D else "")
 
     @property
@@ -83,13 +114,23 @@ class Case:
 
 def cases(quick: bool, cuda: bool) -> list[Case]:
     if not cuda:  # a smoke test of every code path at CPU sizes
-        return [Case("N", "l2", 1, 128, 32), Case("N", "l2", 1, 16384, 32), Case("B", "l2", 1, 16384, 4096),
-                Case("C", "l2", 2, 1024, 32), Case("K", "categorical", 1, 1024, 32, 51),
-                Case("D", "l2", 1, 1024, 32, D=128), Case("priority", "priority", 1, 16384, 256)]
+        return [
+            Case("N", "l2", 1, 128, 32),
+            Case("N", "l2", 1, 16384, 32),
+            Case("B", "l2", 1, 16384, 4096),
+            Case("C", "l2", 2, 1024, 32),
+            Case("K", "categorical", 1, 1024, 32, 51),
+            Case("D", "l2", 1, 1024, 32, D=128),
+            Case("priority", "priority", 1, 16384, 256),
+        ]
     if quick:
         return [Case("N", "l2", 1, n, 32) for n in (128, 16384, 2**20)] + [
-            Case("B", "l2", 1, 2**20, 65536), Case("C", "l2", 2, 16384, 32), Case("K", "categorical", 1, 1024, 32, 51),
-            Case("D", "l2", 1, 16384, 32, D=128), Case("priority", "priority", 1, 2**22, 65536)]
+            Case("B", "l2", 1, 2**20, 65536),
+            Case("C", "l2", 2, 16384, 32),
+            Case("K", "categorical", 1, 1024, 32, 51),
+            Case("D", "l2", 1, 16384, 32, D=128),
+            Case("priority", "priority", 1, 2**22, 65536),
+        ]
     return (
         [Case("N", "l2", 1, n, 32) for n in (128, 1024, 4096, 16384, 65536, 2**18, 2**20, 2**22)]
         + [Case("B", "l2", 1, 2**20, b) for b in (256, 4096, 65536)]
@@ -131,11 +172,8 @@ def variants(case: Case, inputs: tuple, ready: torch.Tensor) -> dict:
     else:
         pred, target, *features = inputs
         h = features[0] if features else None
-        if features:
-            laber = lambda: laber_select(pred, target, b, loss=case.loss, surrogate="last-layer",  # noqa: E731
-                                         features=h, eps=EPS)
-        else:
-            laber = lambda: laber_select(pred, target, b, loss=case.loss, eps=EPS)  # noqa: E731
+        rung = {"surrogate": "last-layer", "features": h} if features else {}
+        laber = lambda: laber_select(pred, target, b, loss=case.loss, eps=EPS, **rung)  # noqa: E731
         priority = lambda: critic_priorities(pred, target, case.loss, features=h).add_(EPS)  # noqa: E731
 
     def naive():
@@ -177,14 +215,28 @@ def time_case(case: Case, device, samples: int, graphs: bool) -> list[dict]:
             print(f"  FAILED {case.label} {mode}: {notes[next(iter(timed), 'laber')]}", flush=True)
         naive = timings.get("naive")
         for name in fns:
-            row = {"sweep": case.sweep, "score": case.kind, "C": case.C, "N": case.N, "B": case.B, "K": case.K,
-                   "variant": name, "mode": mode, "note": notes.get(name, "")}
+            row = {
+                "sweep": case.sweep,
+                "score": case.kind,
+                "C": case.C,
+                "N": case.N,
+                "B": case.B,
+                "K": case.K,
+                "variant": name,
+                "mode": mode,
+                "note": notes.get(name, ""),
+            }
             t = timings.get(name)
             if t is not None:
-                row.update(median_us=t.us, q20_us=t.q20 * 1e6, q80_us=t.q80 * 1e6, calls=getattr(timed[name], "calls", 1),
-                           draws_per_s=case.C * case.B / t.median,
-                           input_GBps=input_bytes(case, name, inputs, ready) / t.median / 1e9,
-                           time_vs_naive=t.median / naive.median if naive else "")
+                row.update(
+                    median_us=t.us,
+                    q20_us=t.q20 * 1e6,
+                    q80_us=t.q80 * 1e6,
+                    calls=getattr(timed[name], "calls", 1),
+                    draws_per_s=case.C * case.B / t.median,
+                    input_GBps=input_bytes(case, name, inputs, ready) / t.median / 1e9,
+                    time_vs_naive=t.median / naive.median if naive else "",
+                )
             rows.append(row)
         del timed
     del inputs, ready, fns
@@ -201,9 +253,11 @@ def print_case(case: Case, rows: list[dict]) -> None:
         us = {v: by[v, mode].get("median_us") for v in VARIANTS}
         speedup = us["naive"] / us["laber"] if us["naive"] and us["laber"] else None
         gbps = by["laber", mode].get("input_GBps")
-        print(f"| {case.sweep} | {case.kind} | {case.C} | {case.N} | {case.B} | {case.K} | {mode} | "
-              f"{fmt(us['laber'])} | {fmt(us['naive'])} | {fmt(us['multinomial'])} | {fmt(speedup, 2)} | {fmt(gbps, 1)} |",
-              flush=True)
+        print(
+            f"| {case.sweep} | {case.kind} | {case.C} | {case.N} | {case.B} | {case.K} | {mode} | {fmt(us['laber'])} | "
+            f"{fmt(us['naive'])} | {fmt(us['multinomial'])} | {fmt(speedup, 2)} | {fmt(gbps, 1)} |",
+            flush=True,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,10 +271,19 @@ def bandwidth_floor(device, n: int, b: int, samples: int) -> list[dict]:
     dst = torch.empty_like(p)
     cdf = torch.cumsum(p, 0)
     u = torch.rand(b, device=device, generator=g) * cdf[-1]
-    fns = {"laber": lambda: laber_downsample(p, b, eps=EPS), "copy": lambda: dst.copy_(p),
-           "search": lambda: torch.searchsorted(cdf, u)}
-    t = time_interleaved(fns, samples=samples, warmup=5, device=device, flush_l2=True,
-                         progress=f"bandwidth floor: N={n}, B={b}, cold L2 ...")
+    fns = {
+        "laber": lambda: laber_downsample(p, b, eps=EPS),
+        "copy": lambda: dst.copy_(p),
+        "search": lambda: torch.searchsorted(cdf, u),
+    }
+    t = time_interleaved(
+        fns,
+        samples=samples,
+        warmup=5,
+        device=device,
+        flush_l2=True,
+        progress=f"bandwidth floor: N={n}, B={b}, cold L2 ...",
+    )
     nbytes = p.numel() * p.element_size()
     bandwidth = 2 * nbytes / t["copy"].median  # copy_ reads and writes nbytes
     read = nbytes / bandwidth
@@ -228,17 +291,36 @@ def bandwidth_floor(device, n: int, b: int, samples: int) -> list[dict]:
     ratio = t["laber"].median / floor
     base = {"sweep": "floor", "score": "priority", "C": 1, "N": n, "B": b, "K": 1, "mode": "cold"}
     rows = [
-        {**base, "variant": "copy", "median_us": t["copy"].us, "input_GBps": bandwidth / 1e9,
-         "note": f"copy_ of {nbytes} bytes; GBps = 2 * bytes / time (read + write)"},
+        {
+            **base,
+            "variant": "copy",
+            "median_us": t["copy"].us,
+            "input_GBps": bandwidth / 1e9,
+            "note": f"copy_ of {nbytes} bytes; GBps = 2 * bytes / time (read + write)",
+        },
         {**base, "variant": "search", "median_us": t["search"].us, "note": f"torch.searchsorted of {b} uniforms"},
-        {**base, "variant": "floor", "median_us": floor * 1e6, "input_GBps": nbytes / floor / 1e9,
-         "note": f"one read of the priorities at copy bandwidth ({read * 1e6:.1f} us) + the searches"},
-        {**base, "variant": "laber", "median_us": t["laber"].us, "input_GBps": nbytes / t["laber"].median / 1e9,
-         "value": ratio, "note": f"value = laber / floor; target <= {FLOOR_TARGET:g}"},
+        {
+            **base,
+            "variant": "floor",
+            "median_us": floor * 1e6,
+            "input_GBps": nbytes / floor / 1e9,
+            "note": f"one read of the priorities at copy bandwidth ({read * 1e6:.1f} us) + the searches",
+        },
+        {
+            **base,
+            "variant": "laber",
+            "median_us": t["laber"].us,
+            "input_GBps": nbytes / t["laber"].median / 1e9,
+            "value": ratio,
+            "note": f"value = laber / floor; target <= {FLOOR_TARGET:g}",
+        },
     ]
-    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s: read {read * 1e6:.1f} us + searches {t['search'].us:.1f} us "
-          f"= floor {floor * 1e6:.1f} us; laber_downsample {t['laber'].us:.1f} us = {ratio:.2f} x floor "
-          f"(target <= {FLOOR_TARGET:g}: {'met' if ratio <= FLOOR_TARGET else 'NOT met'})", flush=True)
+    print(
+        f"copy bandwidth {bandwidth / 1e9:.0f} GB/s: read {read * 1e6:.1f} us + searches {t['search'].us:.1f} us "
+        f"= floor {floor * 1e6:.1f} us; laber_downsample {t['laber'].us:.1f} us = {ratio:.2f} x floor "
+        f"(target <= {FLOOR_TARGET:g}: {'met' if ratio <= FLOOR_TARGET else 'NOT met'})",
+        flush=True,
+    )
     return rows
 
 
@@ -262,8 +344,11 @@ def exactness(device, n: int, b: int, draws_per_item: int, graph: bool, variant:
     """
     from scipy import stats
 
-    print(f"exactness of {variant} ({'graph replays' if graph else 'eager'}): N = {n}, C = 2, B = {b}, "
-          f"about {draws_per_item} draws per item", flush=True)
+    print(
+        f"exactness of {variant} ({'graph replays' if graph else 'eager'}): N = {n}, C = 2, B = {b}, "
+        f"about {draws_per_item} draws per item",
+        flush=True,
+    )
     p = exactness_priorities(n, device)
     counts = torch.zeros(2, n, dtype=torch.int64, device=device)
     ones = torch.ones(2, b, dtype=torch.int64, device=device)
@@ -310,24 +395,43 @@ def exactness(device, n: int, b: int, draws_per_item: int, graph: bool, variant:
     mode = "graph" if graph else "eager"
     base = {"sweep": "exactness", "score": "priority", "C": 2, "N": n, "B": b, "K": 1, "variant": variant, "mode": mode}
     checks = [
-        ("chisquare-cells", stats.chi2.sf(coarse, coarse_dof), f"chi2 {coarse:.1f}, dof {coarse_dof}, "
-         f"{int(total.sum())} draws; value = p-value, pass > {P_VALUE_FLOOR:g}"),
-        ("chisquare-items", stats.chi2.sf(fine, fine_dof), f"chi2 {fine:.1f}, dof {fine_dof}; value = p-value, "
-         f"pass > {P_VALUE_FLOOR:g}"),
+        (
+            "chisquare-cells",
+            stats.chi2.sf(coarse, coarse_dof),
+            f"chi2 {coarse:.1f}, dof {coarse_dof}, {int(total.sum())} draws; value = p-value, pass > {P_VALUE_FLOOR:g}",
+        ),
+        (
+            "chisquare-items",
+            stats.chi2.sf(fine, fine_dof),
+            f"chi2 {fine:.1f}, dof {fine_dof}; value = p-value, pass > {P_VALUE_FLOOR:g}",
+        ),
         ("zero-priority-draws", zero_draws, "value = draws of items with p = 0; pass = 0"),
-        ("mirrored-draws", mirrored, f"value = share of b with index[1, b] == N-1-index[0, b]; independent rows: "
-         f"{mirrored_expected:.2g}; pass < 0.01"),
+        (
+            "mirrored-draws",
+            mirrored,
+            f"value = share of b with index[1, b] == N-1-index[0, b]; independent rows: "
+            f"{mirrored_expected:.2g}; pass < 0.01",
+        ),
     ]
     if variant == "laber":
         out = laber_downsample(p, b, eps=0.0)
         weight_expected = p64.mean(1, keepdim=True) / p64.gather(1, out.index.cpu())
         weight_error = ((out.weight.double().cpu() - weight_expected).abs() / weight_expected).max().item()
-        checks.append(("weight-rel-error", weight_error, "value = max relative error of w against mean(p)/p_i; pass < 1e-4"))
+        checks.append(
+            ("weight-rel-error", weight_error, "value = max relative error of w against mean(p)/p_i; pass < 1e-4")
+        )
     rows = []
     for name, value, note in checks:
-        ok = {"chisquare-cells": value > P_VALUE_FLOOR, "chisquare-items": value > P_VALUE_FLOOR,
-              "zero-priority-draws": value == 0, "mirrored-draws": value < 0.01, "weight-rel-error": value < 1e-4}[name]
-        rows.append({**base, "sweep": f"exactness:{name}", "value": value, "note": ("pass; " if ok else "FAIL; ") + note})
+        ok = {
+            "chisquare-cells": value > P_VALUE_FLOOR,
+            "chisquare-items": value > P_VALUE_FLOOR,
+            "zero-priority-draws": value == 0,
+            "mirrored-draws": value < 0.01,
+            "weight-rel-error": value < 1e-4,
+        }[name]
+        rows.append(
+            {**base, "sweep": f"exactness:{name}", "value": value, "note": ("pass; " if ok else "FAIL; ") + note}
+        )
         print(f"  {variant} {mode} {name}: {value:.4g} ({'pass' if ok else 'FAIL'}; {note})", flush=True)
     return rows
 
@@ -337,10 +441,16 @@ def exactness(device, n: int, b: int, draws_per_item: int, graph: bool, variant:
 
 def failures(rows: list[dict]) -> list[str]:
     """Timings of the fused op that failed and checks it failed (a missed target is not a failure)."""
-    failed = [f"{r['sweep']} {r.get('score')} N={r.get('N')} {r['mode']}: {r['note']}"
-              for r in rows if r["variant"] == "laber" and str(r.get("note", "")).startswith("failed")]
-    return failed + [f"{r['sweep']} {r['mode']}: {r['note']}" for r in rows
-                     if r["variant"] == "laber" and str(r.get("note", "")).startswith("FAIL")]
+    failed = [
+        f"{r['sweep']} {r.get('score')} N={r.get('N')} {r['mode']}: {r['note']}"
+        for r in rows
+        if r["variant"] == "laber" and str(r.get("note", "")).startswith("failed")
+    ]
+    return failed + [
+        f"{r['sweep']} {r['mode']}: {r['note']}"
+        for r in rows
+        if r["variant"] == "laber" and str(r.get("note", "")).startswith("FAIL")
+    ]
 
 
 def main() -> None:
@@ -356,19 +466,27 @@ def main() -> None:
         print("bench_kernel: --device cuda, but torch sees no CUDA device: nothing to measure.")
         return
     if args.device == "auto" and not cuda:
-        print("bench_kernel: no CUDA device; this benchmark is for the GPU (the fused kernel). "
-              "`--device cpu` runs a small CPU version of it as a smoke test.")
+        print(
+            "bench_kernel: no CUDA device; this benchmark is for the GPU (the fused kernel). "
+            "`--device cpu` runs a small CPU version of it as a smoke test."
+        )
         return
     torch.set_num_threads(1)
     torch.manual_seed(0)
     samples = args.samples or (30 if args.quick or not cuda else 100)
     env = environment(device)
     out = args.out or RESULTS / f"kernel_{device.type}.csv"
-    print(f"{describe(env)}\nmedians of {samples} interleaved samples; eager: back-to-back calls; "
-          f"graph: calls inside a replayed CUDA graph\n", flush=True)
+    print(
+        f"{describe(env)}\nmedians of {samples} interleaved samples; eager: back-to-back calls; "
+        f"graph: calls inside a replayed CUDA graph\n",
+        flush=True,
+    )
     rows = []
-    print("| sweep | score | C | N | B | K | mode | laber (us) | naive (us) | multinomial (us) | naive / laber | "
-          "laber GB/s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", flush=True)
+    print(
+        "| sweep | score | C | N | B | K | mode | laber (us) | naive (us) | multinomial (us) | naive / laber | "
+        "laber GB/s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        flush=True,
+    )
     for case in cases(args.quick, cuda):
         case_rows = time_case(case, device, samples, graphs=cuda)
         print_case(case, case_rows)
@@ -378,8 +496,9 @@ def main() -> None:
     n, b, per_item = (2**20, 65536, 64) if cuda else (2**14, 4096, 16)
     checks = [("bandwidth floor", lambda: bandwidth_floor(device, 2**22 if cuda else 2**18, b, samples))]
     for graph in (False, True) if cuda else (False,):
-        checks.append((f"exactness {'graph' if graph else 'eager'}",
-                       lambda graph=graph: exactness(device, n, b, per_item, graph)))
+        checks.append(
+            (f"exactness {'graph' if graph else 'eager'}", lambda graph=graph: exactness(device, n, b, per_item, graph))
+        )
     checks.append(("exactness of torch.multinomial", lambda: exactness(device, n, b, per_item, False, "multinomial")))
     for name, check in checks:
         try:
@@ -387,8 +506,14 @@ def main() -> None:
         except Exception as err:
             print(f"FAILED {name}: {type(err).__name__}: {err}", flush=True)
             traceback.print_exc(limit=-3)
-            rows.append({"sweep": name.replace(" ", "-"), "variant": "laber" if "multinomial" not in name else "multinomial",
-                         "mode": "", "note": f"FAIL; {type(err).__name__}: {str(err)[:200]}"})
+            rows.append(
+                {
+                    "sweep": name.replace(" ", "-"),
+                    "variant": "laber" if "multinomial" not in name else "multinomial",
+                    "mode": "",
+                    "note": f"FAIL; {type(err).__name__}: {str(err)[:200]}",
+                }
+            )
         write_csv(out, rows, COLUMNS, env)
     print("\n" + "\n".join(kernel_section(read_csv(out))))  # the table, the targets, the checks
     print(f"CSV: {out}")

@@ -13,6 +13,7 @@ Each pair of peers is timed interleaved, call by call (``perf/common.py``); medi
 Writes ``perf/results/scaling_<device>.csv`` and log-log plots ``scaling_op.png`` and
 ``scaling_buffer.png``; prints the tables.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,10 +21,10 @@ import logging
 from pathlib import Path
 
 import torch
-from perf.common import RESULTS, describe, environment, resolve_device, time_interleaved, write_csv
 from tensordict import TensorDict
 from torchrl.data import LazyTensorStorage, PrioritizedSampler, TensorDictReplayBuffer
 
+from perf.common import RESULTS, describe, environment, resolve_device, time_interleaved, write_csv
 from torchsample import laber_downsample, laber_select
 
 B, M = 32, 4
@@ -41,23 +42,37 @@ def op_scaling(device, iterations: int, full: bool) -> list[dict]:
     for n in sizes:
         q, y = torch.randn(n, device=device), torch.randn(n, device=device)
         p = (q - y).abs() + 1e-6
-        t = time_interleaved({"ours": lambda: laber_select(q, y, B), "naive": lambda: naive(p, B)},
-                             samples=iterations, warmup=20, device=device)
+        t = time_interleaved(
+            {"ours": lambda: laber_select(q, y, B), "naive": lambda: naive(p, B)},
+            samples=iterations,
+            warmup=20,
+            device=device,
+        )
         rows.append({"sweep": "N", "N": n, "B": B, "laber_select_us": t["ours"].us, "naive_us": t["naive"].us})
     n = 16384
     q, y = torch.randn(n, device=device), torch.randn(n, device=device)
     p = (q - y).abs() + 1e-6
     for b in [32, 128, 512, 2048, 8192][:: 1 if full else 2]:
-        t = time_interleaved({"ours": lambda: laber_select(q, y, b), "naive": lambda: naive(p, b)},
-                             samples=iterations, warmup=20, device=device)
+        t = time_interleaved(
+            {"ours": lambda: laber_select(q, y, b), "naive": lambda: naive(p, b)},
+            samples=iterations,
+            warmup=20,
+            device=device,
+        )
         rows.append({"sweep": "B", "N": n, "B": b, "laber_select_us": t["ours"].us, "naive_us": t["naive"].us})
     return rows
 
 
 def transitions(n: int, device) -> TensorDict:
-    return TensorDict({"observation": torch.randn(n, 4), "action": torch.randint(2, (n,)),
-                       ("next", "observation"): torch.randn(n, 4), ("next", "reward"): torch.randn(n, 1)},
-                      [n]).to(device)
+    return TensorDict(
+        {
+            "observation": torch.randn(n, 4),
+            "action": torch.randint(2, (n,)),
+            ("next", "observation"): torch.randn(n, 4),
+            ("next", "reward"): torch.randn(n, 1),
+        },
+        [n],
+    ).to(device)
 
 
 def buffer_scaling(device, iterations: int, full: bool) -> list[dict]:
@@ -70,8 +85,11 @@ def buffer_scaling(device, iterations: int, full: bool) -> list[dict]:
             break
         uniform = TensorDictReplayBuffer(storage=LazyTensorStorage(size, device=device), batch_size=M * B)
         uniform.extend(data)
-        per = TensorDictReplayBuffer(storage=LazyTensorStorage(size, device=device), batch_size=B,
-                                     sampler=PrioritizedSampler(size, alpha=0.6, beta=0.4))
+        per = TensorDictReplayBuffer(
+            storage=LazyTensorStorage(size, device=device),
+            batch_size=B,
+            sampler=PrioritizedSampler(size, alpha=0.6, beta=0.4),
+        )
         per.extend(data)
         del data
         new_priority = torch.rand(B, device=device)
@@ -85,7 +103,9 @@ def buffer_scaling(device, iterations: int, full: bool) -> list[dict]:
             per.update_priority(sample["index"], new_priority)
 
         t = time_interleaved({"laber": laber_step, "per": per_step}, samples=iterations, warmup=20, device=device)
-        rows.append({"sweep": "buffer", "buffer_size": size, "laber_step_us": t["laber"].us, "per_step_us": t["per"].us})
+        rows.append(
+            {"sweep": "buffer", "buffer_size": size, "laber_step_us": t["laber"].us, "per_step_us": t["per"].us}
+        )
         uniform = per = None  # the next size's buffers need the memory
     return rows
 
@@ -114,7 +134,9 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
     sel = [r for r in rows if r["sweep"] == "buffer"]
     if sel:
         fig, ax = plt.subplots(figsize=(5.5, 4))
-        ax.loglog([r["buffer_size"] for r in sel], [r["laber_step_us"] for r in sel], "o-", label=f"LaBER (m={M}, B={B})")
+        ax.loglog(
+            [r["buffer_size"] for r in sel], [r["laber_step_us"] for r in sel], "o-", label=f"LaBER (m={M}, B={B})"
+        )
         ax.loglog([r["buffer_size"] for r in sel], [r["per_step_us"] for r in sel], "s--", label="PER sample + update")
         ax.set_xlabel("transitions in the buffer")
         ax.set_ylabel("median time per step (us)")
@@ -149,8 +171,10 @@ def main() -> None:
     print("\n| buffer size | LaBER step (us) | PER sample + update (us) | PER / LaBER |\n| --- | --- | --- | --- |")
     for r in rows:
         if r["sweep"] == "buffer":
-            print(f"| {r['buffer_size']:.0e} | {r['laber_step_us']:.0f} | {r['per_step_us']:.0f} | "
-                  f"{r['per_step_us'] / r['laber_step_us']:.2f} |")
+            print(
+                f"| {r['buffer_size']:.0e} | {r['laber_step_us']:.0f} | {r['per_step_us']:.0f} | "
+                f"{r['per_step_us'] / r['laber_step_us']:.2f} |"
+            )
     out = write_csv(args.out_dir / f"scaling_{device.type}.csv", rows, COLUMNS, env)
     print(f"\nCSV: {out}; plots: {', '.join(str(p) for p in plot(rows, args.out_dir))}")
 

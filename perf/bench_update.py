@@ -20,6 +20,7 @@ Where an environment cannot be made (MuJoCo is not installed on the GPU machine)
 ``--synthetic``, the buffers hold random transitions of the environment's sizes: the networks and
 the update are the same, and the update's cost does not depend on the values.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,14 +33,12 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import torch
-from perf.common import RESULTS, describe, environment, resolve_device, time_interleaved, write_csv
-
+from torchrl.data import LazyTensorStorage, PrioritizedSampler, TensorDictReplayBuffer  # noqa: E402
 from torchrl.objectives import HardUpdate, SoftUpdate  # noqa: E402
 
 from agents import dqn, sac, td3  # noqa: E402
 from agents.common import PER_ALPHA, PER_BETA, make_env, to_tensordict  # noqa: E402
-from torchrl.data import LazyTensorStorage, PrioritizedSampler, TensorDictReplayBuffer  # noqa: E402
-
+from perf.common import RESULTS, describe, environment, resolve_device, time_interleaved, write_csv
 from torchsample import LaBER, LaBERLoss, LaBERSampler, make_update  # noqa: E402
 
 M = 4
@@ -84,10 +83,14 @@ def env_for(env_id: str, synthetic: bool) -> tuple[gym.Env, str]:
         if env_id not in SPACES:
             raise
         obs, act = SPACES[env_id]
-        stand_in = RandomTransitions(gym.spaces.Box(-np.inf, np.inf, (obs,), np.float64),
-                                     gym.spaces.Box(-1.0, 1.0, (act,), np.float32))
-        print(f"  {env_id} unavailable ({type(err).__name__}: {str(err)[:120]}): random transitions of its sizes "
-              f"(observation {obs}, action {act})", flush=True)
+        stand_in = RandomTransitions(
+            gym.spaces.Box(-np.inf, np.inf, (obs,), np.float64), gym.spaces.Box(-1.0, 1.0, (act,), np.float32)
+        )
+        print(
+            f"  {env_id} unavailable ({type(err).__name__}: {str(err)[:120]}): random transitions of its sizes "
+            f"(observation {obs}, action {act})",
+            flush=True,
+        )
         return stand_in, "synthetic transitions"
     if synthetic:
         return RandomTransitions(env.observation_space, env.action_space), "synthetic transitions"
@@ -139,12 +142,15 @@ def build_updates(model: str, sampler: str, modes: list[str], device, synthetic:
         losses = weighted(data)
         return sum(v for k, v in losses.items() if k.startswith("loss")), data
 
-    optimizer = torch.optim.Adam(loss_module.parameters(), lr=torch.tensor(1e-4, device=device),
-                                 capturable=device.type == "cuda")
+    optimizer = torch.optim.Adam(
+        loss_module.parameters(), lr=torch.tensor(1e-4, device=device), capturable=device.type == "cuda"
+    )
     # A hard target copy counts updates in Python: it runs after the update, outside any graph.
     hard = isinstance(target, HardUpdate)
     eager = make_update(objective, optimizer, None if hard else target, compile=False)
-    compiled = make_update(objective, optimizer, None if hard else target, compile=True) if set(modes) - {"eager"} else None
+    compiled = (
+        make_update(objective, optimizer, None if hard else target, compile=True) if set(modes) - {"eager"} else None
+    )
 
     def tensors_out(update):  # what the steps after the update read: tensors only, as a CUDA graph returns them
         def step(data):
@@ -200,8 +206,12 @@ def cases_for(args, device) -> list[tuple[str, str, str]]:
         return [(m, mode, s) for m in MODELS for mode in modes for s in SAMPLERS]
     if device.type == "cuda":  # the issue's settings, sized for `make gpu-check`: compile only what the targets compare
         compiled = ["uniform", "per", "laber-mean", "laber-sampler"]
-        return [(m, mode, s) for m in ("dqn-minatar", "sac-halfcheetah") for mode in MODES
-                for s in (SAMPLERS if mode == "eager" else compiled)]
+        return [
+            (m, mode, s)
+            for m in ("dqn-minatar", "sac-halfcheetah")
+            for mode in MODES
+            for s in (SAMPLERS if mode == "eager" else compiled)
+        ]
     cases = [(m, "eager", s) for m in ("dqn-cartpole", "dqn-minatar") for s in SAMPLERS]
     return cases + [("dqn-cartpole", "compiled", s) for s in ("uniform", "laber-mean", "laber-sampler")]
 
@@ -209,13 +219,21 @@ def cases_for(args, device) -> list[tuple[str, str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="CPU: DQN models eager + compiled DQN CartPole (default); "
-                      "CUDA: DQN MinAtar and SAC HalfCheetah, eager, compiled and CUDA graph (default)")
+    size.add_argument(
+        "--quick",
+        action="store_true",
+        help="CPU: DQN models eager + compiled DQN CartPole (default); "
+        "CUDA: DQN MinAtar and SAC HalfCheetah, eager, compiled and CUDA graph (default)",
+    )
     size.add_argument("--full", action="store_true", help="every model x sampler x mode")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     parser.add_argument("--models", nargs="+", choices=list(MODELS), help="only these models (every sampler)")
-    parser.add_argument("--modes", nargs="+", choices=MODES,
-                        help="only these modes (cudagraph without CUDA runs the update as is: a smoke test)")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=MODES,
+        help="only these modes (cudagraph without CUDA runs the update as is: a smoke test)",
+    )
     parser.add_argument("--iterations", type=int, default=None, help="timed updates per case")
     parser.add_argument("--synthetic", action="store_true", help="random transitions instead of env steps")
     parser.add_argument("--out", type=Path, default=None, help="CSV path (default perf/results/update_<device>.csv)")
@@ -242,11 +260,16 @@ def main() -> None:
         print(f"building {model} {sampler} ({', '.join(modes)}) ...", flush=True)
         torch.manual_seed(0)
         try:
-            updates[model, sampler], notes[model, sampler] = build_updates(model, sampler, modes, device, args.synthetic)
+            updates[model, sampler], notes[model, sampler] = build_updates(
+                model, sampler, modes, device, args.synthetic
+            )
         except Exception as err:  # keep going; the exit status says so (TorchRL's PER aside, see below)
             # TorchRL's compiled sum-tree loads only with the torch it was built for (0.14.1: torch 2.14).
-            print(f"  {'skipped' if sampler == 'per' else 'FAILED'} {model} {sampler}: {type(err).__name__}: "
-                  f"{str(err)[:300]}", flush=True)
+            print(
+                f"  {'skipped' if sampler == 'per' else 'FAILED'} {model} {sampler}: {type(err).__name__}: "
+                f"{str(err)[:300]}",
+                flush=True,
+            )
             if sampler != "per":
                 traceback.print_exc(limit=-3)
     # CPU: eager first. CUDA: what issue 10's targets compare first (compiled, then CUDA graph, per model),
@@ -261,8 +284,14 @@ def main() -> None:
         if not fns:
             continue
         try:
-            timings = time_interleaved(fns, samples=iterations, warmup=2, device=device, samples_per_turn=10,
-                                       progress=f"{model} {mode}: timing {', '.join(fns)}")
+            timings = time_interleaved(
+                fns,
+                samples=iterations,
+                warmup=2,
+                device=device,
+                samples_per_turn=10,
+                progress=f"{model} {mode}: timing {', '.join(fns)}",
+            )
         except Exception as err:
             print(f"  FAILED timing {model} {mode}: {type(err).__name__}: {str(err)[:300]}", flush=True)
             continue
@@ -289,14 +318,27 @@ def report(model: str, mode: str, samplers: list[str], medians: dict, notes: dic
     rows = []
     for sampler in samplers:
         ms = medians[model, mode, sampler] * 1e3
-        ratio = {peer: medians[model, mode, sampler] / medians[model, mode, peer]
-                 for peer in ("uniform", "per", "large-batch", "laber-mean") if (model, mode, peer) in medians}
+        ratio = {
+            peer: medians[model, mode, sampler] / medians[model, mode, peer]
+            for peer in ("uniform", "per", "large-batch", "laber-mean")
+            if (model, mode, peer) in medians
+        }
         cell = lambda peer: f"{ratio[peer]:.2f}" if peer in ratio else "-"  # noqa: E731
-        print(f"| {model} | {mode} | {sampler} | {ms:.2f} | {cell('uniform')} | {cell('per')} | {cell('large-batch')} "
-              f"| {cell('laber-mean')} |",
-              flush=True)
-        rows.append({"model": model, "mode": mode, "sampler": sampler, "median_ms": ms,
-                     **{f"vs_{k}": v for k, v in ratio.items()}, "note": notes.get((model, sampler), "")})
+        print(
+            f"| {model} | {mode} | {sampler} | {ms:.2f} | {cell('uniform')} | {cell('per')} | {cell('large-batch')} "
+            f"| {cell('laber-mean')} |",
+            flush=True,
+        )
+        rows.append(
+            {
+                "model": model,
+                "mode": mode,
+                "sampler": sampler,
+                "median_ms": ms,
+                **{f"vs_{k}": v for k, v in ratio.items()},
+                "note": notes.get((model, sampler), ""),
+            }
+        )
     print()
     return rows
 

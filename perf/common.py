@@ -13,6 +13,7 @@
 * :func:`write_csv` writes rows with the device name, thread count, the versions of python, torch,
   triton, tensordict, torchrl, CUDA and the git commit on every row (:func:`environment`).
 """
+
 from __future__ import annotations
 
 import csv
@@ -21,10 +22,11 @@ import platform
 import statistics
 import subprocess
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -243,10 +245,20 @@ def git_commit() -> str:
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]
     try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit + ("-dirty" if dirty else "")
@@ -270,12 +282,17 @@ def environment(device) -> dict:
 
 def describe(env: Mapping[str, object]) -> str:
     """One line naming the device and versions, for the top of a printed table."""
-    return (f"{env['device']}, {env['threads']} CPU thread(s), python {env['python']}, torch {env['torch']}, "
-            f"triton {env['triton'] or '-'}, tensordict {env['tensordict'] or '-'}, torchrl {env['torchrl'] or '-'}"
-            + (f", CUDA {env['cuda']}" if env["cuda"] else "") + f", commit {env['git_commit']}")
+    return (
+        f"{env['device']}, {env['threads']} CPU thread(s), python {env['python']}, torch {env['torch']}, "
+        f"triton {env['triton'] or '-'}, tensordict {env['tensordict'] or '-'}, torchrl {env['torchrl'] or '-'}"
+        + (f", CUDA {env['cuda']}" if env["cuda"] else "")
+        + f", commit {env['git_commit']}"
+    )
 
 
-def write_csv(path: Path, rows: Iterable[Mapping[str, object]], columns: Sequence[str], env: Mapping[str, object]) -> Path:
+def write_csv(
+    path: Path, rows: Iterable[Mapping[str, object]], columns: Sequence[str], env: Mapping[str, object]
+) -> Path:
     """Write ``rows`` (missing columns left empty) with the ``env`` columns appended to every row.
 
     A row may carry its own value of an ``env`` column (e.g. ``device`` in a file with CPU and CUDA
@@ -304,4 +321,3 @@ def read_csv(path: Path) -> list[dict]:
 def fmt(value: Optional[float], digits: int = 1) -> str:
     """A table cell: ``-`` for a missing value."""
     return "-" if value is None else f"{value:.{digits}f}"
-

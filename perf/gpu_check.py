@@ -22,6 +22,7 @@ A step that fails or runs out of time does not stop the next (but ``import``). T
 did not run), and the headline figures of the CSVs this run wrote, beside the targets of issues 10 and 24.
 Exits 1 when a step failed or timed out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from perf.common import (COMMITTED, FLOOR_TARGET, GRAPH_TARGET_US, ROOT, SPEEDUP_TARGET, UPDATE_VS_PER_TARGET,
-                    UPDATE_VS_UNIFORM_TARGET, describe, environment, read_csv)
+
+from perf.common import (
+    COMMITTED,
+    FLOOR_TARGET,
+    GRAPH_TARGET_US,
+    ROOT,
+    SPEEDUP_TARGET,
+    UPDATE_VS_PER_TARGET,
+    UPDATE_VS_UNIFORM_TARGET,
+    describe,
+    environment,
+    read_csv,
+)
 
 TIMEOUTS = {"import": 60, "tests": 200, "kernel": 110, "update": 170}  # seconds; 9 minutes in all
 AGENT_DEPS = ("tyro", "gymnasium", "tqdm")  # what perf/bench_update.py imports through the agents
@@ -94,8 +106,16 @@ class Step:
         print(f"\n=== {self.name}: {' '.join(self.command)} (limit {self.timeout:.0f} s)", flush=True)
         start = time.perf_counter()
         try:
-            proc = subprocess.Popen(self.command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    errors="replace", start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            proc = subprocess.Popen(
+                self.command,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+                start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         except OSError as err:
             self.rc, self.tail = 127, collections.deque([f"could not start: {err}"])
             return
@@ -123,26 +143,56 @@ def steps_for(args) -> list[Step]:
     py = sys.executable
     device = "cpu" if args.cpu_smoke else "cuda"
     check = Step("import", [py, "-c", IMPORT_CHECK.format(device=device)], args.timeout["import"])
-    tests = Step("tests", [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfEs"],
-                 args.timeout["tests"])
+    tests = Step(
+        "tests", [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfEs"], args.timeout["tests"]
+    )
     out = args.results_dir
     if args.cpu_smoke:
         return [
             check,
             tests,
-            Step("kernel", [py, "-m", "perf.bench_kernel", "--device", "cpu", "--out", str(out / "kernel_cpu.csv")],
-                 args.timeout["kernel"]),
-            Step("update", [py, "-m", "perf.bench_update", "--device", "cpu", "--models", "dqn-cartpole", "--modes", "eager",
-                            "compiled", "cudagraph", "--iterations", "20", "--out", str(out / "update_cpu.csv")],
-                 args.timeout["update"], needs=AGENT_DEPS),
+            Step(
+                "kernel",
+                [py, "-m", "perf.bench_kernel", "--device", "cpu", "--out", str(out / "kernel_cpu.csv")],
+                args.timeout["kernel"],
+            ),
+            Step(
+                "update",
+                [
+                    py,
+                    "-m",
+                    "perf.bench_update",
+                    "--device",
+                    "cpu",
+                    "--models",
+                    "dqn-cartpole",
+                    "--modes",
+                    "eager",
+                    "compiled",
+                    "cudagraph",
+                    "--iterations",
+                    "20",
+                    "--out",
+                    str(out / "update_cpu.csv"),
+                ],
+                args.timeout["update"],
+                needs=AGENT_DEPS,
+            ),
         ]
     return [
         check,
         tests,
-        Step("kernel", [py, "-m", "perf.bench_kernel", "--device", "cuda", "--out", str(out / "kernel_cuda.csv")],
-             args.timeout["kernel"]),
-        Step("update", [py, "-m", "perf.bench_update", "--device", "cuda", "--out", str(out / "update_cuda.csv")],
-             args.timeout["update"], needs=AGENT_DEPS),
+        Step(
+            "kernel",
+            [py, "-m", "perf.bench_kernel", "--device", "cuda", "--out", str(out / "kernel_cuda.csv")],
+            args.timeout["kernel"],
+        ),
+        Step(
+            "update",
+            [py, "-m", "perf.bench_update", "--device", "cuda", "--out", str(out / "update_cuda.csv")],
+            args.timeout["update"],
+            needs=AGENT_DEPS,
+        ),
     ]
 
 
@@ -186,8 +236,11 @@ def kernel_section(rows: list[dict] | None) -> list[str]:
     for r in rows:
         if r["mode"] in ("eager", "graph") and not r["sweep"].startswith(("floor", "exactness")):
             timed[(r["score"], r["C"], r["N"], r["B"], r["K"]), r["variant"], r["mode"]] = r
-    lines = ["| score | C | N | B | K | eager laber (us) | naive / laber | graph laber (us) | naive / laber | "
-             "multinomial graph (us) | laber graph GB/s |", "| --- " * 11 + "|"]
+    lines = [
+        "| score | C | N | B | K | eager laber (us) | naive / laber | graph laber (us) | naive / laber | "
+        "multinomial graph (us) | laber graph GB/s |",
+        "| --- " * 11 + "|",
+    ]
     small_graph, speedups = [], {"eager": [], "graph": []}
     for key in dict.fromkeys(k for k, _, _ in timed):
         eager, graph = timed.get((key, "laber", "eager"), {}), timed.get((key, "laber", "graph"), {})
@@ -198,78 +251,104 @@ def kernel_section(rows: list[dict] | None) -> list[str]:
         if number(graph.get("median_us")) is not None and int(key[2]) <= 16384:
             small_graph.append(number(graph["median_us"]))
         speedup = {m: (1 / r if r else None) for m, r in ratios.items()}
-        lines.append(f"| {' | '.join(key)} | {cell(eager.get('median_us'))} | {cell(speedup['eager'], 2, 'x')} | "
-                     f"{cell(graph.get('median_us'))} | {cell(speedup['graph'], 2, 'x')} | "
-                     f"{cell(timed.get((key, 'multinomial', 'graph'), {}).get('median_us'))} | "
-                     f"{cell(graph.get('input_GBps'))} |")
+        lines.append(
+            f"| {' | '.join(key)} | {cell(eager.get('median_us'))} | {cell(speedup['eager'], 2, 'x')} | "
+            f"{cell(graph.get('median_us'))} | {cell(speedup['graph'], 2, 'x')} | "
+            f"{cell(timed.get((key, 'multinomial', 'graph'), {}).get('median_us'))} | "
+            f"{cell(graph.get('input_GBps'))} |"
+        )
     failed = [r for r in rows if r["variant"] == "laber" and r["note"].startswith("failed")]
     lines += ["", "Targets (issues 10 and 24):", ""]
     if small_graph:
         worst = max(small_graph)
-        lines.append(f"- fused op in a CUDA graph, N <= 16k: at most {worst:.1f} us (target <= {GRAPH_TARGET_US:g} us: "
-                     f"{'met' if worst <= GRAPH_TARGET_US else 'not met'})")
+        lines.append(
+            f"- fused op in a CUDA graph, N <= 16k: at most {worst:.1f} us (target <= {GRAPH_TARGET_US:g} us: "
+            f"{'met' if worst <= GRAPH_TARGET_US else 'not met'})"
+        )
     for mode, values in speedups.items():
         if values:
-            lines.append(f"- naive / fused, {mode}: {min(values):.2f}x to {max(values):.2f}x "
-                         f"(target >= {SPEEDUP_TARGET:g}x: "
-                         f"{'met' if min(values) >= SPEEDUP_TARGET else 'not met'} everywhere)")
+            lines.append(
+                f"- naive / fused, {mode}: {min(values):.2f}x to {max(values):.2f}x "
+                f"(target >= {SPEEDUP_TARGET:g}x: "
+                f"{'met' if min(values) >= SPEEDUP_TARGET else 'not met'} everywhere)"
+            )
     floor = {r["variant"]: r for r in rows if r["sweep"] == "floor"}
     if "laber" in floor and number(floor["laber"].get("value")) is not None:
         ratio = number(floor["laber"]["value"])
-        lines.append(f"- N = {floor['laber']['N']}, B = {floor['laber']['B']}, cold L2: laber_downsample "
-                     f"{cell(floor['laber']['median_us'])} us; floor {cell(floor.get('floor', {}).get('median_us'))} us "
-                     f"(copy bandwidth {cell(floor.get('copy', {}).get('input_GBps'), 0)} GB/s, searches "
-                     f"{cell(floor.get('search', {}).get('median_us'))} us): {ratio:.2f}x the floor "
-                     f"(target <= {FLOOR_TARGET:g}x: {'met' if ratio <= FLOOR_TARGET else 'not met'})")
+        lines.append(
+            f"- N = {floor['laber']['N']}, B = {floor['laber']['B']}, cold L2: laber_downsample "
+            f"{cell(floor['laber']['median_us'])} us; floor {cell(floor.get('floor', {}).get('median_us'))} us "
+            f"(copy bandwidth {cell(floor.get('copy', {}).get('input_GBps'), 0)} GB/s, searches "
+            f"{cell(floor.get('search', {}).get('median_us'))} us): {ratio:.2f}x the floor "
+            f"(target <= {FLOOR_TARGET:g}x: {'met' if ratio <= FLOOR_TARGET else 'not met'})"
+        )
     else:
         lines.append("- bandwidth floor: not measured")
     checks = [r for r in rows if r["sweep"].startswith("exactness")]
     sizes = f"N = {checks[0]['N']}, B = {checks[0]['B']}, " if checks else ""
-    lines += ["", f"Exactness ({sizes}C = 2, eps = 0; `multinomial` is torch's own, for reference):", "",
-              "| check | sampler | mode | value | result |", "| --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        f"Exactness ({sizes}C = 2, eps = 0; `multinomial` is torch's own, for reference):",
+        "",
+        "| check | sampler | mode | value | result |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for r in checks:
         result, _, note = r["note"].partition("; ")
         value = number(r.get("value"))
         shown = "-" if value is None else f"{value:.4g}"
-        lines.append(f"| {r['sweep'].split(':')[-1]} | {r['variant']} | {r['mode']} | {shown} | "
-                     f"{result}: {note} |")
+        lines.append(f"| {r['sweep'].split(':')[-1]} | {r['variant']} | {r['mode']} | {shown} | {result}: {note} |")
     if failed:
         lines += ["", "Failed timings of the fused op:", ""] + [
-            f"- {r['score']} C={r['C']} N={r['N']} B={r['B']} K={r['K']} {r['mode']}: {r['note']}" for r in failed]
+            f"- {r['score']} C={r['C']} N={r['N']} B={r['B']} K={r['K']} {r['mode']}: {r['note']}" for r in failed
+        ]
     return lines + [""]
 
 
 def update_section(rows: list[dict] | None) -> list[str]:
     if rows is None:
         return ["No update CSV from this run.", ""]
-    lines = ["| model | mode | sampler | median (ms) | vs uniform | vs PER | vs large batch | note |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| model | mode | sampler | median (ms) | vs uniform | vs PER | vs large batch | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     ms = {}
     for r in rows:
         ms[r["model"], r["mode"], r["sampler"]] = number(r["median_ms"])
-        lines.append(f"| {r['model']} | {r['mode']} | {r['sampler']} | {cell(r['median_ms'], 3)} | "
-                     f"{cell(r['vs_uniform'], 2)} | "
-                     f"{cell(r['vs_per'], 2)} | {cell(r['vs_large-batch'], 2)} | {r.get('note', '')} |")
+        lines.append(
+            f"| {r['model']} | {r['mode']} | {r['sampler']} | {cell(r['median_ms'], 3)} | "
+            f"{cell(r['vs_uniform'], 2)} | "
+            f"{cell(r['vs_per'], 2)} | {cell(r['vs_large-batch'], 2)} | {r.get('note', '')} |"
+        )
     lines += ["", "Targets (issues 10 and 24; compiled + CUDA graph LaBER-mean update):", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
         laber = ms.get((model, "cudagraph", "laber-mean"))
         uniform = ms.get((model, "compiled", "uniform"))
         per_mode = next((mode for mode in ("cudagraph", "compiled", "eager") if ms.get((model, mode, "per"))), None)
         per = ms.get((model, per_mode, "per"))
-        vs_uniform = (f"{laber / uniform:.2f}x the compiled uniform update" if laber and uniform
-                      else "vs uniform not measured")
+        vs_uniform = (
+            f"{laber / uniform:.2f}x the compiled uniform update" if laber and uniform else "vs uniform not measured"
+        )
         vs_per = f"{laber / per:.2f}x TorchRL's PER update ({per_mode})" if laber and per else "vs PER not measured"
-        lines.append(f"- {model}: {vs_uniform} (target <= {UPDATE_VS_UNIFORM_TARGET:g}x); {vs_per} "
-                     f"(target <= {UPDATE_VS_PER_TARGET:g}x)")
+        lines.append(
+            f"- {model}: {vs_uniform} (target <= {UPDATE_VS_UNIFORM_TARGET:g}x); {vs_per} "
+            f"(target <= {UPDATE_VS_PER_TARGET:g}x)"
+        )
     return lines + [""]
 
 
 def write_summary(path: Path, steps: list[Step], tag: str, results_dir: Path, since: float) -> None:
     env = environment("cuda" if tag == "cuda" else "cpu")
-    lines = [f"# GPU check: {env['device']}", "",
-             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {describe(env)}.", "",
-             "Written by `make gpu-check` (`perf/gpu_check.py`); the figures are this run's, from the CSVs named below.", "",
-             "| step | status | seconds | command |", "| --- | --- | --- | --- |"]
+    lines = [
+        f"# GPU check: {env['device']}",
+        "",
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {describe(env)}.",
+        "",
+        "Written by `make gpu-check` (`perf/gpu_check.py`); the figures are this run's, from the CSVs named below.",
+        "",
+        "| step | status | seconds | command |",
+        "| --- | --- | --- | --- |",
+    ]
     for s in steps:
         command = " ".join(Path(c).name if c == sys.executable else c for c in s.command)
         lines.append(f"| {s.name} | {s.status} | {s.seconds:.0f} | `{command}` |")
@@ -289,17 +368,28 @@ def write_summary(path: Path, steps: list[Step], tag: str, results_dir: Path, si
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu-smoke", action="store_true", help="no GPU: run every step at CPU smoke sizes")
-    parser.add_argument("--results-dir", type=Path, default=COMMITTED,
-                        help="where the CSVs and the summary go (default perf/results: a GPU run's figures are kept)")
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=COMMITTED,
+        help="where the CSVs and the summary go (default perf/results: a GPU run's figures are kept)",
+    )
     parser.add_argument("--only", nargs="+", choices=list(TIMEOUTS), help="run only these steps")
-    parser.add_argument("--timeout", nargs="+", default=[], metavar="STEP=SECONDS",
-                        help=f"time limits per step (default {', '.join(f'{k}={v}' for k, v in TIMEOUTS.items())})")
+    parser.add_argument(
+        "--timeout",
+        nargs="+",
+        default=[],
+        metavar="STEP=SECONDS",
+        help=f"time limits per step (default {', '.join(f'{k}={v}' for k, v in TIMEOUTS.items())})",
+    )
     args = parser.parse_args()
     args.results_dir = args.results_dir.resolve()
     args.timeout = {**TIMEOUTS, **{k: float(v) for k, v in (item.split("=", 1) for item in args.timeout)}}
     if not args.cpu_smoke and not torch.cuda.is_available():
-        print("gpu-check: torch sees no CUDA device (torch.cuda.is_available() is False): nothing to check. "
-              "`python -m perf.gpu_check --cpu-smoke --results-dir DIR` runs the plumbing on CPU.")
+        print(
+            "gpu-check: torch sees no CUDA device (torch.cuda.is_available() is False): nothing to check. "
+            "`python -m perf.gpu_check --cpu-smoke --results-dir DIR` runs the plumbing on CPU."
+        )
         sys.exit(2)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     tag = "cpu" if args.cpu_smoke else "cuda"
@@ -308,7 +398,9 @@ def main() -> None:
     run_steps(steps)
     summary = args.results_dir / f"gpu_summary_{tag}.md"
     write_summary(summary, steps, tag, args.results_dir, since)
-    print(f"\n=== gpu-check summary: {summary}\n" + "\n".join(f"{s.name}: {s.status} ({s.seconds:.0f} s)" for s in steps))
+    print(
+        f"\n=== gpu-check summary: {summary}\n" + "\n".join(f"{s.name}: {s.status} ({s.seconds:.0f} s)" for s in steps)
+    )
     failed = [s.name for s in steps if s.failed]
     if failed:
         print(f"gpu-check FAILED: {', '.join(failed)}")

@@ -1,4 +1,5 @@
 """Shared test fixtures, the skip predicate for CUDA-only tests and for optional dependencies."""
+
 import importlib.util
 import os
 

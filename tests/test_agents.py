@@ -2,6 +2,7 @@
 returns lie in what the environment can give, DQN learns CartPole, ``--resume`` reproduces the
 uninterrupted run, ``--help`` shows the defaults a run uses, and the sampler choice is built in one
 place (``experiments.compare``: tests/test_compare.py)."""
+
 import ast
 import csv
 import dataclasses
@@ -15,37 +16,77 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tensordict import TensorDict
 from torchrl.data import PrioritizedSampler
-
-from torchsample import GERSampler, LaBERSampler
 from torchrl.objectives import SoftUpdate
 
 from tests.conftest import AGENT_DEPS, require, requires_cuda  # noqa: E402
+from torchsample import GERSampler, LaBERSampler
 
 require(*AGENT_DEPS)
 from agents import c51, common, dqn, sac, td3  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLERS = ["uniform", "per", "laber-mean", "laber-lazy", "laber-max", "large-batch", "per-laber-mean", "ger",
-            "ger-laber-mean", "lfiw", "lfiw-laber-mean"]
+SAMPLERS = [
+    "uniform",
+    "per",
+    "laber-mean",
+    "laber-lazy",
+    "laber-max",
+    "large-batch",
+    "per-laber-mean",
+    "ger",
+    "ger-laber-mean",
+    "lfiw",
+    "lfiw-laber-mean",
+]
 AGENTS = {"dqn": dqn, "c51": c51, "sac": sac, "td3": td3}
 # LFIW re-weights an actor-critic's critics (Sinha et al.'s SAC and TD3): DQN and C51 do not offer it.
 VALUE_BASED_SAMPLERS = [name for name in SAMPLERS if not common.sampler_choice(name).lfiw]
 # A fast buffer of 100 rows: the slow one passes LFIW's threshold at step 101, so short runs re-weight.
 LFIW_ARGS = ["--lfiw-fast-size", "100", "--lfiw-log-every", "50"]
 # Small runs: a few hundred steps, learning from step 100, evaluation at the end.
-DISCRETE = ["--env-id", "CartPole-v1", "--total-steps", "300", "--learning-starts", "100", "--eval-every", "300",
-            "--eval-episodes", "1", "--batch-size", "16", "--train-freq", "20", "--gradient-steps", "4"]
-CONTINUOUS = ["--env-id", "Pendulum-v1", "--total-steps", "300", "--learning-starts", "200", "--eval-every", "300",
-              "--eval-episodes", "1", "--batch-size", "16", "--hidden", "32", "32"]
+DISCRETE = [
+    "--env-id",
+    "CartPole-v1",
+    "--total-steps",
+    "300",
+    "--learning-starts",
+    "100",
+    "--eval-every",
+    "300",
+    "--eval-episodes",
+    "1",
+    "--batch-size",
+    "16",
+    "--train-freq",
+    "20",
+    "--gradient-steps",
+    "4",
+]
+CONTINUOUS = [
+    "--env-id",
+    "Pendulum-v1",
+    "--total-steps",
+    "300",
+    "--learning-starts",
+    "200",
+    "--eval-every",
+    "300",
+    "--eval-episodes",
+    "1",
+    "--batch-size",
+    "16",
+    "--hidden",
+    "32",
+    "32",
+]
 AGENT_ARGS = {"dqn": DISCRETE, "c51": DISCRETE, "sac": CONTINUOUS, "td3": CONTINUOUS}
 # What one episode can return: CartPole-v1 +1 per step, 1 to 500 steps; Pendulum-v1 200 steps of
 # -(theta^2 + 0.1 theta_dot^2 + 0.001 u^2) with |theta| <= pi, |theta_dot| <= 8, |u| <= 2; MinAtar
 # Breakout +1 per brick; MuJoCo: any finite number.
 RETURN_RANGE = {
     "CartPole-v1": (1.0, 500.0),
-    "Pendulum-v1": (-200 * (math.pi ** 2 + 0.1 * 8 ** 2 + 0.001 * 2 ** 2), 0.0),
+    "Pendulum-v1": (-200 * (math.pi**2 + 0.1 * 8**2 + 0.001 * 2**2), 0.0),
     "MinAtar/Breakout-v1": (0.0, math.inf),
     "HalfCheetah-v5": (-math.inf, math.inf),
     "Hopper-v5": (-math.inf, math.inf),
@@ -56,8 +97,9 @@ pytestmark = pytest.mark.slow
 
 def run_agent(algo: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", f"agents.{algo}", "--no-progress", *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
@@ -77,8 +119,9 @@ def assert_returns_possible(run_dir: Path, env_id: str) -> None:
         assert math.isfinite(value) and lo <= value <= hi, (env_id, value)
 
 
-RUNS = [(algo, sampler) for algo in AGENT_ARGS
-        for sampler in (SAMPLERS if algo in ("sac", "td3") else VALUE_BASED_SAMPLERS)]
+RUNS = [
+    (algo, sampler) for algo in AGENT_ARGS for sampler in (SAMPLERS if algo in ("sac", "td3") else VALUE_BASED_SAMPLERS)
+]
 
 
 @pytest.mark.parametrize("algo, sampler", RUNS, ids=[f"{algo}-{sampler}" for algo, sampler in RUNS])
@@ -105,8 +148,21 @@ def test_agent_runs_with_each_sampler(algo, sampler, tmp_path):
 def test_dqn_learns_cartpole(tmp_path):
     """With its own defaults, LaBER-mean DQN gets far past a random policy (about 22) in 3000 steps
     (10 training phases); a broken estimator (weights, priorities, targets) does not."""
-    run_agent("dqn", "--env-id", "CartPole-v1", "--sampler", "laber-mean", "--total-steps", "3000",
-              "--learning-starts", "500", "--eval-every", "3000", "--out", str(tmp_path))
+    run_agent(
+        "dqn",
+        "--env-id",
+        "CartPole-v1",
+        "--sampler",
+        "laber-mean",
+        "--total-steps",
+        "3000",
+        "--learning-starts",
+        "500",
+        "--eval-every",
+        "3000",
+        "--out",
+        str(tmp_path),
+    )
     assert_returns_possible(tmp_path, "CartPole-v1")
     assert float(read_csv(tmp_path / "eval.csv")[-1]["eval_return"]) > 100
 
@@ -154,8 +210,18 @@ def test_a_finished_run_keeps_its_buffer_only_if_asked(tmp_path):
 @pytest.mark.parametrize("algo, sampler", [("dqn", "laber-mean"), ("dqn", "per"), ("sac", "lfiw-laber-mean")])
 def test_resume_reproduces_the_uninterrupted_run(algo, sampler, tmp_path):
     lfiw = common.sampler_choice(sampler).lfiw  # the ratio network, its optimiser and the fast buffer must resume too
-    args = [*AGENT_ARGS[algo], "--total-steps", "400", "--eval-every", "200", "--sampler", sampler,
-            "--learning-starts", "100", *(LFIW_ARGS if lfiw else [])]
+    args = [
+        *AGENT_ARGS[algo],
+        "--total-steps",
+        "400",
+        "--eval-every",
+        "200",
+        "--sampler",
+        sampler,
+        "--learning-starts",
+        "100",
+        *(LFIW_ARGS if lfiw else []),
+    ]
     run_agent(algo, *args, "--out", str(tmp_path / "straight"))
     run_agent(algo, *args, "--out", str(tmp_path / "resumed"), "--stop-after", "250")
     # The interrupted run must really stop early: its last evaluation is the one at step 200.
@@ -190,12 +256,36 @@ def test_help_documents_every_option(algo):
 
 # The values each env family's runs use: until now the fields below defaulted to None and got these
 # values after parsing (the README's results came from them; docs/agents.md says where they come from).
-CLASSIC = dict(batch_size=64, total_steps=50_000, learning_starts=1_000, train_freq=256, gradient_steps=128,
-               lr=2.3e-3, gamma=0.98, lr_schedule="linear", target_update=128, target_tau=0.005, end_epsilon=0.04,
-               exploration_steps=8_000, optimizer="adam")
-MINATAR = dict(batch_size=32, total_steps=5_000_000, learning_starts=5_000, train_freq=1, gradient_steps=1,
-               lr=1e-4, gamma=0.99, lr_schedule="constant", target_update=1_000, target_tau=0.0, end_epsilon=0.1,
-               exploration_steps=100_000, optimizer="rmsprop")
+CLASSIC = dict(
+    batch_size=64,
+    total_steps=50_000,
+    learning_starts=1_000,
+    train_freq=256,
+    gradient_steps=128,
+    lr=2.3e-3,
+    gamma=0.98,
+    lr_schedule="linear",
+    target_update=128,
+    target_tau=0.005,
+    end_epsilon=0.04,
+    exploration_steps=8_000,
+    optimizer="adam",
+)
+MINATAR = dict(
+    batch_size=32,
+    total_steps=5_000_000,
+    learning_starts=5_000,
+    train_freq=1,
+    gradient_steps=1,
+    lr=1e-4,
+    gamma=0.99,
+    lr_schedule="constant",
+    target_update=1_000,
+    target_tau=0.0,
+    end_epsilon=0.1,
+    exploration_steps=100_000,
+    optimizer="rmsprop",
+)
 FAMILY_DEFAULTS = {
     ("dqn", "CartPole-v1"): CLASSIC,
     ("dqn", "MinAtar/Breakout-v1"): MINATAR,
@@ -208,8 +298,11 @@ FAMILY_DEFAULTS = {
 }
 
 
-@pytest.mark.parametrize("algo, env_id", list(FAMILY_DEFAULTS),
-                         ids=[f"{algo}-{env_id.replace('/', '-')}" for algo, env_id in FAMILY_DEFAULTS])
+@pytest.mark.parametrize(
+    "algo, env_id",
+    list(FAMILY_DEFAULTS),
+    ids=[f"{algo}-{env_id.replace('/', '-')}" for algo, env_id in FAMILY_DEFAULTS],
+)
 def test_help_shows_the_defaults_the_env_family_runs_with(algo, env_id, capsys):
     """``--env-id X --help`` prints X's family's values, and parsing ``--env-id X`` gives them."""
     agent = AGENTS[algo]
@@ -218,8 +311,9 @@ def test_help_shows_the_defaults_the_env_family_runs_with(algo, env_id, capsys):
     assert cfg == agent.env_defaults(env_id)
     assert {name: getattr(cfg, name) for name in expected} == expected
     assert all(getattr(cfg, f.name) is not None for f in dataclasses.fields(cfg))
-    assert common.cli(agent.env_defaults, agent.Config.env_id, [f"--env_id={env_id}", "--m", "8"]) == \
-        dataclasses.replace(cfg, m=8)
+    assert common.cli(
+        agent.env_defaults, agent.Config.env_id, [f"--env_id={env_id}", "--m", "8"]
+    ) == dataclasses.replace(cfg, m=8)
 
     with pytest.raises(SystemExit):
         common.cli(agent.env_defaults, agent.Config.env_id, ["--env-id", env_id, "--help"])
@@ -227,12 +321,13 @@ def test_help_shows_the_defaults_the_env_family_runs_with(algo, env_id, capsys):
     assert "(default: None)" not in text
     for name, value in expected.items():
         shown = " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
-        option = text[text.index(f"--{name.replace('_', '-')} "):]
-        assert option[option.index("(default: "):].startswith(f"(default: {shown})"), option[:200]
+        option = text[text.index(f"--{name.replace('_', '-')} ") :]
+        assert option[option.index("(default: ") :].startswith(f"(default: {shown})"), option[:200]
 
 
-@pytest.mark.parametrize("module", ["agents/common", "agents/dqn", "agents/c51", "agents/sac", "agents/td3",
-                                    "experiments/compare"])
+@pytest.mark.parametrize(
+    "module", ["agents/common", "agents/dqn", "agents/c51", "agents/sac", "agents/td3", "experiments/compare"]
+)
 def test_every_config_field_has_a_docstring(module):
     """tyro turns the string under a field into its --help text: a field without one is undocumented."""
     tree = ast.parse((ROOT / f"{module}.py").read_text())
@@ -244,8 +339,12 @@ def test_every_config_field_has_a_docstring(module):
         assert fields, config.name
         for i in fields:
             following = body[i + 1] if i + 1 < len(body) else None
-            documented = (isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
-                          and isinstance(following.value.value, str) and following.value.value.strip())
+            documented = (
+                isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+                and following.value.value.strip()
+            )
             assert documented, f"{module}.py {config.name}.{body[i].target.id} has no docstring"
 
 
@@ -355,8 +454,9 @@ def test_progress_bar_shows_steps_return_and_steps_per_second(algo, tmp_path):
     # 800 steps: past the steps/s burn-in (learning starts + 500 for DQN, + 200 for SAC).
     args = [*AGENT_ARGS[algo], "--total-steps", "800", "--eval-every", "800", "--learning-starts", "100"]
     cmd = [sys.executable, "-m", f"agents.{algo}", *args, "--sampler", "laber-mean", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = proc.stderr.replace("\r", "\n").strip().splitlines()[-1]
     assert "800/800" in final, final
@@ -371,7 +471,8 @@ def test_progress_bar_shows_steps_return_and_steps_per_second(algo, tmp_path):
 @requires_cuda
 @pytest.mark.parametrize("algo", ["dqn", "sac"])
 def test_agent_runs_with_cudagraphs_on_cuda(algo, tmp_path):
-    run_agent(algo, *AGENT_ARGS[algo], "--sampler", "laber-mean", "--device", "cuda", "--cudagraphs",
-              "--out", str(tmp_path))
+    run_agent(
+        algo, *AGENT_ARGS[algo], "--sampler", "laber-mean", "--device", "cuda", "--cudagraphs", "--out", str(tmp_path)
+    )
     assert read_csv(tmp_path / "eval.csv")[0]["step"] == "300"
     assert_returns_possible(tmp_path, AGENT_ARGS[algo][1])

@@ -2,9 +2,9 @@
 Nature-DQN network, the replay layout that stores 2 of a transition's 8 frames (re-stacked exactly,
 saved with the buffer, 4x smaller per transition), the Dopamine defaults, and each agent a few
 hundred steps with each sampler."""
-import math
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -68,8 +68,9 @@ def _breakout_replay(sampler: str, buffer_size: int, steps: int, restack: bool =
     loss_module, _ = dqn.build_dqn(dqn.env_defaults("ALE/Breakout-v5"), env, torch.device("cpu"))
     HardUpdate(loss_module, value_network_update_interval=2_000)
     if restack:  # the agent's buffer, which re-stacks Atari frames
-        cfg = dataclasses.replace(dqn.env_defaults("ALE/Breakout-v5"), sampler=sampler, buffer_size=buffer_size,
-                                  batch_size=8, m=4)
+        cfg = dataclasses.replace(
+            dqn.env_defaults("ALE/Breakout-v5"), sampler=sampler, buffer_size=buffer_size, batch_size=8, m=4
+        )
         replay, _ = dqn.make_replay(cfg, loss_module, env, torch.device("cpu"))
     else:  # every stack stored whole
         replay = TensorDictReplayBuffer(storage=LazyTensorStorage(buffer_size), batch_size=8)
@@ -120,8 +121,9 @@ def test_per_and_laber_run_on_the_restacked_atari_batch(sampler, monkeypatch):
     scored = []
     if sampler == "laber-mean":  # LaBER scores the m*B rows after the buffer re-stacked them
         select = replay.sampler.laber.selection
-        monkeypatch.setattr(replay.sampler.laber, "selection", lambda large, *a, **k: scored.append(large)
-                            or select(large, *a, **k))
+        monkeypatch.setattr(
+            replay.sampler.laber, "selection", lambda large, *a, **k: scored.append(large) or select(large, *a, **k)
+        )
     batch = replay.sample()
     assert batch.shape == (8,) and batch["observation"].shape == (8, 4, 84, 84)
     assert _assert_restacked_exactly(replay, written, batch) == 0  # nothing overwritten yet
@@ -164,16 +166,36 @@ def test_memory_per_transition():
 
 
 # Dopamine's dqn.gin / c51.gin and the LaBER paper's Table 2 (docs/agents.md says which is which).
-DOPAMINE = dict(batch_size=32, learning_starts=20_000, train_freq=4, gradient_steps=1, buffer_size=1_000_000,
-                lr=2.5e-4, gamma=0.99, lr_schedule="constant", target_tau=0.0, target_update=2_000,
-                end_epsilon=0.01, exploration_steps=250_000, max_grad_norm=0.0, clip_rewards=True,
-                eval_epsilon=0.001, total_steps=50_000_000)
+DOPAMINE = dict(
+    batch_size=32,
+    learning_starts=20_000,
+    train_freq=4,
+    gradient_steps=1,
+    buffer_size=1_000_000,
+    lr=2.5e-4,
+    gamma=0.99,
+    lr_schedule="constant",
+    target_tau=0.0,
+    target_update=2_000,
+    end_epsilon=0.01,
+    exploration_steps=250_000,
+    max_grad_norm=0.0,
+    clip_rewards=True,
+    eval_epsilon=0.001,
+    total_steps=50_000_000,
+)
 
 
-@pytest.mark.parametrize("algo, expected", [
-    ("dqn", {**DOPAMINE, "optimizer": "rmsprop", "optimizer_eps": 1e-5, "double_dqn": False, "loss": "huber"}),
-    ("c51", {**DOPAMINE, "optimizer": "adam", "optimizer_eps": 0.0003125, "atoms": 51, "v_min": -10.0, "v_max": 10.0}),
-])
+@pytest.mark.parametrize(
+    "algo, expected",
+    [
+        ("dqn", {**DOPAMINE, "optimizer": "rmsprop", "optimizer_eps": 1e-5, "double_dqn": False, "loss": "huber"}),
+        (
+            "c51",
+            {**DOPAMINE, "optimizer": "adam", "optimizer_eps": 0.0003125, "atoms": 51, "v_min": -10.0, "v_max": 10.0},
+        ),
+    ],
+)
 def test_atari_defaults_are_dopamines(algo, expected):
     agent = {"dqn": dqn, "c51": c51}[algo]
     cfg = common.cli(agent.env_defaults, agent.Config.env_id, ["--env-id", "ALE/Pong-v5"])
@@ -185,8 +207,24 @@ def test_atari_defaults_are_dopamines(algo, expected):
 
 # Pong, not Breakout: an untrained greedy Breakout agent that never presses FIRE plays all 27 000
 # steps of an evaluation episode; Pong's opponent ends the game within about a thousand.
-TINY = ["--env-id", "ALE/Pong-v5", "--total-steps", "300", "--learning-starts", "100", "--buffer-size", "1000",
-        "--train-freq", "4", "--batch-size", "8", "--eval-every", "300", "--eval-episodes", "1"]
+TINY = [
+    "--env-id",
+    "ALE/Pong-v5",
+    "--total-steps",
+    "300",
+    "--learning-starts",
+    "100",
+    "--buffer-size",
+    "1000",
+    "--train-freq",
+    "4",
+    "--batch-size",
+    "8",
+    "--eval-every",
+    "300",
+    "--eval-episodes",
+    "1",
+]
 
 
 @pytest.mark.slow
@@ -204,4 +242,3 @@ def test_agent_runs_on_atari_with_each_sampler(algo, sampler, tmp_path):
     assert config["clip_rewards"] == "True" and config["optimizer"] == ("rmsprop" if algo == "dqn" else "adam")
     assert (tmp_path / "checkpoint" / "state.pt").exists()
     assert (tmp_path / "checkpoint" / "buffer" / "transform.t").exists()  # the re-stacking state (--keep-buffer)
-

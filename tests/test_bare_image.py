@@ -2,6 +2,7 @@
 dependencies (torchrl, tensordict). The first H200 run collected 0 GPU tests there, because the
 doctest collection imported the agents' extras. Here those extras are hidden from a subprocess
 (``find_spec`` says they are not installed, importing them fails), as on such an image."""
+
 import subprocess
 import sys
 import textwrap
@@ -11,12 +12,28 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # What `make install` adds beyond the library's dependencies and the GPU image's own packages.
-OPTIONAL = ("tyro", "gymnasium", "tqdm", "minatar", "rliable", "ale_py", "cv2", "ray", "wandb", "tensorboard", "mujoco",
-            "cpprb", "matplotlib", "pandas", "seaborn")
+OPTIONAL = (
+    "tyro",
+    "gymnasium",
+    "tqdm",
+    "minatar",
+    "rliable",
+    "ale_py",
+    "cv2",
+    "ray",
+    "wandb",
+    "tensorboard",
+    "mujoco",
+    "cpprb",
+    "matplotlib",
+    "pandas",
+    "seaborn",
+)
 
 
 def run_without_extras(tmp_path: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent(f"""
+    (tmp_path / "sitecustomize.py").write_text(
+        textwrap.dedent(f"""
         import importlib.util, sys
         HIDDEN = {set(OPTIONAL)!r}
         _find_spec = importlib.util.find_spec
@@ -31,16 +48,17 @@ def run_without_extras(tmp_path: Path, *args: str, timeout: int = 600) -> subpro
 
         importlib.util.find_spec = find_spec
         sys.meta_path.insert(0, Hide())
-    """))
-    env = {"PYTHONPATH": f"{tmp_path}:{ROOT}", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
-           "OMP_NUM_THREADS": "1"}
+    """)
+    )
+    env = {"PYTHONPATH": f"{tmp_path}:{ROOT}", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow
 def test_gpu_tests_collect_without_the_extras(tmp_path):
-    proc = run_without_extras(tmp_path, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                              "-p", "no:xdist", "-m", "gpu")
+    proc = run_without_extras(
+        tmp_path, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-m", "gpu"
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "error" not in out.lower(), out[-4000:]
@@ -55,8 +73,16 @@ def test_gpu_tests_collect_without_the_extras(tmp_path):
 def test_gpu_check_says_which_steps_ran_without_the_extras(tmp_path):
     """The import step runs first and passes; the update benchmark, which needs the agents, is
     reported as not run, in the output and in the summary; the check does not fail for it."""
-    proc = run_without_extras(tmp_path, "perf/gpu_check.py", "--cpu-smoke", "--results-dir", str(tmp_path / "results"),
-                              "--only", "import", "update")
+    proc = run_without_extras(
+        tmp_path,
+        "perf/gpu_check.py",
+        "--cpu-smoke",
+        "--results-dir",
+        str(tmp_path / "results"),
+        "--only",
+        "import",
+        "update",
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "import ok" in out

@@ -1,6 +1,7 @@
 """``experiments.compare``: rliable's metrics on hand-made scores with known answers, the batch-size sweep's
 table and plot (diagnostics where runs wrote them), the multi-task aggregation and its performance
 profile, and real runs in subprocesses (a tiny sweep; a failed run reported, the others kept)."""
+
 import csv
 import json
 import subprocess
@@ -33,13 +34,20 @@ def fake_run(folder: Path, env_id: str, returns: list[float], diagnostics: list[
     steps = [300 * (i + 1) for i in range(len(returns))]
     rows = "".join(f"{s},{r},{s / 100},100.0\n" for s, r in zip(steps, returns))
     (folder / "eval.csv").write_text("step,eval_return,wall_time,steps_per_s\n" + rows)
-    settings = {"env_id": env_id, "total_steps": 600, "learning_starts": 200, "train_freq": 20, "gradient_steps": 4,
-                **config}
+    settings = {
+        "env_id": env_id,
+        "total_steps": 600,
+        "learning_starts": 200,
+        "train_freq": 20,
+        "gradient_steps": 4,
+        **config,
+    }
     (folder / "config.txt").write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
     if diagnostics:
         keys = list(diagnostics[0])
         (folder / "diagnostics.csv").write_text(
-            ",".join(keys) + "\n" + "".join(",".join(str(d[k]) for k in keys) + "\n" for d in diagnostics))
+            ",".join(keys) + "\n" + "".join(",".join(str(d[k]) for k in keys) + "\n" for d in diagnostics)
+        )
     return folder
 
 
@@ -47,8 +55,7 @@ def fake_run(folder: Path, env_id: str, returns: list[float], diagnostics: list[
 # The metrics
 
 
-@pytest.mark.parametrize("runs, tasks", [(2, 1), (3, 1), (5, 1), (7, 3), (12, 2)],
-                         ids=lambda v: str(v))
+@pytest.mark.parametrize("runs, tasks", [(2, 1), (3, 1), (5, 1), (7, 3), (12, 2)], ids=lambda v: str(v))
 def test_iqm_is_the_25_percent_trimmed_mean_of_all_scores(runs, tasks):
     rng = np.random.default_rng(runs * 10 + tasks)
     scores = rng.normal(100, 30, (runs, tasks)) * rng.choice([1, 1, 10], (runs, tasks))  # outliers to trim
@@ -100,13 +107,20 @@ def test_optimality_gap_on_normalised_returns():
     assert stats.normalise(np.array([1.0]), "MountainCar-v0") is None
 
 
-@pytest.mark.parametrize("total, start, freq, steps", [(600, 200, 20, 4), (50_000, 1_000, 256, 128), (1000, 0, 1, 1),
-                                                       (300, 100, 7, 3)], ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "total, start, freq, steps",
+    [(600, 200, 20, 4), (50_000, 1_000, 256, 128), (1000, 0, 1, 1), (300, 100, 7, 3)],
+    ids=lambda v: str(v),
+)
 def test_gradient_steps_counts_the_dqn_loop(total, start, freq, steps):
     # The condition of agents/dqn.py's and agents/c51.py's loop, step by step.
     expected = sum(steps for s in range(total) if s >= start and (s + 1) % freq == 0)
-    config = {"total_steps": str(total), "learning_starts": str(start), "train_freq": str(freq),
-              "gradient_steps": str(steps)}
+    config = {
+        "total_steps": str(total),
+        "learning_starts": str(start),
+        "train_freq": str(freq),
+        "gradient_steps": str(steps),
+    }
     assert gradient_steps("dqn", config) == expected
     assert gradient_steps("dqn", {"total_steps": "10"}) is None
 
@@ -116,19 +130,39 @@ def test_gradient_steps_counts_the_dqn_loop(total, start, freq, steps):
 
 
 def sweep_of(tmp_path: Path, with_diagnostics: bool) -> tuple[compare.Config, list[dict]]:
-    cfg = compare.Config(algo="dqn", env_id="CartPole-v1", samplers=["uniform", "laber-mean"], seeds=[0, 1],
-                         batch_sizes=[8, 16], out=tmp_path, bootstrap=200)
+    cfg = compare.Config(
+        algo="dqn",
+        env_id="CartPole-v1",
+        samplers=["uniform", "laber-mean"],
+        seeds=[0, 1],
+        batch_sizes=[8, 16],
+        out=tmp_path,
+        bootstrap=200,
+    )
     runs = []
     for b in cfg.batch_sizes:
         for i, s in enumerate(cfg.samplers):
             for k in cfg.seeds:
-                diagnostics = [{"step": 300, "grad_norm": 9.0, "srank": 1.0},
-                               {"step": 600, "grad_norm": b + i + k, "srank": 10 * b}] if with_diagnostics else []
-                folder = fake_run(tmp_path / f"bs{b}" / s / f"seed{k}", "CartPole-v1", [10.0, b + 10 * i + k],
-                                  diagnostics, batch_size=b)
+                diagnostics = (
+                    [
+                        {"step": 300, "grad_norm": 9.0, "srank": 1.0},
+                        {"step": 600, "grad_norm": b + i + k, "srank": 10 * b},
+                    ]
+                    if with_diagnostics
+                    else []
+                )
+                folder = fake_run(
+                    tmp_path / f"bs{b}" / s / f"seed{k}",
+                    "CartPole-v1",
+                    [10.0, b + 10 * i + k],
+                    diagnostics,
+                    batch_size=b,
+                )
                 runs.append(Run(s, k, folder, batch_size=b, returncode=0, wall_time=b + i))
-    rows_by_batch = {b: stats.summarise([r for r in runs if r.batch_size == b], cfg.samplers, cfg.env_id, 200)
-                     for b in cfg.batch_sizes}
+    rows_by_batch = {
+        b: stats.summarise([r for r in runs if r.batch_size == b], cfg.samplers, cfg.env_id, 200)
+        for b in cfg.batch_sizes
+    }
     rows = sweep.sweep_rows(cfg, runs, rows_by_batch)
     sweep.write_sweep(cfg, rows)
     sweep.plot_sweep(cfg, rows)
@@ -137,11 +171,16 @@ def sweep_of(tmp_path: Path, with_diagnostics: bool) -> tuple[compare.Config, li
 
 def test_sweep_table_reports_iqm_time_and_final_diagnostics(tmp_path):
     cfg, rows = sweep_of(tmp_path, with_diagnostics=True)
-    assert [(r["batch_size"], r["sampler"]) for r in rows] == [(8, "uniform"), (8, "laber-mean"), (16, "uniform"),
-                                                               (16, "laber-mean")]
+    assert [(r["batch_size"], r["sampler"]) for r in rows] == [
+        (8, "uniform"),
+        (8, "laber-mean"),
+        (16, "uniform"),
+        (16, "laber-mean"),
+    ]
     table = (tmp_path / "sweep.md").read_text()
-    assert ("| batch size | sampler | runs | gradient steps | IQM [95% CI] | wall time (s) | grad_norm | srank |"
-            in table)
+    assert (
+        "| batch size | sampler | runs | gradient steps | IQM [95% CI] | wall time (s) | grad_norm | srank |" in table
+    )
     # bs 16, laber-mean: finals 26, 27 (IQM of two keeps both), wall time 17, grad_norm (17 + 18) / 2, srank 160.
     assert "| 16 | laber-mean | 2 | 80 | 26.5 [26.0, 27.0] | 17 | 17.5 | 160 |" in table
     csv_rows = read_csv(tmp_path / "sweep.csv")
@@ -163,9 +202,11 @@ def test_sweep_without_diagnostics_leaves_their_columns_out(tmp_path):
 
 
 def test_aggregate_over_tasks_writes_table_profiles_and_skips_an_unknown_task(tmp_path):
-    finals = {"cartpole": ("CartPole-v1", {"uniform": [100.0, 500.0, 300.0], "laber-mean": [500.0, 450.0, 400.0]}),
-              "acrobot": ("Acrobot-v1", {"uniform": [-100.0, -200.0, -90.0], "laber-mean": [-80.0, -85.0, -90.0]}),
-              "mountaincar": ("MountainCar-v0", {"uniform": [-200.0] * 3, "laber-mean": [-110.0] * 3})}
+    finals = {
+        "cartpole": ("CartPole-v1", {"uniform": [100.0, 500.0, 300.0], "laber-mean": [500.0, 450.0, 400.0]}),
+        "acrobot": ("Acrobot-v1", {"uniform": [-100.0, -200.0, -90.0], "laber-mean": [-80.0, -85.0, -90.0]}),
+        "mountaincar": ("MountainCar-v0", {"uniform": [-200.0] * 3, "laber-mean": [-110.0] * 3}),
+    }
     for task, (env_id, by_sampler) in finals.items():
         for sampler, returns in by_sampler.items():
             for seed, value in enumerate(returns):
@@ -174,8 +215,10 @@ def test_aggregate_over_tasks_writes_table_profiles_and_skips_an_unknown_task(tm
     out = tmp_path / "all"
     rows = compare.main(compare.Config(aggregate=[tmp_path / t for t in finals], out=out, bootstrap=300))
 
-    normalised = {s: np.array([[finals["cartpole"][1][s][k] / 500, (finals["acrobot"][1][s][k] + 500) / 500]
-                               for k in range(3)]) for s in ("uniform", "laber-mean")}
+    normalised = {
+        s: np.array([[finals["cartpole"][1][s][k] / 500, (finals["acrobot"][1][s][k] + 500) / 500] for k in range(3)])
+        for s in ("uniform", "laber-mean")
+    }
     assert [r["sampler"] for r in rows] == ["laber-mean", "uniform"]  # sorted: no results.csv in the folders
     for row in rows:
         x = normalised[row["sampler"]]
@@ -205,8 +248,18 @@ def run_compare(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_compare_writes_table_and_plot_and_survives_a_failed_run(tmp_path):
     out = tmp_path / "cmp"
-    run_compare("--samplers", "laber-mean", "uniform", "no-such-sampler", "--seeds", "0", "1", "--out", str(out),
-                "--extra=" + " ".join(DISCRETE[2:]))
+    run_compare(
+        "--samplers",
+        "laber-mean",
+        "uniform",
+        "no-such-sampler",
+        "--seeds",
+        "0",
+        "1",
+        "--out",
+        str(out),
+        "--extra=" + " ".join(DISCRETE[2:]),
+    )
     table = (out / "results.md").read_text()
     assert "| laber-mean | 2 |" in table and "| uniform | 2 |" in table
     assert "| no-such-sampler | 0 (2 failed) |" in table and "Failed runs:" in table
@@ -223,9 +276,23 @@ def test_compare_writes_table_and_plot_and_survives_a_failed_run(tmp_path):
 @pytest.mark.slow
 def test_batch_size_sweep_runs_each_size_at_the_same_gradient_steps(tmp_path):
     out = tmp_path / "sweep"
-    run_compare("--env-id", "CartPole-v1", "--samplers", "uniform", "laber-mean", "--seeds", "0",
-                "--batch-sizes", "8", "16", "--total-steps", "600", "--out", str(out),
-                "--extra=--learning-starts 200 --eval-every 300 --eval-episodes 2 --train-freq 50 --gradient-steps 5")
+    run_compare(
+        "--env-id",
+        "CartPole-v1",
+        "--samplers",
+        "uniform",
+        "laber-mean",
+        "--seeds",
+        "0",
+        "--batch-sizes",
+        "8",
+        "16",
+        "--total-steps",
+        "600",
+        "--out",
+        str(out),
+        "--extra=--learning-starts 200 --eval-every 300 --eval-episodes 2 --train-freq 50 --gradient-steps 5",
+    )
     for b in (8, 16):
         for sampler in ("uniform", "laber-mean"):
             config = (out / f"bs{b}" / sampler / "seed0" / "config.txt").read_text()
@@ -235,7 +302,11 @@ def test_batch_size_sweep_runs_each_size_at_the_same_gradient_steps(tmp_path):
         assert (out / f"bs{b}" / "curves.png").exists()
     rows = read_csv(out / "sweep.csv")
     assert [(r["batch_size"], r["sampler"], r["runs"]) for r in rows] == [
-        ("8", "uniform", "1"), ("8", "laber-mean", "1"), ("16", "uniform", "1"), ("16", "laber-mean", "1")]
+        ("8", "uniform", "1"),
+        ("8", "laber-mean", "1"),
+        ("16", "uniform", "1"),
+        ("16", "laber-mean", "1"),
+    ]
     assert {r["gradient_steps"] for r in rows} == {str((600 // 50 - 200 // 50) * 5)}
     table = (out / "sweep.md").read_text()
     assert "| 16 | laber-mean | 1 | 40 |" in table and "WARNING" not in table
@@ -248,11 +319,29 @@ def test_batch_sizes_refuse_a_batch_size_in_extra(tmp_path):
 
 
 def test_diagnostics_plot_from_the_runs_diagnostics_and_none_without(tmp_path):
-    rows = [{"step": s, "tv/uniform": 1.0, "tv/output": 0.1, "tv/last-layer": 0.05, "grad_norm": 2.0,
-             "grad_variance": 0.5, "srank": 40, "dormant_fraction": 0.2} for s in (1000, 2000)]
-    runs = [Run(sampler, seed, fake_run(tmp_path / sampler / f"seed{seed}", "CartPole-v1", [10, 20],
-                                                diagnostics=rows), returncode=0)
-            for sampler in ("uniform", "laber-mean") for seed in (0, 1)]
+    rows = [
+        {
+            "step": s,
+            "tv/uniform": 1.0,
+            "tv/output": 0.1,
+            "tv/last-layer": 0.05,
+            "grad_norm": 2.0,
+            "grad_variance": 0.5,
+            "srank": 40,
+            "dormant_fraction": 0.2,
+        }
+        for s in (1000, 2000)
+    ]
+    runs = [
+        Run(
+            sampler,
+            seed,
+            fake_run(tmp_path / sampler / f"seed{seed}", "CartPole-v1", [10, 20], diagnostics=rows),
+            returncode=0,
+        )
+        for sampler in ("uniform", "laber-mean")
+        for seed in (0, 1)
+    ]
     path = reports.plot_diagnostics(tmp_path, "DQN", runs, ["uniform", "laber-mean"])
     assert path == tmp_path / "diagnostics.png" and path.stat().st_size > 10_000
     bare = [Run("uniform", 0, fake_run(tmp_path / "bare", "CartPole-v1", [10, 20]), returncode=0)]
@@ -261,14 +350,24 @@ def test_diagnostics_plot_from_the_runs_diagnostics_and_none_without(tmp_path):
 
 def test_diagnostics_table_pools_every_measurement(tmp_path):
     def rows(tv_out, tv_last, ideal):
-        return [{"step": 1000 * (i + 1), "tv/uniform": 1.0, "tv/output": o, "tv/last-layer": last,
-                 "second_moment/uniform": 4.0 * m, "second_moment/ideal": m}
-                for i, (o, last, m) in enumerate(zip(tv_out, tv_last, ideal))]
+        return [
+            {
+                "step": 1000 * (i + 1),
+                "tv/uniform": 1.0,
+                "tv/output": o,
+                "tv/last-layer": last,
+                "second_moment/uniform": 4.0 * m,
+                "second_moment/ideal": m,
+            }
+            for i, (o, last, m) in enumerate(zip(tv_out, tv_last, ideal))
+        ]
+
     two = rows([0.1, 0.3], [0.2, 0.2], [1, 2])
-    runs = [Run("uniform", 0, fake_run(tmp_path / "a", "CartPole-v1", [1], two), returncode=0),
-            Run("laber-mean", 0, fake_run(tmp_path / "b", "CartPole-v1", [1], rows([0.5], [0.4], [3])),
-                        returncode=0),
-            Run("per", 0, fake_run(tmp_path / "c", "CartPole-v1", [1]), returncode=0)]  # no diagnostics
+    runs = [
+        Run("uniform", 0, fake_run(tmp_path / "a", "CartPole-v1", [1], two), returncode=0),
+        Run("laber-mean", 0, fake_run(tmp_path / "b", "CartPole-v1", [1], rows([0.5], [0.4], [3])), returncode=0),
+        Run("per", 0, fake_run(tmp_path / "c", "CartPole-v1", [1]), returncode=0),
+    ]  # no diagnostics
     table = reports.diagnostics_table(tmp_path, "DQN", runs).read_text()
     assert "2 runs, 3 measurements" in table
     assert "| tv/output | 0.3 [0.1, 0.5] |" in table and "| tv/last-layer | 0.2 [0.2, 0.4] |" in table
@@ -289,8 +388,22 @@ def launched_with(folder: Path, args: list[str]) -> None:
 def test_finished_run_matches_the_launched_arguments_and_needs_the_last_evaluation(tmp_path):
     """--reuse compares the run's args.json (issue 22: not a re-parse of config.txt), its folder and
     --resume aside, and needs eval.csv to reach total_steps."""
-    args = ["--env-id", "CartPole-v1", "--seed", "3", "--out", str(tmp_path / "run"), "--no-progress",
-            "--lr", "1e-3", "--hidden", "256", "256", "--total-steps", "600"]
+    args = [
+        "--env-id",
+        "CartPole-v1",
+        "--seed",
+        "3",
+        "--out",
+        str(tmp_path / "run"),
+        "--no-progress",
+        "--lr",
+        "1e-3",
+        "--hidden",
+        "256",
+        "256",
+        "--total-steps",
+        "600",
+    ]
     folder = fake_run(tmp_path / "run", "CartPole-v1", [10.0, 20.0], seed=3)
     assert finished_run(args, folder) is None  # no args.json: an unknown run is rerun, never reused
     launched_with(folder, args)
@@ -351,8 +464,13 @@ def test_reuse_resumes_an_interrupted_run_from_its_checkpoint(tmp_path, monkeypa
 
 
 def test_a_variant_entry_runs_its_sampler_with_its_arguments_under_its_label(tmp_path, monkeypatch):
-    cfg = compare.Config(samplers=["uniform", "last-layer=laber-mean --surrogate last-layer"], seeds=[0],
-                         total_steps=600, out=tmp_path, bootstrap=200)
+    cfg = compare.Config(
+        samplers=["uniform", "last-layer=laber-mean --surrogate last-layer"],
+        seeds=[0],
+        total_steps=600,
+        out=tmp_path,
+        bootstrap=200,
+    )
     launched = {}
 
     def run(cmd, **kwargs):

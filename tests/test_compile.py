@@ -4,6 +4,7 @@ The update is two graphs with the backward between them (see :mod:`torchsample.u
 objective (surrogate forward on the large batch, the LaBER op, the weighted loss) and the step
 (optimizer, target-network update). Each must have zero graph breaks.
 """
+
 import pytest
 import torch
 from torchrl.objectives import SoftUpdate

@@ -1,5 +1,6 @@
 """What each loss predicts and targets (torchsample.critics, torchsample.c51): the surrogates LaBER
 scores with are the gradient norms at the output, row by row, with TorchRL's own losses as the reference."""
+
 import pytest
 import torch
 from torchrl.objectives import DistributionalDQNLoss
@@ -41,7 +42,7 @@ def test_dqn_surrogate_is_the_gradient_norm_at_the_output(device, loss_function,
     norms = []
     for i in range(12):  # TorchRL's DQNLoss on one row; the bias gradient is dl/dQ(s_i, .)
         bias.grad = None
-        loss(td[i:i + 1])["loss"].sum().backward()  # TorchRL's DQNLoss.forward is the reference
+        loss(td[i : i + 1])["loss"].sum().backward()  # TorchRL's DQNLoss.forward is the reference
         norms.append(bias.grad.norm())
     torch.testing.assert_close(torch.stack(norms), surrogate, rtol=1e-4, atol=1e-6)
     if loss_function == "smooth_l1":
@@ -61,7 +62,7 @@ def test_c51_surrogate_is_the_gradient_norm_at_the_logits(device):
     bias = last_layer_bias(loss.value_network)
     for i in range(10):
         bias.grad = None
-        row = td[i:i + 1].clone()
+        row = td[i : i + 1].clone()
         row["action"] = row["action"].unsqueeze(-1)  # TorchRL's C51 reads a [1] action as one-hot
         reference(row)["loss"].sum().backward()
         grad = bias.grad.view(ATOMS, ACTIONS)
@@ -76,7 +77,7 @@ def test_twin_critic_surrogates_are_each_critics_gradient_norm(device, name):
     loss = LOSSES[name](device=device)
     td = batch(8, continuous=True, device=device)
     for i in range(8):
-        row = td[i:i + 1]
+        row = td[i : i + 1]
         torch.manual_seed(i)  # the same target noise / next-action sample as the loss below
         with torch.no_grad():
             pred, target = pred_and_target(loss, row)
@@ -102,12 +103,11 @@ def test_categorical_projection_matches_torchrl():
     reference.target_value_network_params.update(loss.target_value_network_params)
     torch.testing.assert_close(ours(td.clone())["loss"], reference(td.clone())["loss"].mean(), rtol=1e-5, atol=1e-6)
     support = torch.linspace(-1, 1, 5)
-    m = categorical_projection(torch.full((3, 5), 0.2), torch.tensor([0.0, 0.5, 9.0]), torch.tensor([1.0, 1.0, 1.0]),
-                               0.5, support)
+    m = categorical_projection(
+        torch.full((3, 5), 0.2), torch.tensor([0.0, 0.5, 9.0]), torch.tensor([1.0, 1.0, 1.0]), 0.5, support
+    )
     torch.testing.assert_close(m.sum(-1), torch.ones(3))
     assert m[2, -1] == 1.0  # everything clamped to v_max
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,10 +117,17 @@ def test_categorical_projection_matches_torchrl():
 def test_each_loss_family_has_its_view_and_keys():
     views = {name: critic_of(make()) for name, make in LOSSES.items()}
     assert {name: type(v).__name__ for name, v in views.items()} == {
-        "dqn": "DQNCritic", "c51": "C51Critic", "sac": "SACCritics", "td3": "TD3Critics"}
+        "dqn": "DQNCritic",
+        "c51": "C51Critic",
+        "sac": "SACCritics",
+        "td3": "TD3Critics",
+    }
     assert {name: v.loss_keys for name, v in views.items()} == {
-        "dqn": ("loss",), "c51": ("loss",), "sac": ("loss_qvalue", "loss_actor", "loss_alpha"),
-        "td3": ("loss_qvalue", "loss_actor")}
+        "dqn": ("loss",),
+        "c51": ("loss",),
+        "sac": ("loss_qvalue", "loss_actor", "loss_alpha"),
+        "td3": ("loss_qvalue", "loss_actor"),
+    }
     assert [v.num_critics for v in views.values()] == [1, 1, 2, 2]
     assert [v.loss_kind for v in views.values()] == ["l2", "categorical", "l2", "l2"]
 

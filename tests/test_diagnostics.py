@@ -1,4 +1,5 @@
 """Diagnostics (torchsample.diagnostics) on hand-made cases with known answers."""
+
 import math
 
 import pytest
@@ -98,8 +99,9 @@ def test_second_moment_never_drawn_samples():
 
 
 def test_sampling_diagnostics():
-    out = sampling_diagnostics(torch.tensor([10.0, 5.0]), {"output": torch.tensor([1.0, 4.0]),
-                                                          "exact": torch.tensor([2.0, 1.0])})
+    out = sampling_diagnostics(
+        torch.tensor([10.0, 5.0]), {"output": torch.tensor([1.0, 4.0]), "exact": torch.tensor([2.0, 1.0])}
+    )
     assert out["second_moment/uniform"].item() == pytest.approx(62.5)
     assert out["second_moment/ideal"].item() == pytest.approx(56.25)
     assert out["second_moment/output"].item() == pytest.approx(132.8125)
@@ -120,13 +122,16 @@ def with_singular_values(sigma, rows, seed=0):
     return u @ torch.diag(torch.tensor(sigma, dtype=torch.float64)) @ v.T
 
 
-@pytest.mark.parametrize("sigma, delta, expected", [
-    ([10.0, 5.0, 1.0, 0.1], 0.01, 3),    # 16 / 16.1 = 0.9938 >= 0.99 > 15 / 16.1
-    ([10.0, 5.0, 1.0, 0.1], 0.001, 4),
-    ([10.0, 5.0, 1.0, 0.1], 0.1, 2),     # 15 / 16.1 = 0.932 >= 0.9
-    ([1.0] * 8, 0.01, 8),                # isotropic: every direction counts
-    ([98.0, 1.5, 0.5, 0.0], 0.01, 2),    # 98 / 100 < 0.99 <= 99.5 / 100
-])
+@pytest.mark.parametrize(
+    "sigma, delta, expected",
+    [
+        ([10.0, 5.0, 1.0, 0.1], 0.01, 3),  # 16 / 16.1 = 0.9938 >= 0.99 > 15 / 16.1
+        ([10.0, 5.0, 1.0, 0.1], 0.001, 4),
+        ([10.0, 5.0, 1.0, 0.1], 0.1, 2),  # 15 / 16.1 = 0.932 >= 0.9
+        ([1.0] * 8, 0.01, 8),  # isotropic: every direction counts
+        ([98.0, 1.5, 0.5, 0.0], 0.01, 2),  # 98 / 100 < 0.99 <= 99.5 / 100
+    ],
+)
 def test_srank_known_spectra(sigma, delta, expected):
     features = with_singular_values(sigma, rows=32)
     assert srank(features, delta).item() == expected
@@ -153,7 +158,7 @@ def test_dormant_fraction_hand_made():
     a = torch.tensor([[0.0, 1.0, 2.0, 0.02], [0.0, -3.0, 2.0, 0.0]])  # |activation|: the sign does not count
     assert dormant_fraction(a).item() == 0.5
     assert dormant_fraction(a, tau=0.0).item() == 0.25
-    assert dormant_fraction(a, tau=0.009).item() == 0.25   # 0.00998 > 0.009
+    assert dormant_fraction(a, tau=0.009).item() == 0.25  # 0.00998 > 0.009
     assert dormant_fraction(a, tau=2.0).item() == 1.0
     assert dormant_fraction(a * 0.01).item() == 0.5  # scores are relative to the layer's mean
 
@@ -195,8 +200,8 @@ def per_row_gradients(critic, large, target):
     leaves = [p for p in critic.params.values(True, True) if p.requires_grad]
     rows = []
     for i in range(large.batch_size[0]):
-        pred = critic.prediction(large[i:i + 1])
-        loss = critic.per_sample_loss(pred, target[i:i + 1].expand_as(pred)).sum()
+        pred = critic.prediction(large[i : i + 1])
+        loss = critic.per_sample_loss(pred, target[i : i + 1].expand_as(pred)).sum()
         grads = torch.autograd.grad(loss, leaves)
         rows.append(torch.cat([g.flatten(1) if pred.dim() == 2 else g.flatten().unsqueeze(0) for g in grads], -1))
     return torch.stack(rows, 1).double()
@@ -205,8 +210,8 @@ def per_row_gradients(critic, large, target):
 @pytest.mark.parametrize("family", ["dqn", "sac"])
 def test_critic_diagnostics_against_per_row_gradients(family):
     from tests import setups
-    from torchsample.diagnostics import critic_diagnostics
     from torchsample.critics import critic_of
+    from torchsample.diagnostics import critic_diagnostics
 
     loss = setups.dqn_loss("smooth_l1", double_dqn=True) if family == "dqn" else setups.sac_loss()
     large, B = setups.batch(48, continuous=family == "sac"), 8

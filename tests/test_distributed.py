@@ -2,6 +2,7 @@
 down): the script runs end to end, the rows LaBER keeps are the remote storage's rows at their "index" with
 the paper's weights, PER's priorities arrive at the remote sampler, and a collector that dies loses nothing
 it wrote while the learner goes on."""
+
 import os
 import subprocess
 import sys
@@ -27,19 +28,51 @@ pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 # Small networks and batches: the tests check what moves where, not learning.
-CFG = distributed.Config(batch_size=16, m=4, hidden=32, buffer_size=4096, chunk=64, learning_starts=256,
-                         eval_episodes=1, log_every=1e9, collector_cpus=0.5)
-ROW_KEYS = ["observation", "action", ("next", "observation"), ("next", "reward"), ("next", "terminated"),
-            ("next", "done")]
+CFG = distributed.Config(
+    batch_size=16,
+    m=4,
+    hidden=32,
+    buffer_size=4096,
+    chunk=64,
+    learning_starts=256,
+    eval_episodes=1,
+    log_every=1e9,
+    collector_cpus=0.5,
+)
+ROW_KEYS = [
+    "observation",
+    "action",
+    ("next", "observation"),
+    ("next", "reward"),
+    ("next", "terminated"),
+    ("next", "done"),
+]
 
 
 def test_the_script_starts_its_own_cluster_trains_and_stops():
     """``python -m agents.distributed`` on its own loopback cluster (this test runs before the shared one)."""
-    cmd = [sys.executable, "-m", "agents.distributed", "--sampler", "laber-mean", "--collectors", "2",
-           "--total-steps", "800", "--learning-starts", "256", "--batch-size", "16", "--hidden", "32",
-           "--eval-episodes", "1"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=170,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "agents.distributed",
+        "--sampler",
+        "laber-mean",
+        "--collectors",
+        "2",
+        "--total-steps",
+        "800",
+        "--learning-starts",
+        "256",
+        "--batch-size",
+        "16",
+        "--hidden",
+        "32",
+        "--eval-episodes",
+        "1",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=170, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     assert "done: 800 steps, 272 updates" in proc.stdout  # (800 - 256) * 0.5 updates
     assert "final greedy evaluation return" in proc.stdout
@@ -51,7 +84,7 @@ def test_the_cluster_stops_on_error_and_the_environment_is_restored():
     with pytest.raises(ZeroDivisionError):
         with distributed.ray_cluster(None, num_cpus=1):
             assert ray.is_initialized()
-            1 / 0
+            raise ZeroDivisionError  # an error inside the block
     assert not ray.is_initialized()
     assert {name: os.environ.get(name) for name in distributed.LOCAL_ENV} == before
 
@@ -162,8 +195,9 @@ def test_a_dead_collector_loses_nothing_it_wrote_and_the_learner_goes_on(collect
     replay = distributed.make_replay(cfg)
     victim = distributed.start_collectors(cfg, 1)[0]
     result, logs = {}, []
-    run = threading.Thread(target=lambda: result.update(distributed.train(cfg, replay, [victim, collectors[1]],
-                                                                          log=logs.append)))
+    run = threading.Thread(
+        target=lambda: result.update(distributed.train(cfg, replay, [victim, collectors[1]], log=logs.append))
+    )
     try:
         run.start()
         deadline = time.monotonic() + 90

@@ -2,6 +2,7 @@
 ``make_replay`` on ``torchsample.GERSampler``): after an update, PER's sum tree holds the exact
 per-sample gradient norms of the rows the update used, measured one row at a time by autograd; and
 ``--diagnostics-every`` writes the diagnostics."""
+
 import csv
 import os
 import subprocess
@@ -89,10 +90,37 @@ def test_diagnostics_rows_must_be_a_count(rows):
 
 
 def run_dqn(out: Path, *args: str) -> None:
-    subprocess.run([sys.executable, "-m", "agents.dqn", "--env-id", "CartPole-v1", "--sampler", "laber-mean",
-                    "--total-steps", "600", "--learning-starts", "200", "--train-freq", "16", "--gradient-steps", "2",
-                    "--eval-every", "600", "--eval-episodes", "1", "--no-progress", "--out", str(out), *args],
-                   cwd=ROOT, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agents.dqn",
+            "--env-id",
+            "CartPole-v1",
+            "--sampler",
+            "laber-mean",
+            "--total-steps",
+            "600",
+            "--learning-starts",
+            "200",
+            "--train-freq",
+            "16",
+            "--gradient-steps",
+            "2",
+            "--eval-every",
+            "600",
+            "--eval-episodes",
+            "1",
+            "--no-progress",
+            "--out",
+            str(out),
+            *args,
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
 
 
 def test_diagnostics_every_writes_the_diagnostics_csv_and_leaves_the_run_as_it_was(tmp_path):
@@ -103,8 +131,9 @@ def test_diagnostics_every_writes_the_diagnostics_csv_and_leaves_the_run_as_it_w
     for name in ("train.csv", "eval.csv"):
         with_diagnostics, plain = (list(csv.DictReader((d / name).open())) for d in (out, tmp_path / "plain"))
         drop = ("wall_time", "steps_per_s")
-        assert [{k: v for k, v in r.items() if k not in drop} for r in with_diagnostics] == \
-               [{k: v for k, v in r.items() if k not in drop} for r in plain]
+        assert [{k: v for k, v in r.items() if k not in drop} for r in with_diagnostics] == [
+            {k: v for k, v in r.items() if k not in drop} for r in plain
+        ]
     rows = list(csv.DictReader((out / "diagnostics.csv").open()))
     # None at step 200: the first update comes at step 207 (train-freq 16), and diagnostics wait for it.
     assert [row["step"] for row in rows] == ["400", "600"]

@@ -1,5 +1,6 @@
 """Per-sample gradient norms (torchsample.gradnorms) against torch.func, row by row: the last layer's
 closed form for DQN, C51 and the SAC/TD3 critics, and the ghost norms of whole networks."""
+
 import pytest
 import torch
 from torch import nn
@@ -93,8 +94,9 @@ def test_last_layer_norm_dqn(loss_function, double_dqn):
     torch.testing.assert_close(pred, dqn_prediction(loss, loss.value_network_params, td))
     norms = critic_priorities(pred, target, critic.loss_kind, features=cap.features)
 
-    grads = per_sample_grads(lambda p, td, y: critic.per_sample_loss(dqn_prediction(loss, p, td), y),
-                             loss.value_network_params, td, target)
+    grads = per_sample_grads(
+        lambda p, td, y: critic.per_sample_loss(dqn_prediction(loss, p, td), y), loss.value_network_params, td, target
+    )
     assert_rows_close(norms, norms_of(grads, last_layer_keys(loss.value_network)))
     # The features matter: the ratio to the output surrogate varies from row to row.
     ratio = norms / output_gradient(pred, target, critic.loss_kind).abs()
@@ -111,8 +113,9 @@ def test_last_layer_norm_c51():
     assert cap.features.shape == (N, 16)
     norms = critic_priorities(pred, target, "categorical", features=cap.features)
 
-    grads = per_sample_grads(lambda p, td, m: critic.per_sample_loss(c51_prediction(loss, p, td), m),
-                             loss.value_network_params, td, target)
+    grads = per_sample_grads(
+        lambda p, td, m: critic.per_sample_loss(c51_prediction(loss, p, td), m), loss.value_network_params, td, target
+    )
     assert_rows_close(norms, norms_of(grads, last_layer_keys(loss.value_network)))
 
 
@@ -141,7 +144,10 @@ def test_last_layer_norm_twin_critics_under_vmap(make_loss):
     for c in range(2):
         grads = per_sample_grads(
             lambda p, rows, y: distance_loss(critic_prediction(loss, p, rows), y, loss.loss_function),
-            loss.qvalue_network_params[c], rows[c], targets[c])
+            loss.qvalue_network_params[c],
+            rows[c],
+            targets[c],
+        )
         assert_rows_close(norms[c], norms_of(grads, last_layer_keys(net)))
 
 
@@ -155,7 +161,7 @@ def test_captured_features_are_those_of_the_latest_call_in_the_block():
     net(x1)  # the hook is gone after the block
     assert cap.features.shape == (5, 4)
     with pytest.raises(RuntimeError, match="not called"), capture_last_layer_input(net) as cap:
-        cap.features
+        _ = cap.features
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,12 +173,13 @@ def test_per_sample_grads_match_one_backward_per_row():
     critic = critic_of(loss)
     td = batch(5)
     target = critic.target(td)
-    grads = per_sample_grads(lambda p, td, y: critic.per_sample_loss(dqn_prediction(loss, p, td), y),
-                             loss.value_network_params, td, target)
+    grads = per_sample_grads(
+        lambda p, td, y: critic.per_sample_loss(dqn_prediction(loss, p, td), y), loss.value_network_params, td, target
+    )
     params = loss.value_network_params
     keys = list(params.keys(True, True))
     for i in range(5):
-        row = critic.per_sample_loss(dqn_prediction(loss, params, td[i:i + 1]), target[i:i + 1]).sum()
+        row = critic.per_sample_loss(dqn_prediction(loss, params, td[i : i + 1]), target[i : i + 1]).sum()
         expected = torch.autograd.grad(row, [params.get(key) for key in keys])
         for key, g in zip(keys, expected):
             torch.testing.assert_close(grads.get(key)[i], g, rtol=1e-5, atol=1e-7)
@@ -184,9 +191,11 @@ def test_per_sample_grads_match_one_backward_per_row():
 
 def module_loss(net):
     """Squared TD error of the taken action, with ``net``'s parameters passed explicitly."""
+
     def per_sample_loss(params, x, action, y):
         q = functional_call(net, params, (x,)).gather(-1, action.unsqueeze(-1)).squeeze(-1)
         return (q - y) ** 2
+
     return per_sample_loss
 
 
@@ -200,13 +209,15 @@ def check_ghost(net, x, n_actions):
 
 
 def minatar_net(actions=ACTIONS):
-    return nn.Sequential(nn.Conv2d(4, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 128), nn.ReLU(),
-                         nn.Linear(128, actions))
+    return nn.Sequential(
+        nn.Conv2d(4, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, actions)
+    )
 
 
 def test_ghost_norms_mlp_cartpole_like():
-    check_ghost(nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2)),
-                torch.randn(N, 4), 2)
+    check_ghost(
+        nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2)), torch.randn(N, 4), 2
+    )
 
 
 def test_ghost_norms_minatar_conv_net():
@@ -215,14 +226,20 @@ def test_ghost_norms_minatar_conv_net():
     assert (norms > 0).all()
 
 
-@pytest.mark.parametrize("conv", [
-    pytest.param(dict(in_channels=8, out_channels=16, kernel_size=3, stride=2), id="gram-stride2"),
-    pytest.param(dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, padding_mode="reflect"),
-                 id="reflect-pad"),
-    pytest.param(dict(in_channels=4, out_channels=6, kernel_size=(3, 2), groups=2, bias=False, dilation=(1, 2)),
-                 id="groups2-dilated-nobias"),
-    pytest.param(dict(in_channels=4, out_channels=4, kernel_size=3, padding="same"), id="same"),
-])
+@pytest.mark.parametrize(
+    "conv",
+    [
+        pytest.param(dict(in_channels=8, out_channels=16, kernel_size=3, stride=2), id="gram-stride2"),
+        pytest.param(
+            dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, padding_mode="reflect"), id="reflect-pad"
+        ),
+        pytest.param(
+            dict(in_channels=4, out_channels=6, kernel_size=(3, 2), groups=2, bias=False, dilation=(1, 2)),
+            id="groups2-dilated-nobias",
+        ),
+        pytest.param(dict(in_channels=4, out_channels=4, kernel_size=3, padding="same"), id="same"),
+    ],
+)
 def test_ghost_norms_conv2d_variants(conv):
     layer = nn.Conv2d(**conv)
     net = nn.Sequential(layer, nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
@@ -285,8 +302,9 @@ def test_ghost_norms_dqn_loss_params():
         return critic.per_sample_loss(dqn_prediction(loss, p, td), y)
 
     ghost = exact_grad_norms(loss.value_network, per_sample_loss, loss.value_network_params, td, target)
-    reference = exact_grad_norms(loss.value_network, per_sample_loss, loss.value_network_params, td, target,
-                                 method="vmap")
+    reference = exact_grad_norms(
+        loss.value_network, per_sample_loss, loss.value_network_params, td, target, method="vmap"
+    )
     assert_rows_close(ghost, reference)
     # The last layer's share is below the whole network's norm, and not equal to it.
     with capture_last_layer_input(loss.value_network) as cap:
@@ -317,8 +335,9 @@ def test_ghost_norms_refuse_a_forward_under_vmap():
         return critic_of(loss).rows_prediction(td.expand(2, N))[0] - y  # TorchRL's vmapped critics
 
     with pytest.raises(RuntimeError, match="vmap"):
-        exact_grad_norms(loss.qvalue_network, per_sample_loss, loss.qvalue_network_params, td, torch.zeros(N),
-                         method="ghost")
+        exact_grad_norms(
+            loss.qvalue_network, per_sample_loss, loss.qvalue_network_params, td, torch.zeros(N), method="ghost"
+        )
 
 
 def test_bad_arguments():
@@ -332,8 +351,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="leading"):
         exact_grad_norms(net, module_loss(net), params, x, action, torch.randn(5))
     with pytest.raises(ValueError, match="require grad"):
-        exact_grad_norms(net, module_loss(net), {k: v.detach() for k, v in params.items()}, x, action, y,
-                         method="ghost")
+        exact_grad_norms(
+            net, module_loss(net), {k: v.detach() for k, v in params.items()}, x, action, y, method="ghost"
+        )
     with pytest.raises(ValueError, match="loss must be one of"):
         output_gradient(torch.zeros(3), torch.zeros(3), "l1")
     with pytest.raises(ValueError, match="same shape"):

@@ -1,5 +1,6 @@
 """LFIW: the f-divergence objective and its optimum, the ratio network on two Gaussians, the
 self-normalised weights, the two buffers, the threshold, and the composition with LaBER."""
+
 import math
 
 import numpy as np
@@ -210,8 +211,9 @@ def test_update_lowers_the_objective():
 
 def steps(start, stop):
     n = stop - start
-    return TensorDict({"step": torch.arange(start, stop), "observation": torch.randn(n, 4),
-                       "action": torch.rand(n, 2)}, [n])
+    return TensorDict(
+        {"step": torch.arange(start, stop), "observation": torch.randn(n, 4), "action": torch.rand(n, 2)}, [n]
+    )
 
 
 def test_fast_buffer_holds_the_most_recent_transitions_and_slow_all():

@@ -1,6 +1,7 @@
 """LFIW in the agents (``--sampler lfiw``, ``lfiw-laber-mean``, built by each agent's ``make_replay``): the
 critics' loss sees the self-normalised LFIW weights of the rows it trains on (times LaBER's with
 LaBER), the ratio network learns only past the threshold, and DQN and C51 refuse LFIW."""
+
 import os
 import re
 import subprocess
@@ -30,8 +31,15 @@ def pendulum_replay(algo: str, sampler: str, rows: int, temperature: float = 1.0
     ``rows`` random Pendulum transitions."""
     agent, build = ACTOR_CRITIC[algo]
     env = common.make_env("Pendulum-v1", 0)
-    cfg = agent.Config(hidden=(32, 32), sampler=sampler, batch_size=B, m=M, buffer_size=1_000, lfiw_fast_size=FAST,
-                       lfiw_temperature=temperature)
+    cfg = agent.Config(
+        hidden=(32, 32),
+        sampler=sampler,
+        batch_size=B,
+        m=M,
+        buffer_size=1_000,
+        lfiw_fast_size=FAST,
+        lfiw_temperature=temperature,
+    )
     loss_module, _ = build(cfg, env, CPU)
     SoftUpdate(loss_module, tau=0.005)  # the agent's target updater (without one TorchRL warns)
     rb, laber, lfiw, fast_slow = agent.make_replay(cfg, loss_module, env, CPU)
@@ -115,12 +123,20 @@ def test_the_ratio_network_learns_and_weighs_only_past_the_threshold():
     assert not all(torch.equal(a, b) for a, b in zip(params, lfiw.ratio_net.parameters()))
     assert not torch.equal(lfiw(rb.sample())["priority_weight"], torch.ones(B))
     stats = sac.lfiw_log(lfiw, fast_slow, ratio_loss, rows=B)
-    assert set(stats) == {"ratio_mean", "ratio_std", "ess", "ratio_loss", "slow_size"} and stats["slow_size"] == FAST + 1
+    assert (
+        set(stats) == {"ratio_mean", "ratio_std", "ess", "ratio_loss", "slow_size"} and stats["slow_size"] == FAST + 1
+    )
 
 
 def test_dqn_command_line_refuses_lfiw_naming_the_choices(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "agents.dqn", "--no-progress", "--sampler", "lfiw", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "agents.dqn", "--no-progress", "--sampler", "lfiw", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode != 0
     text = " ".join(re.sub("[│╭╮╰╯─]", " ", proc.stderr).split())
     assert "lfiw" in text and "laber-mean" in text  # tyro lists DQN's choices, which do not include LFIW
@@ -140,7 +156,11 @@ def test_help_shows_the_lfiw_options(algo, capsys):
     with pytest.raises(SystemExit):
         common.cli(agent.env_defaults, agent.Config.env_id, ["--help"])
     text = " ".join(re.sub("[│╭╮╰╯─]", " ", capsys.readouterr().out).split())
-    for option, default in [("--lfiw-fast-size", "10000"), ("--lfiw-temperature", "5.0"), ("--lfiw-f", "js"),
-                            ("--lfiw-log-every", "1000")]:
-        shown = text[text.index(f"{option} "):]
+    for option, default in [
+        ("--lfiw-fast-size", "10000"),
+        ("--lfiw-temperature", "5.0"),
+        ("--lfiw-f", "js"),
+        ("--lfiw-log-every", "1000"),
+    ]:
+        shown = text[text.index(f"{option} ") :]
         assert f"(default: {default})" in shown[:400], shown[:400]

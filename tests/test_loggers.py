@@ -2,19 +2,20 @@
 name, and ``<out>/train.csv`` / ``<out>/eval.csv`` (what ``experiments.compare`` reads) stay as they were.
 Each sink is read back: TorchRL's CSV files, TensorBoard's event files (``EventAccumulator``) and
 wandb's offline run (no network)."""
+
 import csv
 import os
 import time
 from pathlib import Path
 
 import pytest
+from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
 
 from tests.conftest import AGENT_DEPS, has, require  # noqa: E402
 
 require(*AGENT_DEPS)
 from agents import common  # noqa: E402
 from tests.test_agents import AGENT_ARGS, AGENTS, DISCRETE, read_csv, run_agent
-
 
 needs_tensorboard = pytest.mark.skipif(not has("tensorboard"), reason="needs tensorboard (the [loggers] extra)")
 needs_wandb = pytest.mark.skipif(not has("wandb"), reason="needs wandb (the [loggers] extra)")
@@ -132,6 +133,7 @@ def test_a_resumed_run_logs_to_the_same_wandb_run_and_a_fresh_one_to_a_new_one(t
 
     def ids():  # from each offline run's run-<id>.wandb: two runs in one second name the second folder <id>-1
         return [p.stem.split("-", 1)[1] for p in sorted((tmp_path / "wandb").rglob("offline-run-*/run-*.wandb"))]
+
     _log_three_rows(tmp_path, "wandb")
     _log_three_rows(tmp_path, "wandb", start_step=12)  # what --resume does: a new Logger on the same run folder
     first, resumed = ids()
@@ -147,11 +149,18 @@ def test_a_fresh_run_replaces_an_earlier_runs_files_and_a_resumed_one_keeps_them
     _log_three_rows(tmp_path, logger)
     _log_three_rows(tmp_path, logger, start_step=12)  # resumed at 12: the rows at 10 stay, 15 and 20 are rewritten
     assert (tmp_path / "train.csv").read_text().splitlines() == [
-        "step,episode_return,epsilon", "10,1.0,0.5", "10,1.0,0.5", "15,3.0,0.4"]
+        "step,episode_return,epsilon",
+        "10,1.0,0.5",
+        "10,1.0,0.5",
+        "15,3.0,0.4",
+    ]
     assert (tmp_path / "eval.csv").read_text().splitlines() == ["step,eval_return,steps_per_s", "20,2.5,nan"]
     _log_three_rows(tmp_path, logger)  # a fresh run: only its own rows, in the wide files and TorchRL's
     assert (tmp_path / "train.csv").read_text().splitlines() == [
-        "step,episode_return,epsilon", "10,1.0,0.5", "15,3.0,0.4"]
+        "step,episode_return,epsilon",
+        "10,1.0,0.5",
+        "15,3.0,0.4",
+    ]
     if logger == "csv":
         scalars = tmp_path / "csv" / "demo" / "scalars"
         assert (scalars / "train" / "episode_return.csv").read_text().splitlines() == ["10,1.0", "15,3.0"]
@@ -173,14 +182,17 @@ def test_a_resumed_runs_wall_time_counts_the_time_before_its_checkpoint(tmp_path
         cfg = common.RunOptions(progress=False, **options)
         cfg.out, cfg.total_steps, cfg.eval_every, cfg.eval_episodes = tmp_path, 50, 20, 1
         cfg.env_id, cfg.sampler = "CartPole-v1", "uniform"
-        buffer = common.TensorDictReplayBuffer(storage=common.LazyTensorStorage(100), batch_size=2)
-        loop = common.TrainingLoop(cfg, "demo", common.make_env(cfg.env_id, 0), buffer, {}, lambda obs: 0,
-                                   burn_in=10, bar_every=10, recent=5)
+        buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(100), batch_size=2)
+        loop = common.TrainingLoop(
+            cfg, "demo", common.make_env(cfg.env_id, 0), buffer, {}, lambda obs: 0, burn_in=10, bar_every=10, recent=5
+        )
         obs = loop.obs
         for step in loop.steps():
             time.sleep(0.01)
             next_obs, reward, terminated, truncated, _ = loop.env.step(1)
-            buffer.add(common.to_tensordict(obs, 1, reward, next_obs, terminated, truncated, common.torch.device("cpu")))
+            buffer.add(
+                common.to_tensordict(obs, 1, reward, next_obs, terminated, truncated, common.torch.device("cpu"))
+            )
             obs = loop.record(step, next_obs, reward, terminated or truncated)
             if loop.end_step(step, obs):
                 break

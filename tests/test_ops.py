@@ -4,6 +4,7 @@ Statistical tests use fixed seeds and a significance level fixed in advance (ALP
 assertion is a real hypothesis test whose tolerance follows from the sample size; the power tests
 show the same machinery rejects a wrong distribution.
 """
+
 import math
 
 import pytest
@@ -157,8 +158,9 @@ def test_select_priorities_are_the_surrogates(device, critics):
     huber = laber_select(q, y, 8, loss="huber", eps=0.0).priority
     torch.testing.assert_close(huber, (q - y).abs().clamp(max=1.0))
     assert huber.max() <= 1.0
-    torch.testing.assert_close(laber_select(q, y, 8, loss="huber", huber_delta=0.5, eps=0.0).priority,
-                               (q - y).abs().clamp(max=0.5))
+    torch.testing.assert_close(
+        laber_select(q, y, 8, loss="huber", huber_delta=0.5, eps=0.0).priority, (q - y).abs().clamp(max=0.5)
+    )
     logits = torch.randn(*lead, 257, 51, device=device)
     target = torch.softmax(torch.randn(*lead, 257, 51, device=device), -1)
     cat = laber_select(logits, target, 8, loss="categorical", eps=0.0)
@@ -216,8 +218,23 @@ def test_select_draws_in_proportion_to_the_surrogate(device):
         (torch.ones(4), {"eps": -1.0}, ValueError, "eps must be"),
         (torch.ones(4), {"eps": float("nan")}, ValueError, "eps must be"),
     ],
-    ids=["nan", "inf", "negative", "negative-eps0", "batch0", "batch-float", "batch-bool", "empty", "empty-rows",
-         "3d", "int", "list", "weighting", "eps-negative", "eps-nan"],
+    ids=[
+        "nan",
+        "inf",
+        "negative",
+        "negative-eps0",
+        "batch0",
+        "batch-float",
+        "batch-bool",
+        "empty",
+        "empty-rows",
+        "3d",
+        "int",
+        "list",
+        "weighting",
+        "eps-negative",
+        "eps-nan",
+    ],
 )
 def test_downsample_bad_input(priorities, kwargs, error, match):
     kwargs = {"batch_size": 2, **kwargs}
@@ -234,27 +251,75 @@ def test_downsample_bad_input(priorities, kwargs, error, match):
         (torch.ones(4), torch.ones(4), {"loss": "l1"}, ValueError, "loss must be one of"),
         (torch.ones(4), torch.ones(4), {"loss": "categorical"}, ValueError, r"pred must be \[N, K\]"),
         (torch.ones(2, 3, 4), torch.ones(2, 3, 4), {}, ValueError, r"pred must be \[N\] or \[C, N\]"),
-        (torch.tensor([0.0, float("nan")]), torch.zeros(2), {}, ValueError, "computed from pred and target contain NaN"),
+        (
+            torch.tensor([0.0, float("nan")]),
+            torch.zeros(2),
+            {},
+            ValueError,
+            "computed from pred and target contain NaN",
+        ),
         (torch.ones(4), torch.ones(4), {"huber_delta": 0.0, "loss": "huber"}, ValueError, "huber_delta"),
         (torch.ones(0), torch.ones(0), {}, ValueError, "pred is empty"),
         (torch.ones(4, dtype=torch.int32), torch.ones(4, dtype=torch.int32), {}, TypeError, "floating-point"),
-        (torch.ones(4), torch.ones(4), {"surrogate": "full"}, ValueError,
-         r"surrogate must be one of \('output', 'last-layer', 'exact'\)"),
+        (
+            torch.ones(4),
+            torch.ones(4),
+            {"surrogate": "full"},
+            ValueError,
+            r"surrogate must be one of \('output', 'last-layer', 'exact'\)",
+        ),
         (torch.ones(4), torch.ones(4), {"surrogate": "exact"}, ValueError, "use torchsample.LaBER"),
         (torch.ones(4), torch.ones(4), {"surrogate": "last-layer"}, ValueError, "needs features="),
         (torch.ones(4), torch.ones(4), {"features": torch.ones(4, 3)}, ValueError, "pass surrogate='last-layer'"),
-        (torch.ones(2, 4), torch.ones(2, 4), {"surrogate": "last-layer", "features": torch.ones(4, 3)}, ValueError,
-         r"features must be \[2, 4, D\]"),
-        (torch.ones(4, 5), torch.ones(4, 5), {"surrogate": "last-layer", "features": torch.ones(4, 5, 3),
-                                              "loss": "categorical"}, ValueError, r"features must be \[4, D\]"),
-        (torch.ones(4), torch.ones(4), {"surrogate": "last-layer", "features": torch.ones(4, 3, dtype=torch.int64)},
-         TypeError, "features must be a floating-point"),
-        (torch.ones(4), torch.ones(4), {"surrogate": "last-layer", "features": torch.ones(4, 3, device="meta")},
-         ValueError, "features must be on pred's device"),
+        (
+            torch.ones(2, 4),
+            torch.ones(2, 4),
+            {"surrogate": "last-layer", "features": torch.ones(4, 3)},
+            ValueError,
+            r"features must be \[2, 4, D\]",
+        ),
+        (
+            torch.ones(4, 5),
+            torch.ones(4, 5),
+            {"surrogate": "last-layer", "features": torch.ones(4, 5, 3), "loss": "categorical"},
+            ValueError,
+            r"features must be \[4, D\]",
+        ),
+        (
+            torch.ones(4),
+            torch.ones(4),
+            {"surrogate": "last-layer", "features": torch.ones(4, 3, dtype=torch.int64)},
+            TypeError,
+            "features must be a floating-point",
+        ),
+        (
+            torch.ones(4),
+            torch.ones(4),
+            {"surrogate": "last-layer", "features": torch.ones(4, 3, device="meta")},
+            ValueError,
+            "features must be on pred's device",
+        ),
     ],
-    ids=["shape", "dtype", "device", "loss", "categorical-1d", "3d", "nan", "huber-delta", "empty", "int",
-         "surrogate", "exact", "last-layer-no-features", "features-without-last-layer", "features-rows",
-         "features-categorical-rows", "features-int", "features-device"],
+    ids=[
+        "shape",
+        "dtype",
+        "device",
+        "loss",
+        "categorical-1d",
+        "3d",
+        "nan",
+        "huber-delta",
+        "empty",
+        "int",
+        "surrogate",
+        "exact",
+        "last-layer-no-features",
+        "features-without-last-layer",
+        "features-rows",
+        "features-categorical-rows",
+        "features-int",
+        "features-device",
+    ],
 )
 def test_select_bad_input(pred, target, kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -1,6 +1,6 @@
 """The helpers perf/ shares (timer, CSV), the kernel benchmark's exactness check and the GPU summary, on CPU."""
+
 import time
-from pathlib import Path
 
 import torch
 
@@ -38,8 +38,9 @@ def test_timer_cuda_branch_reads_events_after_each_turn(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     sleep = common.repeat(lambda: time.sleep(1e-3), 2)
-    timings = common.time_interleaved({"sleep": sleep, "none": lambda: None}, samples=5, warmup=1, device="cuda",
-                                      samples_per_turn=2)
+    timings = common.time_interleaved(
+        {"sleep": sleep, "none": lambda: None}, samples=5, warmup=1, device="cuda", samples_per_turn=2
+    )
     assert {k: t.samples for k, t in timings.items()} == {"sleep": 5, "none": 5}
     assert 1e-3 <= timings["sleep"].median < 3e-3 and timings["none"].median < 1e-3
 
@@ -48,8 +49,9 @@ def test_csv_rows_carry_device_and_versions(tmp_path, monkeypatch):
     monkeypatch.setenv("GIT_COMMIT", "abc123")
     env = common.environment("cpu")
     assert env["torch"] == torch.__version__ and env["git_commit"] == "abc123" and env["device"].startswith("cpu:")
-    path = common.write_csv(tmp_path / "x.csv", [{"op": "a", "median_us": 1.5}, {"op": "b", "device": "other"}],
-                            ["op", "median_us"], env)
+    path = common.write_csv(
+        tmp_path / "x.csv", [{"op": "a", "median_us": 1.5}, {"op": "b", "device": "other"}], ["op", "median_us"], env
+    )
     rows = common.read_csv(path)
     assert list(rows[0]) == ["op", "median_us", *common.ENV_COLUMNS]
     assert [r["device"] for r in rows] == [env["device"], "other"]
@@ -84,8 +86,14 @@ def test_gpu_summary_renders_cuda_rows():
         {**timing, "variant": "multinomial", "mode": "graph", "median_us": "4", "time_vs_naive": "0.4"},
         {**timing, "sweep": "floor", "variant": "laber", "mode": "cold", "median_us": "300", "value": "2.5"},
         {**timing, "sweep": "floor", "variant": "floor", "mode": "cold", "median_us": "120"},
-        {**timing, "sweep": "exactness:chisquare-items", "variant": "laber", "mode": "graph", "value": "0.3",
-         "note": "pass; chi2 1, dof 1"},
+        {
+            **timing,
+            "sweep": "exactness:chisquare-items",
+            "variant": "laber",
+            "mode": "graph",
+            "value": "0.3",
+            "note": "pass; chi2 1, dof 1",
+        },
     ]
     text = "\n".join(gpu_check.kernel_section(kernel))
     assert "| l2 | 1 | 16384 | 32 | 1 | 10.0 | 4.00x | 5.0 | 2.00x | 4.0 | 26.0 |" in text
@@ -93,9 +101,19 @@ def test_gpu_summary_renders_cuda_rows():
     assert "naive / fused, graph: 2.00x to 2.00x (target >= 3x: not met" in text
     assert "2.50x the floor (target <= 5x: met)" in text
     assert "| chisquare-items | laber | graph | 0.3 | pass: chi2 1, dof 1 |" in text
-    update = [{"model": "dqn-minatar", "mode": mode, "sampler": sampler, "median_ms": ms, "vs_uniform": "", "vs_per": "",
-               "vs_large-batch": "", "note": ""}
-              for mode, sampler, ms in [("compiled", "uniform", "1.0"), ("cudagraph", "laber-mean", "1.1")]]
+    update = [
+        {
+            "model": "dqn-minatar",
+            "mode": mode,
+            "sampler": sampler,
+            "median_ms": ms,
+            "vs_uniform": "",
+            "vs_per": "",
+            "vs_large-batch": "",
+            "note": "",
+        }
+        for mode, sampler, ms in [("compiled", "uniform", "1.0"), ("cudagraph", "laber-mean", "1.1")]
+    ]
     text = "\n".join(gpu_check.update_section(update))
     assert "dqn-minatar: 1.10x the compiled uniform update (target <= 1.15x); vs PER not measured" in text
 

@@ -1,4 +1,5 @@
 """LaBERSampler: LaBER on TorchRL's sampler extension point, in TensorDictReplayBuffer."""
+
 import pytest
 import torch
 from tensordict import TensorDict
@@ -143,12 +144,14 @@ def test_transform_prepares_the_large_batch_before_scoring():
 
 def test_a_weight_the_transform_writes_multiplies_labers():
     """LFIW weighs the large batch before LaBER keeps B (``lfiw-laber-mean``): the kept rows carry both."""
+
     def weigh(td):
         return td.set("priority_weight", td["index"].float() + 1)  # a weight that differs per storage row
 
     sampler = LaBERSampler(LaBER(dqn_loss(), batch_size=8), m=4, transform=weigh)
-    rb = TensorDictReplayBuffer(storage=LazyTensorStorage(1000), sampler=sampler, batch_size=8,
-                                generator=torch.Generator().manual_seed(0))
+    rb = TensorDictReplayBuffer(
+        storage=LazyTensorStorage(1000), sampler=sampler, batch_size=8, generator=torch.Generator().manual_seed(0)
+    )
     rb.extend(batch(200))
     state = rb._rng.get_state()
     weighted = rb.sample()

@@ -6,12 +6,12 @@ wrapping the uniform and the prioritized sampler: storages, the buffer's generat
 from tensordicts, storages that already hold data, iteration, schedulers, plain-tensor data,
 LaBER as a transform, pickling and prefetching.
 """
+
 import copy
 import pickle
 
 import pytest
 import torch
-from tensordict import TensorDict
 from torchrl.data import (
     LazyMemmapStorage,
     LazyTensorStorage,
@@ -41,8 +41,9 @@ def per(capacity=1000):
 
 
 def filled(sampler, storage=None, rows=ROWS, **kwargs):
-    rb = TensorDictReplayBuffer(storage=storage if storage is not None else LazyTensorStorage(1000), sampler=sampler,
-                                batch_size=B, **kwargs)
+    rb = TensorDictReplayBuffer(
+        storage=storage if storage is not None else LazyTensorStorage(1000), sampler=sampler, batch_size=B, **kwargs
+    )
     rb.extend(batch(rows))
     return rb
 
@@ -55,17 +56,26 @@ def rows_of(sample):
 # 1. Storages
 
 
-@pytest.mark.parametrize("make_storage", [lambda tmp: ListStorage(1000), lambda tmp: LazyTensorStorage(1000),
-                                          lambda tmp: LazyMemmapStorage(1000, scratch_dir=tmp)],
-                         ids=["ListStorage", "LazyTensorStorage", "LazyMemmapStorage"])
+@pytest.mark.parametrize(
+    "make_storage",
+    [
+        lambda tmp: ListStorage(1000),
+        lambda tmp: LazyTensorStorage(1000),
+        lambda tmp: LazyMemmapStorage(1000, scratch_dir=tmp),
+    ],
+    ids=["ListStorage", "LazyTensorStorage", "LazyMemmapStorage"],
+)
 @pytest.mark.parametrize("prioritized", [False, True], ids=["laber", "per-laber"])
 def test_every_storage_samples(make_storage, prioritized, tmp_path):
     """``ListStorage``, TorchRL's default, crashed: its rows come back as a list."""
     rb = filled(laber_sampler(per() if prioritized else None), make_storage(tmp_path))
     sample = rb.sample()
     assert sample.batch_size == (B,) and (sample["priority_weight"] > 0).all()
-    stored = torch.stack([rb.storage[i] for i in rows_of(sample)]) if isinstance(rb.storage, ListStorage) \
+    stored = (
+        torch.stack([rb.storage[i] for i in rows_of(sample)])
+        if isinstance(rb.storage, ListStorage)
         else rb.storage[sample["index"]]
+    )
     torch.testing.assert_close(sample["observation"], stored["observation"])
 
 
@@ -89,10 +99,14 @@ def test_the_buffers_generator_decides_the_rows(prioritized):
     """Two buffers with the same seed give the same rows; a restored generator state repeats a sample.
     (Not with prefetch: two threads then race for the generator, for TorchRL's own samplers too.)"""
     prefetch = None
+
     def run(seed):
         torch.manual_seed(0)  # the same networks
-        rb = filled(laber_sampler(per() if prioritized else None), generator=torch.Generator().manual_seed(seed),
-                    prefetch=prefetch)
+        rb = filled(
+            laber_sampler(per() if prioritized else None),
+            generator=torch.Generator().manual_seed(seed),
+            prefetch=prefetch,
+        )
         return [rows_of(rb.sample()) for _ in range(4)]
 
     assert run(1) == run(1)
@@ -154,8 +168,9 @@ def test_a_new_per_laber_sampler_over_a_storage_with_data_samples(storage):
         filled(RandomSampler(), store)
     else:
         store = TensorStorage(batch(ROWS), max_size=ROWS)
-    rb = TensorDictReplayBuffer(storage=store, sampler=laber_sampler(per(ROWS if storage == "full" else 1000)),
-                                batch_size=B)
+    rb = TensorDictReplayBuffer(
+        storage=store, sampler=laber_sampler(per(ROWS if storage == "full" else 1000)), batch_size=B
+    )
     assert rb.sample().batch_size == (B,)
     assert tree(rb.sampler).min() > 0
 
@@ -172,8 +187,7 @@ def test_scheduler_reaches_pers_beta_and_alpha_through_the_wrapper():
 def test_flat_and_twin_critic_priority_updates():
     """``[B, 1 + C]`` batches of independent twin critics update each row's own priority (TorchRL reduces a
     2-D batch to its first column: the actor's rows would get the critics' priorities)."""
-    rb = TensorDictReplayBuffer(storage=LazyTensorStorage(1000), sampler=laber_sampler(per(), td3_loss()),
-                                batch_size=B)
+    rb = TensorDictReplayBuffer(storage=LazyTensorStorage(1000), sampler=laber_sampler(per(), td3_loss()), batch_size=B)
     rb.extend(batch(ROWS, continuous=True))
     sample = rb.sample()
     assert sample.batch_size == (B, 3)
@@ -207,8 +221,9 @@ def test_laber_as_a_transform_of_a_tensordict_buffer_names_the_sampler():
     with pytest.raises(TypeError, match="LaBERSampler"):
         rb.append_transform(LaBER(dqn_loss(), batch_size=B))
     with pytest.raises(TypeError, match="LaBERSampler"):
-        TensorDictReplayBuffer(storage=LazyTensorStorage(1000), batch_size=M * B,
-                               transform=LaBER(dqn_loss(), batch_size=B)).extend(batch(ROWS))
+        TensorDictReplayBuffer(
+            storage=LazyTensorStorage(1000), batch_size=M * B, transform=LaBER(dqn_loss(), batch_size=B)
+        ).extend(batch(ROWS))
     plain = ReplayBuffer(storage=LazyTensorStorage(1000), batch_size=M * B)
     plain.append_transform(LaBER(dqn_loss(), batch_size=B))  # a plain ReplayBuffer writes nothing after it
     plain.extend(batch(ROWS))
@@ -256,8 +271,9 @@ def test_ger_priorities_are_the_exact_gradient_norms_of_the_rows_used(laber):
     written = rb.sampler.update_from(sample)
     expected = grad_norm_scores(loss, sample, "exact")
     torch.testing.assert_close(written, expected)
-    torch.testing.assert_close(torch.tensor([ger._sum_tree[i] for i in rows_of(sample)]), expected, rtol=1e-5,
-                               atol=1e-7)
+    torch.testing.assert_close(
+        torch.tensor([ger._sum_tree[i] for i in rows_of(sample)]), expected, rtol=1e-5, atol=1e-7
+    )
     assert "detached" not in repr(rb.sampler)
     with pytest.raises(RuntimeError, match="attach"):
         pickle.loads(pickle.dumps(ger)).priorities(sample)

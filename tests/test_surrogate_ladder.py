@@ -8,11 +8,12 @@ LaBER at each rung draws in proportion to that rung's scores, with weights ``mea
 layer without bias has the last-layer rung ``||g|| ||h||`` (issue 21: it was ``||g|| sqrt(||h||^2 + 1)``
 whatever the layer, and could exceed ``"exact"``).
 """
+
 import pytest
 import torch
 from torch import nn
 from torchrl.modules import MLP, QValueActor
-from torchrl.objectives import DQNLoss, TD3Loss
+from torchrl.objectives import DQNLoss
 from torchrl.objectives.utils import distance_loss
 
 from tests.setups import ACTIONS, OBS, batch, c51_loss, dqn_loss, sac_loss, td3_loss
@@ -27,8 +28,8 @@ from tests.test_gradnorms import (
 )
 from tests.test_ops import ALPHA, chi_square_pvalue
 from torchsample import SURROGATES, LaBER, LaBERSampler, grad_norm_scores
-from torchsample.gradnorms import per_sample_grads
 from torchsample.critics import critic_of
+from torchsample.gradnorms import per_sample_grads
 
 N = 24
 DRAWS = 20_000
@@ -45,8 +46,12 @@ def minatar_dqn_loss():
 def dqn_loss_without_bias():
     """A DQN whose last layer has no bias: the last-layer rung is ||g|| ||h||."""
     net = MLP(in_features=OBS, out_features=ACTIONS, num_cells=[16], activation_class=nn.ReLU, bias_last_layer=False)
-    loss = DQNLoss(QValueActor(net, in_keys=["observation"], action_space="categorical"), loss_function="l2",
-                   delay_value=True, action_space="categorical")
+    loss = DQNLoss(
+        QValueActor(net, in_keys=["observation"], action_space="categorical"),
+        loss_function="l2",
+        delay_value=True,
+        action_space="categorical",
+    )
     loss.make_value_estimator(gamma=0.9)
     return loss
 
@@ -75,13 +80,32 @@ def data(name: str, n: int, seed: int = 0):
 def reference_critics(name: str, loss):
     """``(network, params, prediction(params, td), per-sample loss(pred, target))`` of each critic."""
     if name in ("sac", "td3"):
-        return [(loss.qvalue_network, loss.qvalue_network_params[c], lambda p, td: critic_prediction(loss, p, td),
-                 lambda q, y: distance_loss(q, y, loss.loss_function)) for c in range(loss.num_qvalue_nets)]
+        return [
+            (
+                loss.qvalue_network,
+                loss.qvalue_network_params[c],
+                lambda p, td: critic_prediction(loss, p, td),
+                lambda q, y: distance_loss(q, y, loss.loss_function),
+            )
+            for c in range(loss.num_qvalue_nets)
+        ]
     if name == "c51":
-        return [(loss.value_network, loss.value_network_params, lambda p, td: c51_prediction(loss, p, td),
-                 lambda log_p, m: -(m * log_p).sum(-1))]
-    return [(loss.value_network, loss.value_network_params, lambda p, td: dqn_prediction(loss, p, td),
-             lambda q, y: distance_loss(q, y, loss.loss_function))]
+        return [
+            (
+                loss.value_network,
+                loss.value_network_params,
+                lambda p, td: c51_prediction(loss, p, td),
+                lambda log_p, m: -(m * log_p).sum(-1),
+            )
+        ]
+    return [
+        (
+            loss.value_network,
+            loss.value_network_params,
+            lambda p, td: dqn_prediction(loss, p, td),
+            lambda q, y: distance_loss(q, y, loss.loss_function),
+        )
+    ]
 
 
 def reference_norms(name: str, loss, td, target) -> dict:
@@ -128,8 +152,9 @@ def selection_case(name: str, rung: str, critics: str = "independent"):
         loss.policy_noise = 0.0
     large = data(name, 64, seed=1)
     scores = grad_norm_scores(loss, large, rung)
-    laber = LaBER(loss, batch_size=DRAWS, surrogate=rung, critics=critics, eps=0.0,
-                  generator=torch.Generator().manual_seed(2))
+    laber = LaBER(
+        loss, batch_size=DRAWS, surrogate=rung, critics=critics, eps=0.0, generator=torch.Generator().manual_seed(2)
+    )
     return scores, laber.selection(large)
 
 

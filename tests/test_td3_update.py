@@ -9,6 +9,7 @@ weights ``mean(p) / p_i``, each critic's weighted mean on its own rows, the acto
 on uniform rows of the large batch, unweighted, against critic parameters it does not train.
 The loss is TorchRL's l2, ``(q - y)^2`` (the authors' is half of it).
 """
+
 import torch
 from tensordict import TensorDict
 
@@ -47,8 +48,10 @@ def test_one_update_is_the_authors_on_the_same_draws():
             next_a = loss.actor_network(TensorDict({"observation": next_s}, [N]))["action"]
         noise = (torch.randn_like(next_a) * loss.policy_noise).clamp(-loss.noise_clip, loss.noise_clip)
         next_a = (next_a + noise).clamp(-1, 1)
-        target_q = torch.min(q_with(loss, loss.target_qvalue_network_params[0], next_s, next_a),
-                             q_with(loss, loss.target_qvalue_network_params[1], next_s, next_a))
+        target_q = torch.min(
+            q_with(loss, loss.target_qvalue_network_params[0], next_s, next_a),
+            q_with(loss, loss.target_qvalue_network_params[1], next_s, next_a),
+        )
         y = reward + not_done * 0.9 * target_q
         p = torch.stack([2 * (q_with(loss, loss.qvalue_network_params[c].data, s, a) - y).abs() for c in range(2)])
         p = p + 1e-6
@@ -63,8 +66,10 @@ def test_one_update_is_the_authors_on_the_same_draws():
     torch.testing.assert_close(kept["target_value"], y[kept["index"]])
 
     params = loss.qvalue_network_params
-    critic_loss = sum((weight[c] * (q_with(loss, params[c], s[critic_rows[c]], a[critic_rows[c]])
-                                    - y[critic_rows[c]]) ** 2).mean() for c in range(2))
+    critic_loss = sum(
+        (weight[c] * (q_with(loss, params[c], s[critic_rows[c]], a[critic_rows[c]]) - y[critic_rows[c]]) ** 2).mean()
+        for c in range(2)
+    )
     with loss.actor_network_params.to_module(loss.actor_network):
         pi = loss.actor_network(TensorDict({"observation": s[actor_rows]}, [B]))["action"]
     actor_loss = -q_with(loss, params[0].detach(), s[actor_rows], pi).mean()
@@ -74,10 +79,13 @@ def test_one_update_is_the_authors_on_the_same_draws():
     # The critics' loss trains no actor parameter; the actor's trains no critic parameter.
     actor_leaves = list(loss.actor_network_params.values(True, True))
     critic_leaves = list(loss.qvalue_network_params.values(True, True))
-    assert all(g is None for g in torch.autograd.grad(ours["loss_qvalue"], actor_leaves, allow_unused=True,
-                                                       retain_graph=True))
-    assert all(g is None or not g.any() for g in torch.autograd.grad(ours["loss_actor"], critic_leaves,
-                                                                     allow_unused=True, retain_graph=True))
+    assert all(
+        g is None for g in torch.autograd.grad(ours["loss_qvalue"], actor_leaves, allow_unused=True, retain_graph=True)
+    )
+    assert all(
+        g is None or not g.any()
+        for g in torch.autograd.grad(ours["loss_actor"], critic_leaves, allow_unused=True, retain_graph=True)
+    )
     ours_grads = torch.autograd.grad(ours["loss_qvalue"] + ours["loss_actor"], actor_leaves + critic_leaves)
     theirs = torch.autograd.grad(critic_loss + actor_loss, actor_leaves + critic_leaves)
     for mine, reference in zip(ours_grads, theirs):

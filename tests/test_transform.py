@@ -1,4 +1,5 @@
 """``laber(large)``, the functional call, and LaBERLoss: rows, weights, twin critics, PER-LaBER."""
+
 import pytest
 import torch
 from tensordict import TensorDict
@@ -41,7 +42,9 @@ def test_weights_reach_the_loss_and_weightings_give_different_updates():
             expected = (w * per_sample).mean() if estimator == "paper" else (w * per_sample).sum() / w.sum()
             torch.testing.assert_close(value, expected)
             value.backward()
-            losses[weighting, estimator] = torch.cat([p.grad.flatten() for p in loss.parameters() if p.grad is not None])
+            losses[weighting, estimator] = torch.cat(
+                [p.grad.flatten() for p in loss.parameters() if p.grad is not None]
+            )
     paper = [losses[w, "paper"] for w in ("mean", "lazy", "max")]
     assert not torch.allclose(paper[0], paper[1]) and not torch.allclose(paper[0], paper[2])
     # Self-normalised, the three weightings (all proportional to 1/p) give the same update.
@@ -149,8 +152,9 @@ def test_joint_critics_draw_from_the_root_sum_of_squares():
 
 def test_per_weights_of_the_kept_rows_multiply_laber_weights():
     loss = dqn_loss()
-    rb = TensorDictReplayBuffer(storage=LazyTensorStorage(1000), sampler=PrioritizedSampler(1000, 0.6, 0.4),
-                                batch_size=64)
+    rb = TensorDictReplayBuffer(
+        storage=LazyTensorStorage(1000), sampler=PrioritizedSampler(1000, 0.6, 0.4), batch_size=64
+    )
     rb.extend(batch(200))
     rb.update_priority(torch.arange(200), torch.rand(200) * 5)  # PER weights that differ per row
     large = rb.sample()
@@ -180,17 +184,32 @@ def test_plain_replay_buffer_takes_laber_as_a_transform():
         ({"batch_size": 0}, ValueError, "batch_size"),
         ({"batch_size": 4, "weighting": "median"}, ValueError, "weighting"),
         ({"batch_size": 4, "critics": "both"}, ValueError, "critics"),
-        ({"batch_size": 4, "surrogate": "full"}, ValueError,
-         r"surrogate must be one of \('output', 'last-layer', 'exact'\)"),
+        (
+            {"batch_size": 4, "surrogate": "full"},
+            ValueError,
+            r"surrogate must be one of \('output', 'last-layer', 'exact'\)",
+        ),
         ({"batch_size": 4, "surrogate": 3}, ValueError, "surrogate must be one of"),
         ({"batch_size": 4, "prediction": 3}, TypeError, "prediction must be a callable"),
-        ({"batch_size": 4, "prediction": lambda td: td, "loss": "l1"}, ValueError,
-         r"loss must be one of \('l2', 'huber', 'categorical'\)"),
+        (
+            {"batch_size": 4, "prediction": lambda td: td, "loss": "l1"},
+            ValueError,
+            r"loss must be one of \('l2', 'huber', 'categorical'\)",
+        ),
         ({"batch_size": 4, "loss": "huber"}, ValueError, "formula of a custom prediction="),
         ({"batch_size": 4, "prediction": lambda td: td, "surrogate": "exact"}, ValueError, "needs the loss module"),
     ],
-    ids=["batch", "weighting", "critics", "surrogate", "surrogate-int", "prediction", "loss", "loss-without-prediction",
-         "exact-custom"],
+    ids=[
+        "batch",
+        "weighting",
+        "critics",
+        "surrogate",
+        "surrogate-int",
+        "prediction",
+        "loss",
+        "loss-without-prediction",
+        "exact-custom",
+    ],
 )
 def test_transform_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -214,8 +233,9 @@ def test_custom_prediction_callable():
     # the output priority, the others are scaled up, and the zero-priority rows stay out.
     features = torch.zeros(40, 3)
     features[1::4] = 10.0
-    laber = LaBER(loss, batch_size=8, prediction=lambda td: (*prediction(td), features), surrogate="last-layer",
-                  eps=0.0)
+    laber = LaBER(
+        loss, batch_size=8, prediction=lambda td: (*prediction(td), features), surrogate="last-layer", eps=0.0
+    )
     assert (laber(large)["next", "reward"] != 0).all()
     with pytest.raises(ValueError, match=r"\(pred, target, features\) for 'last-layer', got 2"):
         LaBER(loss, batch_size=8, prediction=prediction, surrogate="last-layer")(large)

@@ -13,6 +13,7 @@ The surrogate ladder (``surrogate=`` of :class:`LaBER`, :func:`laber_select` and
 :func:`grad_norm_scores`): ``"output"``, ``"last-layer"``, ``"exact"`` (:data:`SURROGATES`); the
 loss whose output gradient is scored (``loss=``): :data:`LOSS_KINDS`.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -8,6 +8,7 @@
   ``log p(s, a)`` against the projected Double-Q target ``m``, the output gradient norm
   ``||softmax(z) - m||_2`` (Lahire et al., App. D), the per-sample cross-entropy.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,9 @@ from .critics import Critic, swap_params
 __all__ = ["categorical_projection", "C51Loss", "C51Critic"]
 
 
-def categorical_projection(next_probs: Tensor, reward: Tensor, not_terminal: Tensor, discount: Tensor | float,
-                           support: Tensor) -> Tensor:
+def categorical_projection(
+    next_probs: Tensor, reward: Tensor, not_terminal: Tensor, discount: Tensor | float, support: Tensor
+) -> Tensor:
     """Project ``r + gamma * z`` onto the fixed support ``z`` (Bellemare et al., 2017, Alg. 1).
 
     ``Tz_j = clamp(r + discount * not_terminal * z_j, z_0, z_{K-1})`` is split between its two

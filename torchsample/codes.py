@@ -25,11 +25,21 @@ Examples:
     ...
     ValueError: surrogate must be one of ('output', 'last-layer', 'exact'), got 'full'
 """
+
 from __future__ import annotations
 
 from enum import IntEnum
 
-__all__ = ["Surrogate", "LossKind", "Weighting", "SURROGATES", "LOSS_KINDS", "WEIGHTINGS", "LOSS_CODES", "WEIGHTING_CODES"]
+__all__ = [
+    "Surrogate",
+    "LossKind",
+    "Weighting",
+    "SURROGATES",
+    "LOSS_KINDS",
+    "WEIGHTINGS",
+    "LOSS_CODES",
+    "WEIGHTING_CODES",
+]
 
 # The keyword each enum's names are passed as, for the error messages.
 _KEYWORDS = {"Surrogate": "surrogate", "LossKind": "loss", "Weighting": "weighting"}
@@ -86,7 +96,9 @@ class Weighting(_Named):
 # label -> member and the public labels of each enum, made once here (see _Named.of).
 _MEMBERS: dict[str, dict[str, _Named]] = {
     Surrogate.__name__: {m.label: m for m in Surrogate},
-    LossKind.__name__: {m.label: m for m in LossKind if m is not LossKind.PRIORITY},  # ready priorities: laber_downsample
+    LossKind.__name__: {
+        m.label: m for m in LossKind if m is not LossKind.PRIORITY
+    },  # ready priorities: laber_downsample
     Weighting.__name__: {m.label: m for m in Weighting},
 }
 _LABELS = {name: tuple(members) for name, members in _MEMBERS.items()}

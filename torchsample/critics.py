@@ -23,6 +23,7 @@ This module and :mod:`torchsample.c51` alone read TorchRL's private members: ``S
 ``torchrl.objectives.utils._vmap_func``. Checked against the TorchRL versions in
 :data:`TORCHRL_CHECKED`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -47,8 +48,11 @@ TARGET = "target_value"  # the TD target LaBER computed for its surrogate, reuse
 # Swapping parameters in without saving the module's state: with the state saved, dynamo breaks
 # C51's objective graph into 7 ("Unexpected type of data placeholder op", torch 2.14, measured).
 # tensordict 0.11 (the one that pairs with torch 2.11) has no such option.
-_SWAP_OPTIONS = ({"preserve_module_state": False}
-                 if "preserve_module_state" in inspect.signature(TensorDictBase.to_module).parameters else {})
+_SWAP_OPTIONS = (
+    {"preserve_module_state": False}
+    if "preserve_module_state" in inspect.signature(TensorDictBase.to_module).parameters
+    else {}
+)
 
 
 def swap_params(params: TensorDictBase, module: nn.Module):
@@ -108,8 +112,9 @@ class Critic:
         """The critic's output on the rows of ``td`` with ``params`` (default :attr:`params`), with its graph."""
         raise NotImplementedError
 
-    def prediction_and_features(self, td: TensorDictBase, capture: LayerInputCapture | None = None
-                                ) -> tuple[Tensor, Tensor]:
+    def prediction_and_features(
+        self, td: TensorDictBase, capture: LayerInputCapture | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``(prediction, h)``: :meth:`prediction` and the input ``h`` (``[..., N, D]``) of :attr:`network`'s
         last ``nn.Linear`` in the same forward (:func:`torchsample.gradnorms.capture_last_layer_input`).
 
@@ -131,6 +136,7 @@ class Critic:
     def exact_grad_norms(self, td: TensorDictBase, target: Tensor, method: str = "auto") -> Tensor:
         """``[N]``: ``||grad_theta l_i||`` over :attr:`params`, ``l_i`` the per-sample loss against ``target``
         (:func:`torchsample.gradnorms.exact_grad_norms`; grad enabled here, under ``no_grad`` too)."""
+
         def per_sample_loss(params, td, target):
             return self.per_sample_loss(self.prediction(td, params), target)
 
@@ -273,8 +279,9 @@ class DQNCritic(Critic):
         td_copy = td.clone(False)
         with swap_params(loss.value_network_params if params is None else params, loss.value_network):
             loss.value_network(td_copy)
-        return gather_action(td_copy.get(loss.tensor_keys.action_value), td.get(loss.tensor_keys.action),
-                             loss.action_space)
+        return gather_action(
+            td_copy.get(loss.tensor_keys.action_value), td.get(loss.tensor_keys.action), loss.action_space
+        )
 
     @torch.no_grad()
     def target(self, td: TensorDictBase) -> Tensor:
@@ -333,8 +340,10 @@ class TwinCritics(Critic):
     def rows_prediction(self, rows: TensorDictBase, params: TensorDictBase | None = None) -> Tensor:
         """``[C, B]``: critic ``c`` on ``rows[c]`` (vmapped over the critics' parameters and rows)."""
         loss = self.loss
-        out = self._vmapped_rows(rows.select(*loss.qvalue_network.in_keys, strict=False),
-                                 loss.qvalue_network_params if params is None else params)
+        out = self._vmapped_rows(
+            rows.select(*loss.qvalue_network.in_keys, strict=False),
+            loss.qvalue_network_params if params is None else params,
+        )
         return out.get(loss.tensor_keys.state_action_value).squeeze(-1)
 
     def critic_prediction(self, td: TensorDictBase, params: TensorDictBase) -> Tensor:
@@ -349,6 +358,7 @@ class TwinCritics(Critic):
         """``([C, N], [C, N, D])``: every critic on the rows of ``td`` and its last layer's input. TorchRL's
         vmapped forward would hide the features in the vmap (read outside, they are a dead wrapper), so
         they are read inside a vmap of our own, over the stacked parameters."""
+
         def one_critic(params, rows):
             return self.critic_prediction(rows, params), capture.pop()
 
@@ -357,13 +367,20 @@ class TwinCritics(Critic):
 
     def exact_grad_norms(self, td: TensorDictBase, target: Tensor, method: str = "auto") -> Tensor:
         """``[C, N]``: critic ``c``'s per-sample gradient norms over its own parameters, one critic at a time."""
+
         def per_sample_loss(params, td, target):
             return self.per_sample_loss(self.critic_prediction(td, params), target)
 
         rows = td.select(*self.network.in_keys, strict=False)
         with torch.enable_grad():
-            return torch.stack([exact_grad_norms(self.network, per_sample_loss, self.params[c], rows, target.detach(),
-                                                 method=method) for c in range(self.num_critics)])
+            return torch.stack(
+                [
+                    exact_grad_norms(
+                        self.network, per_sample_loss, self.params[c], rows, target.detach(), method=method
+                    )
+                    for c in range(self.num_critics)
+                ]
+            )
 
     def actor_losses(self, td: TensorDictBase) -> dict[str, Tensor]:
         """The actor's loss on the rows of ``td``, unweighted, reduced as the loss's ``reduction`` says."""
@@ -384,7 +401,7 @@ class SACCritics(TwinCritics):
         # SACLoss resolves its target entropy on first use, from the action spec, and caches it (its own
         # buffer, as its first eager call would); resolved inside torch.compile, building the spec breaks
         # the graph (torchrl 0.11: "setattr" on a Composite class). Resolved here, eagerly, once.
-        loss.target_entropy
+        _ = loss.target_entropy
 
     @torch.no_grad()
     def target(self, td: TensorDictBase) -> Tensor:
@@ -392,8 +409,10 @@ class SACCritics(TwinCritics):
 
     def actor_losses(self, td: TensorDictBase) -> dict[str, Tensor]:
         loss_actor, metadata = self.loss.actor_loss(td)
-        return {"loss_actor": reduce_like(self.loss, loss_actor),
-                "loss_alpha": reduce_like(self.loss, self.loss._alpha_loss(log_prob=metadata["log_prob"]))}
+        return {
+            "loss_actor": reduce_like(self.loss, loss_actor),
+            "loss_alpha": reduce_like(self.loss, self.loss._alpha_loss(log_prob=metadata["log_prob"])),
+        }
 
 
 class TD3Critics(TwinCritics):
@@ -413,7 +432,9 @@ class TD3Critics(TwinCritics):
         next_action = next_td.get(keys.action)
         noise = (torch.randn_like(next_action) * loss.policy_noise).clamp(-loss.noise_clip, loss.noise_clip)
         next_td.set(keys.action, (next_action + noise).clamp(loss.min_action, loss.max_action))
-        rows = next_td.select(*loss.qvalue_network.in_keys, strict=False).expand(loss.num_qvalue_nets, *next_td.batch_size)
+        rows = next_td.select(*loss.qvalue_network.in_keys, strict=False).expand(
+            loss.num_qvalue_nets, *next_td.batch_size
+        )
         next_q = loss._vmap_qvalue_network00(rows, loss.target_qvalue_network_params)
         next_q = next_q.get(keys.state_action_value).squeeze(-1).min(0)[0]
         td.set(("next", keys.state_action_value), next_q.unsqueeze(-1))

@@ -19,6 +19,7 @@ Priorities (any non-negative scale) are turned into a sampling distribution by
 :func:`sampling_distribution`: ``P(i) = p_i / sum_j p_j``, uniform when every ``p_i`` is zero, as the
 samplers of :mod:`torchsample.ops` draw.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
@@ -131,8 +132,10 @@ def second_moment(grads: Tensor, priorities: Tensor) -> Tensor:
     elif grads.dim() == prob.dim():
         sq = grads.detach().double().square()
     else:
-        raise ValueError(f"grads must be [..., N] norms or [..., N, D] gradients with priorities [..., N], "
-                         f"got {tuple(grads.shape)} and {tuple(priorities.shape)}")
+        raise ValueError(
+            f"grads must be [..., N] norms or [..., N, D] gradients with priorities [..., N], "
+            f"got {tuple(grads.shape)} and {tuple(priorities.shape)}"
+        )
     if sq.shape[-1] != prob.shape[-1]:
         raise ValueError(f"grads and priorities must have the same N, got {sq.shape[-1]} and {prob.shape[-1]}")
     terms = torch.where(sq > 0, sq / prob, 0.0)  # x / 0 = inf where P never draws a non-zero gradient

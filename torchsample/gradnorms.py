@@ -19,6 +19,7 @@ up to ``||d q_i / d theta||``, which it treats as constant; Katharopoulos & Fleu
 that most of the variation of the per-sample gradient norm comes from the last layer, which
 ``last-layer`` captures exactly.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -161,8 +162,9 @@ def capture_last_layer_input(module: nn.Module, layer: nn.Module | None = None) 
 # The whole network
 
 
-def per_sample_grads(per_sample_loss: Callable[..., Tensor], params: Any, *inputs: Any,
-                     chunk_size: int | None = None) -> Any:
+def per_sample_grads(
+    per_sample_loss: Callable[..., Tensor], params: Any, *inputs: Any, chunk_size: int | None = None
+) -> Any:
     """Per-sample gradients by ``torch.func.vmap(torch.func.grad(...))``: the reference.
 
     ``grads[i] = grad_params per_sample_loss(params, *inputs[i:i+1])`` for each row ``i``, computed
@@ -214,8 +216,14 @@ def per_sample_grads(per_sample_loss: Callable[..., Tensor], params: Any, *input
     return tree_unflatten(out, spec)
 
 
-def exact_grad_norms(module: nn.Module, per_sample_loss: Callable[..., Tensor], params: Any, *inputs: Any,
-                     method: str = "auto", chunk_size: int | None = None) -> Tensor:
+def exact_grad_norms(
+    module: nn.Module,
+    per_sample_loss: Callable[..., Tensor],
+    params: Any,
+    *inputs: Any,
+    method: str = "auto",
+    chunk_size: int | None = None,
+) -> Tensor:
     """Per-sample gradient norms over the parameters of ``module``: ``||grad_theta l_i||_2``, ``[N]``.
 
     ``method="ghost"`` (Goodfellow, 2015; Li et al., 2022; Opacus's ghost clipping): one forward with
@@ -321,8 +329,10 @@ def _ghost_norms(module: nn.Module, per_sample_loss: Callable[..., Tensor], para
     if losses.shape != (n,):
         raise ValueError(f"exact_grad_norms: per_sample_loss must return [N] = [{n}], got {tuple(losses.shape)}")
     if not calls:
-        raise ValueError("exact_grad_norms: no Linear or Conv2d layer with parameters that require grad ran: "
-                         "pass params that require grad")
+        raise ValueError(
+            "exact_grad_norms: no Linear or Conv2d layer with parameters that require grad ran: "
+            "pass params that require grad"
+        )
     out_grads = torch.autograd.grad(losses.sum(), [out for _, _, out, _, _ in calls], materialize_grads=True)
     per_layer: dict[nn.Module, list[tuple[Tensor, Tensor]]] = {}
     trained: dict[nn.Module, tuple[bool, bool]] = {}

@@ -22,10 +22,12 @@ The parts: :class:`FastSlowReplay` (the two buffers), :class:`RatioNetwork` (``w
 ``w_psi`` and writes ``w~`` into ``"priority_weight"`` for :class:`torchsample.LaBERLoss`.
 ``docs/lfiw.md`` says which values come from the paper and which are ours.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Optional
 
 import torch
 from tensordict import TensorDictBase
@@ -125,8 +127,12 @@ def _divergence(f: str) -> FDivergence:
 
 
 def _check_temperature(temperature: float) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or temperature <= 0:
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+        or temperature <= 0
+    ):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     return float(temperature)
 
@@ -251,13 +257,15 @@ class RatioNetwork(nn.Module):
         (torch.Size([5]), True, True)
     """
 
-    def __init__(self, in_features: int, num_cells: Sequence[int] = (256, 256),
-                 activation_class: type[nn.Module] = nn.ReLU) -> None:
+    def __init__(
+        self, in_features: int, num_cells: Sequence[int] = (256, 256), activation_class: type[nn.Module] = nn.ReLU
+    ) -> None:
         super().__init__()
         if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
             raise ValueError(f"in_features must be an int >= 1, got {in_features!r}")
-        self.mlp = MLP(in_features=in_features, out_features=1, num_cells=list(num_cells),
-                       activation_class=activation_class)
+        self.mlp = MLP(
+            in_features=in_features, out_features=1, num_cells=list(num_cells), activation_class=activation_class
+        )
         last = [m for m in self.mlp.modules() if isinstance(m, nn.Linear)][-1]
         with torch.no_grad():
             last.weight.mul_(0.1)
@@ -311,19 +319,28 @@ class FastSlowReplay:
         (torch.Size([32]), torch.Size([8]))
     """
 
-    def __init__(self, fast_size: int = 10_000, slow_size: int = 1_000_000, *,
-                 device: torch.device | str = "cpu", sampler: Optional[Sampler] = None,
-                 batch_size: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        fast_size: int = 10_000,
+        slow_size: int = 1_000_000,
+        *,
+        device: torch.device | str = "cpu",
+        sampler: Optional[Sampler] = None,
+        batch_size: Optional[int] = None,
+    ) -> None:
         for name, size in (("fast_size", fast_size), ("slow_size", slow_size)):
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {size!r}")
         if fast_size >= slow_size:
-            raise ValueError(f"fast_size must be smaller than slow_size (|D_f| < |D_s|, Algorithm 1), "
-                             f"got fast_size={fast_size}, slow_size={slow_size}")
+            raise ValueError(
+                f"fast_size must be smaller than slow_size (|D_f| < |D_s|, Algorithm 1), "
+                f"got fast_size={fast_size}, slow_size={slow_size}"
+            )
         self.fast_size, self.slow_size = fast_size, slow_size
         self.fast = TensorDictReplayBuffer(storage=LazyTensorStorage(fast_size, device=device))
-        self.slow = TensorDictReplayBuffer(storage=LazyTensorStorage(slow_size, device=device), sampler=sampler,
-                                           batch_size=batch_size)
+        self.slow = TensorDictReplayBuffer(
+            storage=LazyTensorStorage(slow_size, device=device), sampler=sampler, batch_size=batch_size
+        )
 
     def extend(self, data: TensorDictBase) -> None:
         """Write the transitions ``data`` (one batch dimension) to both buffers."""
@@ -361,8 +378,7 @@ class FastSlowReplay:
         self.slow.load_state_dict(state_dict["slow"])
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(fast={len(self.fast)}/{self.fast_size}, "
-                f"slow={len(self.slow)}/{self.slow_size})")
+        return f"{type(self).__name__}(fast={len(self.fast)}/{self.fast_size}, slow={len(self.slow)}/{self.slow_size})"
 
 
 class LFIW(TensorDictModuleBase):
@@ -477,7 +493,8 @@ class LFIW(TensorDictModuleBase):
         if batch.batch_dims != 1:
             raise ValueError(
                 f"LFIW weighs a uniform batch of the slow buffer with one batch dimension, got batch_size="
-                f"{tuple(batch.batch_size)}; with LaBER, call LFIW on the large batch before LaBER")
+                f"{tuple(batch.batch_size)}; with LaBER, call LFIW on the large batch before LaBER"
+            )
         if batch.batch_size[0] == 0:
             raise ValueError("LFIW got an empty batch: the slow buffer holds no data")
         prior = batch.get(self.weight_key, None)
@@ -511,5 +528,7 @@ class LFIW(TensorDictModuleBase):
             return ratio_stats(self.ratio(slow_batch).reshape(-1), self.temperature)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(f={self.f!r}, temperature={self.temperature}, threshold={self.threshold}, "
-                f"in_keys={self.in_keys}, weight_key={self.weight_key!r})")
+        return (
+            f"{type(self).__name__}(f={self.f!r}, temperature={self.temperature}, threshold={self.threshold}, "
+            f"in_keys={self.in_keys}, weight_key={self.weight_key!r})"
+        )

@@ -4,6 +4,7 @@
 :class:`torchsample.LaBER` scored the large batch with) and reduces the critic's per-sample losses
 with :func:`weighted_mean`.
 """
+
 from __future__ import annotations
 
 from typing import Optional

@@ -20,6 +20,7 @@ Where each runs:
   ``torch._assert_async`` (a ``RuntimeError`` instead of a ``ValueError``) and ``generator`` is not
   supported.
 """
+
 from __future__ import annotations
 
 import math
@@ -203,11 +204,24 @@ def laber_select(
         if CHECK_VALUES_ON_CUDA:
             _check_values(torch.stack([pred.float(), target.float()]).abs(), "pred and target")
         pred3, target3 = (pred, target) if categorical else (pred.unsqueeze(-1), target.unsqueeze(-1))
-        return _fused(pred3, target3, features, batch_size, LOSS_CODES[loss], weighting, eps, huber_delta, generator,
-                      rng_state, bias)
+        return _fused(
+            pred3,
+            target3,
+            features,
+            batch_size,
+            LOSS_CODES[loss],
+            weighting,
+            eps,
+            huber_delta,
+            generator,
+            rng_state,
+            bias,
+        )
     p = critic_priorities(pred, target, loss, features=features, bias=bias, huber_delta=huber_delta)
     # p is a fresh float32 tensor, so eps can go in place.
-    return _downsample(p.add_(_scalar(eps)), batch_size, weighting, generator, "priorities computed from pred and target")
+    return _downsample(
+        p.add_(_scalar(eps)), batch_size, weighting, generator, "priorities computed from pred and target"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,8 +279,9 @@ def _downsample_traceable(p: Tensor, batch_size: int, weighting: str) -> LaBERSa
 # CUDA path
 
 
-def _fused(pred3, target3, features, batch_size, loss_code, weighting, eps, huber_delta, generator,
-           state, bias: bool = True) -> LaBERSample:
+def _fused(
+    pred3, target3, features, batch_size, loss_code, weighting, eps, huber_delta, generator, state, bias: bool = True
+) -> LaBERSample:
     """One launch of the fused kernel on ``[C, N, K]`` inputs (and ``[C, N, D]`` features for the
     last-layer rung); squeezes the critic dim back.
 
@@ -340,8 +355,9 @@ def _check_features(features, rows: torch.Size, device: torch.device) -> None:
         raise TypeError(f"features must be a floating-point tensor, got {features.dtype}")
     if features.dim() != len(rows) + 1 or features.shape[:-1] != rows or features.shape[-1] == 0:
         shape = "[" + ", ".join(map(str, rows)) + ", D]"
-        raise ValueError(f"features must be {shape} (one row of D > 0 features per prediction), "
-                         f"got shape {tuple(features.shape)}")
+        raise ValueError(
+            f"features must be {shape} (one row of D > 0 features per prediction), got shape {tuple(features.shape)}"
+        )
     if features.device != device:
         raise ValueError(f"features must be on pred's device {device}, got {features.device}")
 

@@ -13,11 +13,13 @@ TorchRL's parameter schedulers), ``state_dict``/``dumps``/pickling, iteration. W
 inner sampler the wrapper *is* a ``PrioritizedSampler`` to TorchRL (:class:`PrioritizedLaBERSampler`),
 as TorchRL's buffers check ``isinstance`` before they hand priorities on.
 """
+
 from __future__ import annotations
 
 import sys
 import threading
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 from tensordict import TensorDictBase
@@ -102,15 +104,27 @@ class LaBERSampler(Sampler):
         (True, 0.4)
     """
 
-    def __new__(cls, laber: Optional[LaBER] = None, *, m: int = 4, inner: Optional[Sampler] = None,
-                transform: Optional[Callable] = None):
+    def __new__(
+        cls,
+        laber: Optional[LaBER] = None,
+        *,
+        m: int = 4,
+        inner: Optional[Sampler] = None,
+        transform: Optional[Callable] = None,
+    ):
         # A prioritized inner sampler makes the wrapper a PrioritizedSampler to TorchRL.
         if cls is LaBERSampler and isinstance(inner, PrioritizedSampler):
             cls = PrioritizedLaBERSampler
         return super().__new__(cls)
 
-    def __init__(self, laber: LaBER, *, m: int = 4, inner: Optional[Sampler] = None,
-                 transform: Optional[Callable[[TensorDictBase], TensorDictBase]] = None) -> None:
+    def __init__(
+        self,
+        laber: LaBER,
+        *,
+        m: int = 4,
+        inner: Optional[Sampler] = None,
+        transform: Optional[Callable[[TensorDictBase], TensorDictBase]] = None,
+    ) -> None:
         if not isinstance(laber, LaBER):
             raise TypeError(f"laber must be a torchsample.LaBER, got {type(laber).__name__}")
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
@@ -121,8 +135,14 @@ class LaBERSampler(Sampler):
             raise TypeError("inner is a LaBERSampler already: LaBER of LaBER is not a sampler this library offers")
         if transform is not None and not callable(transform):
             raise TypeError(f"transform must be callable, got {type(transform).__name__}")
-        self.__dict__.update(laber=laber, m=m, inner=RandomSampler() if inner is None else inner,
-                             transform=transform, _generator=None, _lock=threading.Lock())
+        self.__dict__.update(
+            laber=laber,
+            m=m,
+            inner=RandomSampler() if inner is None else inner,
+            transform=transform,
+            _generator=None,
+            _lock=threading.Lock(),
+        )
 
     # The buffer sets its generator here (ReplayBuffer.set_rng): the inner sampler draws the large
     # batch from it, LaBER the kept rows.
@@ -247,7 +267,9 @@ class LaBERSampler(Sampler):
 
     def __repr__(self) -> str:
         laber = self.__dict__.get("laber")
-        return f"{type(self).__name__}({'detached' if laber is None else repr(laber)}, m={self.m}, inner={self.inner!r})"
+        return (
+            f"{type(self).__name__}({'detached' if laber is None else repr(laber)}, m={self.m}, inner={self.inner!r})"
+        )
 
 
 class PrioritizedLaBERSampler(LaBERSampler, PrioritizedSampler):
@@ -256,8 +278,14 @@ class PrioritizedLaBERSampler(LaBERSampler, PrioritizedSampler):
     sampler's. ``LaBERSampler(laber, inner=PrioritizedSampler(...))`` returns one; ``alpha``, ``beta``
     and every other member of ``PrioritizedSampler`` reach the inner sampler."""
 
-    def __init__(self, laber: LaBER, *, m: int = 4, inner: Optional[PrioritizedSampler] = None,
-                 transform: Optional[Callable[[TensorDictBase], TensorDictBase]] = None) -> None:
+    def __init__(
+        self,
+        laber: LaBER,
+        *,
+        m: int = 4,
+        inner: Optional[PrioritizedSampler] = None,
+        transform: Optional[Callable[[TensorDictBase], TensorDictBase]] = None,
+    ) -> None:
         if not isinstance(inner, PrioritizedSampler):
             raise TypeError(f"PrioritizedLaBERSampler needs a PrioritizedSampler inner, got {type(inner).__name__}")
         super().__init__(laber, m=m, inner=inner, transform=transform)  # PrioritizedSampler.__init__ never runs
@@ -266,9 +294,11 @@ class PrioritizedLaBERSampler(LaBERSampler, PrioritizedSampler):
 def _forwarded(name: str, member):
     """A member of ``PrioritizedSampler`` that :class:`PrioritizedLaBERSampler` hands to its inner sampler."""
     if isinstance(member, property):
-        return property(lambda self: getattr(self.inner, name),
-                        (lambda self, value: setattr(self.inner, name, value)) if member.fset else None,
-                        doc=member.__doc__)
+        return property(
+            lambda self: getattr(self.inner, name),
+            (lambda self, value: setattr(self.inner, name, value)) if member.fset else None,
+            doc=member.__doc__,
+        )
 
     def method(self, *args, **kwargs):
         return getattr(self.inner, name)(*args, **kwargs)
@@ -323,8 +353,15 @@ class GERSampler(PrioritizedSampler):
         torch.Size([8])
     """
 
-    def __init__(self, loss_module: nn.Module, max_capacity: int, alpha: float = 0.6, beta: float = 0.4,
-                 eps: float = 1e-8, **kwargs) -> None:
+    def __init__(
+        self,
+        loss_module: nn.Module,
+        max_capacity: int,
+        alpha: float = 0.6,
+        beta: float = 0.4,
+        eps: float = 1e-8,
+        **kwargs,
+    ) -> None:
         super().__init__(max_capacity, alpha, beta, eps, **kwargs)
         self.__dict__["_critic"] = critic_of(loss_module)
 

@@ -20,6 +20,7 @@ over its parameters (the tests hold it to that), so the three are on one scale: 
 last-layer <= exact``. :class:`torchsample.LaBER` draws from them, GER keeps ``"exact"`` as PER's
 priorities, and the diagnostics compare each rung's sampling distribution to ``"exact"``'s.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -53,8 +54,16 @@ class Scores(NamedTuple):
     norms: Optional[Tensor]
 
 
-def score_rows(critic: Critic, td: TensorDictBase, surrogate: str = "output", *, target: Optional[Tensor] = None,
-               capture: Optional[LayerInputCapture] = None, method: str = "auto", norms: bool = True) -> Scores:
+def score_rows(
+    critic: Critic,
+    td: TensorDictBase,
+    surrogate: str = "output",
+    *,
+    target: Optional[Tensor] = None,
+    capture: Optional[LayerInputCapture] = None,
+    method: str = "auto",
+    norms: bool = True,
+) -> Scores:
     """The rows of ``td`` at the rung ``surrogate``, with the prediction and target they came from.
 
     ``target`` (default ``critic.target(td)``): pass the same one to compare rungs, as SAC's and TD3's
@@ -78,12 +87,22 @@ def score_rows(critic: Critic, td: TensorDictBase, surrogate: str = "output", *,
             pred, features = critic.prediction(td), None
         if not norms:
             return Scores(pred, target, features, None)
-        return Scores(pred, target, features,
-                      critic_priorities(pred, target, critic.loss_kind, features=features, bias=critic.last_layer_bias))
+        return Scores(
+            pred,
+            target,
+            features,
+            critic_priorities(pred, target, critic.loss_kind, features=features, bias=critic.last_layer_bias),
+        )
 
 
-def grad_norm_scores(loss: nn.Module, td: TensorDictBase, surrogate: str = "exact", *, target: Optional[Tensor] = None,
-                     method: str = "auto") -> Tensor:
+def grad_norm_scores(
+    loss: nn.Module,
+    td: TensorDictBase,
+    surrogate: str = "exact",
+    *,
+    target: Optional[Tensor] = None,
+    method: str = "auto",
+) -> Tensor:
     """Per-row gradient norms of a TorchRL loss's per-sample critic loss ``l_i``, at a rung of the ladder
     (the module's table).
 

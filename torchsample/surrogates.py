@@ -27,6 +27,7 @@ a reference of its own, ``kernels/laber_naive.py``), :class:`torchsample.LaBER`'
 draw (``reduce="norm"``: the norm over every critic's parameters), :func:`torchsample.grad_norm_scores`
 and the diagnostics. :func:`td_error` is PER's priority, ``|q - y|`` (the largest over twin critics).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -76,8 +77,16 @@ def output_gradient(pred: Tensor, target: Tensor, loss: str = "l2", *, huber_del
     return torch.softmax(pred, dim=-1) - target
 
 
-def critic_priorities(pred: Tensor, target: Tensor, loss: str = "l2", *, features: Optional[Tensor] = None,
-                      bias: bool = True, huber_delta: float = 1.0, reduce: Optional[str] = None) -> Tensor:
+def critic_priorities(
+    pred: Tensor,
+    target: Tensor,
+    loss: str = "l2",
+    *,
+    features: Optional[Tensor] = None,
+    bias: bool = True,
+    huber_delta: float = 1.0,
+    reduce: Optional[str] = None,
+) -> Tensor:
     """Each row's gradient norm at the ``"output"`` rung, or at ``"last-layer"`` with ``features``.
 
     ``p_i = ||g_i||`` (the module's table), times ``sqrt(||h_i||^2 + 1)`` (``||h_i||`` with
@@ -151,8 +160,10 @@ def last_layer_norm(output_grad_norm: Tensor, features: Tensor, *, bias: bool = 
     if not isinstance(output_grad_norm, Tensor) or not isinstance(features, Tensor):
         raise TypeError("last_layer_norm: output_grad_norm and features must be tensors")
     if features.dim() < 2 or output_grad_norm.shape != features.shape[:-1]:
-        raise ValueError(f"last_layer_norm: features must be [..., N, F] with output_grad_norm [..., N], "
-                         f"got {tuple(features.shape)} and {tuple(output_grad_norm.shape)}")
+        raise ValueError(
+            f"last_layer_norm: features must be [..., N, F] with output_grad_norm [..., N], "
+            f"got {tuple(features.shape)} and {tuple(output_grad_norm.shape)}"
+        )
     # Few, in-place ops: on one CPU core at N = 128 each extra op is a visible share of the forward.
     h_norm = torch.linalg.vector_norm(features.detach().float(), dim=-1)
     factor = h_norm.square_().add_(1.0).sqrt_() if bias else h_norm

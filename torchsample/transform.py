@@ -7,11 +7,13 @@ and returns the kept rows with their importance weights in ``"priority_weight"``
 :class:`torchsample.LaBERSampler` puts the same selection on TorchRL's sampler extension point, so
 that a replay buffer samples with it.
 """
+
 from __future__ import annotations
 
 import sys
 import weakref
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple, Optional
 
 import torch
 from tensordict import TensorDictBase
@@ -162,8 +164,9 @@ class LaBER(Transform):
         if surrogate not in SURROGATES:
             raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
         if prediction is not None and not callable(prediction):
-            raise TypeError(f"prediction must be a callable td -> (pred, target) or None, "
-                            f"got {type(prediction).__name__}")
+            raise TypeError(
+                f"prediction must be a callable td -> (pred, target) or None, got {type(prediction).__name__}"
+            )
         if loss is not None and loss not in LOSS_KINDS:
             raise ValueError(f"loss must be one of {LOSS_KINDS}, got {loss!r}")
         if prediction is None and loss is not None:
@@ -245,18 +248,22 @@ class LaBER(Transform):
             out.set(keys.priority, kept.td_error)
         return out
 
-    def selection(self, large: TensorDictBase, batch_size: Optional[int] = None,
-                  generator: Optional[torch.Generator] = None) -> Selection:
+    def selection(
+        self, large: TensorDictBase, batch_size: Optional[int] = None, generator: Optional[torch.Generator] = None
+    ) -> Selection:
         """Which rows of ``large`` LaBER keeps (positions into it), their weights and targets.
 
         ``batch_size`` overrides ``B`` and ``generator`` this module's random state
         (:class:`torchsample.LaBERSampler` passes the buffer's).
         """
         if not isinstance(large, TensorDictBase):
-            raise TypeError(f"LaBER scores a TensorDict of transitions with the loss's networks, got "
-                            f"{type(large).__name__}")
+            raise TypeError(
+                f"LaBER scores a TensorDict of transitions with the loss's networks, got {type(large).__name__}"
+            )
         if large.batch_dims != 1:
-            raise ValueError(f"LaBER expects a large batch with one batch dimension, got batch_size={tuple(large.batch_size)}")
+            raise ValueError(
+                f"LaBER expects a large batch with one batch dimension, got batch_size={tuple(large.batch_size)}"
+            )
         N = large.batch_size[0]
         if N == 0:
             raise ValueError("LaBER got an empty large batch: the buffer holds no data")
@@ -281,9 +288,13 @@ class LaBER(Transform):
         shared_target = target.expand(scores.shape) if target.dim() == 1 else target
         if self.critics == "joint":
             # The norm over every critic's parameters: sqrt(sum_c p_c^2).
-            joint = (joint_norm(exact) if exact is not None else
-                     critic_priorities(pred, shared_target, self.loss_kind, features=features, bias=self._bias,
-                                       reduce="norm"))
+            joint = (
+                joint_norm(exact)
+                if exact is not None
+                else critic_priorities(
+                    pred, shared_target, self.loss_kind, features=features, bias=self._bias, reduce="norm"
+                )
+            )
             drawn = laber_downsample(joint, B, **options)
             return Selection(drawn.index, drawn.weight, target[drawn.index] if keep_target else None, None)
         drawn = self._draw(pred, shared_target, features, exact, B, options)  # [C, B]
@@ -305,19 +316,30 @@ class LaBER(Transform):
         if prediction is not None:
             out = prediction(large)
             if len(out) != (3 if self.surrogate == "last-layer" else 2):
-                raise ValueError(f"prediction must return (pred, target) for surrogate='output' and "
-                                 f"(pred, target, features) for 'last-layer', got {len(out)} values")
+                raise ValueError(
+                    f"prediction must return (pred, target) for surrogate='output' and "
+                    f"(pred, target, features) for 'last-layer', got {len(out)} values"
+                )
             pred, target, *features = out
             return pred, target, features[0] if features else None, None
-        scores = score_rows(self.__dict__["_critic"], large, self.surrogate, capture=self.__dict__.get("_capture"),
-                            norms=False)
+        scores = score_rows(
+            self.__dict__["_critic"], large, self.surrogate, capture=self.__dict__.get("_capture"), norms=False
+        )
         return scores.pred, scores.target, scores.features, scores.norms  # norms: the "exact" rung's only
 
     def _draw(self, pred, target, features, exact, B: int, options: dict):
         if exact is not None:
             return laber_downsample(exact, B, **options)
-        return laber_select(pred, target, B, loss=self.loss_kind, surrogate=self.surrogate, features=features,
-                            bias=self._bias, **options)
+        return laber_select(
+            pred,
+            target,
+            B,
+            loss=self.loss_kind,
+            surrogate=self.surrogate,
+            features=features,
+            bias=self._bias,
+            **options,
+        )
 
     @property
     def _bias(self) -> bool:
@@ -334,8 +356,10 @@ class LaBER(Transform):
         return Keys() if keys is None else Keys(keys.priority_weight, keys.priority)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(batch_size={self.batch_size}, surrogate={self.surrogate!r}, "
-                f"loss={self.loss_kind!r}, weighting={self.weighting!r}, critics={self.critics!r}, eps={self.eps})")
+        return (
+            f"{type(self).__name__}(batch_size={self.batch_size}, surrogate={self.surrogate!r}, "
+            f"loss={self.loss_kind!r}, weighting={self.weighting!r}, critics={self.critics!r}, eps={self.eps})"
+        )
 
 
 def _refuse_tensordict_buffer(depth: int = 8) -> None:

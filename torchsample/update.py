@@ -11,9 +11,11 @@ AOTAutograd compiled with the objective. ``Optimizer.step`` graph-breaks on purp
 ``no_grad`` switch (pytorch/pytorch#104053), so the step graph calls the unwrapped step inside
 ``torch.no_grad()``: the same arithmetic, no break.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 from torch import Tensor

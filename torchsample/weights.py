@@ -13,6 +13,7 @@ variant    ``w_i``
 ``max``    ``min_{j in minibatch}(p_j) / p_i``: the largest weight in the minibatch is 1
 =========  =====================================================================================
 """
+
 from __future__ import annotations
 
 from torch import Tensor
@@ -20,7 +21,6 @@ from torch import Tensor
 from .codes import WEIGHTINGS
 
 __all__ = ["importance_weights", "WEIGHTINGS"]
-
 
 
 def importance_weights(priority: Tensor, index: Tensor, weighting: str = "mean") -> Tensor:

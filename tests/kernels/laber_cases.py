@@ -5,6 +5,7 @@ decorates the kernel (on CPU), or a CUDA device (compiled), so they run in a sub
 Every launch writes into buffers filled with poison first (NaN, -1), so an output or a scratch
 entry that the kernel leaves unwritten, or reads before it is written, fails a check.
 """
+
 import math
 
 import pytest
@@ -43,15 +44,28 @@ def kernel_uniforms(state: torch.Tensor, C: int, B: int) -> torch.Tensor:
 
 
 @triton.jit
-def search_kernel(u_ptr, index_ptr, priority_ptr, scratch_ptr, N, n_tiles, tile_steps, last_positive, B,
-                  BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, BLOCK_B: tl.constexpr):
+def search_kernel(
+    u_ptr,
+    index_ptr,
+    priority_ptr,
+    scratch_ptr,
+    N,
+    n_tiles,
+    tile_steps,
+    last_positive,
+    B,
+    BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+):
     """The LaBER kernel's search (its own ``search``) of row 0 for given ``u`` in ``[0, total)``."""
     offs = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     mask = offs < B
     u = tl.load(u_ptr + offs, mask=mask, other=0.0)
     tile_row = scratch_ptr + n_tiles * (BLOCK_N // CHUNK)
-    index, _ = laber.search(u, mask, priority_ptr, scratch_ptr, tile_row, N, n_tiles, tile_steps, last_positive,
-                            BLOCK_N, CHUNK)
+    index, _ = laber.search(
+        u, mask, priority_ptr, scratch_ptr, tile_row, N, n_tiles, tile_steps, last_positive, BLOCK_N, CHUNK
+    )
     tl.store(index_ptr + offs, index, mask=mask)
 
 
@@ -89,12 +103,23 @@ def poisoned_buffers(pred, B, loss, D=0) -> laber.Buffers:
     return buffers
 
 
-def run(pred, target, state, B, loss, weighting, eps=0.0, huber_delta=1.0, features=None, split_draws=None,
-        bias=True):
+def run(pred, target, state, B, loss, weighting, eps=0.0, huber_delta=1.0, features=None, split_draws=None, bias=True):
     """One call into poisoned buffers; checks that every output was written."""
     buffers = poisoned_buffers(pred, B, loss, 0 if features is None else features.shape[-1])
-    index, weight, priority = launch_laber(pred, target, features, state, B, loss, weighting, eps, huber_delta, bias,
-                                           buffers=buffers, split_draws=split_draws)
+    index, weight, priority = launch_laber(
+        pred,
+        target,
+        features,
+        state,
+        B,
+        loss,
+        weighting,
+        eps,
+        huber_delta,
+        bias,
+        buffers=buffers,
+        split_draws=split_draws,
+    )
     assert ((index >= 0) & (index < pred.shape[1])).all(), "an index is unwritten or out of range"
     assert torch.isfinite(weight).all() and (weight > 0).all(), "a weight is unwritten or not positive"
     assert not priority.isnan().any(), "a priority is unwritten"
@@ -152,16 +177,25 @@ MATCH = [
 ]
 
 
-@pytest.mark.parametrize("loss, K, weighting, C, N, B, dtype, D, bias", [
-    pytest.param(*case, *(0, True)[len(case) - 7:], id=f"{kind(case[0], case[1], *case[7:8])}-{W(case[2]).label}-"
-                 f"C{case[3]}-N{case[4]}-B{case[5]}-{case[6]}" + ("-no-bias" if case[8:] == (False,) else ""))
-    for case in MATCH])
+@pytest.mark.parametrize(
+    "loss, K, weighting, C, N, B, dtype, D, bias",
+    [
+        pytest.param(
+            *case,
+            *(0, True)[len(case) - 7 :],
+            id=f"{kind(case[0], case[1], *case[7:8])}-{W(case[2]).label}-"
+            f"C{case[3]}-N{case[4]}-B{case[5]}-{case[6]}" + ("-no-bias" if case[8:] == (False,) else ""),
+        )
+        for case in MATCH
+    ],
+)
 def test_kernel_matches_reference(loss, K, weighting, C, N, B, dtype, D, bias):
     pred, target, features = make_inputs(loss, C, N, K, DTYPES[dtype], D=D)
     state = fresh_state(N + K + B)
     u = kernel_uniforms(state, C, B)
-    index, weight, priority = run(pred, target, state, B, loss, weighting, eps=0.0, huber_delta=0.7, features=features,
-                                  bias=bias)
+    index, weight, priority = run(
+        pred, target, state, B, loss, weighting, eps=0.0, huber_delta=0.7, features=features, bias=bias
+    )
     ref_index, ref_weight, ref_priority = laber_naive(pred, target, u, loss, weighting, 0.0, 0.7, features, bias)
     # The softmax and the feature norms are summed in another order than the reference's.
     tol = 2e-5 if loss == L.CATEGORICAL or D else {"fp32": 1e-6, "fp16": 1e-3, "bf16": 1e-2}[dtype]
@@ -181,10 +215,18 @@ def test_kernel_matches_reference(loss, K, weighting, C, N, B, dtype, D, bias):
     torch.testing.assert_close(weight, expected, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("loss, K, D, bias", [(L.L2, 1, 0, True), (L.HUBER, 1, 0, True), (L.CATEGORICAL, 51, 0, True),
-                                              (L.L2, 1, 7, True), (L.HUBER, 1, 7, False), (L.CATEGORICAL, 51, 7, False)],
-                         ids=["l2", "huber", "categorical", "l2-last-layer", "huber-last-layer-no-bias",
-                              "categorical-last-layer-no-bias"])
+@pytest.mark.parametrize(
+    "loss, K, D, bias",
+    [
+        (L.L2, 1, 0, True),
+        (L.HUBER, 1, 0, True),
+        (L.CATEGORICAL, 51, 0, True),
+        (L.L2, 1, 7, True),
+        (L.HUBER, 1, 7, False),
+        (L.CATEGORICAL, 51, 7, False),
+    ],
+    ids=["l2", "huber", "categorical", "l2-last-layer", "huber-last-layer-no-bias", "categorical-last-layer-no-bias"],
+)
 def test_reference_priorities_are_the_librarys(loss, K, D, bias):
     """The reference's own few lines give what the library's one home of the formulas gives."""
     from torchsample.surrogates import critic_priorities
@@ -216,7 +258,7 @@ def test_draws_resolve_small_items_behind_a_large_prefix():
     uniforms give each its 1/4."""
     N, B = 2**20, 8192
     p = torch.ones(1, N, 1)
-    p[:, N // 2:] = 2.0**-6
+    p[:, N // 2 :] = 2.0**-6
     index, _, _ = run(p.to(DEVICE), p.to(DEVICE), fresh_state(7), B, L.PRIORITY, W.MEAN)
     index = index[0].cpu()
     light = index >= N // 2
@@ -235,19 +277,28 @@ def test_effective_probabilities_at_4m_are_within_2_to_the_minus_47():
     N = 2**22
     g = torch.Generator().manual_seed(11)
     p = torch.rand(1, N, 1, generator=g) + 0.5
-    p[0, N // 2:N // 2 + 4096] *= 2.0**-10  # light items behind half the mass
-    p[0, 3 * N // 4:3 * N // 4 + 64] = 0.0  # zero-mass chunks
+    p[0, N // 2 : N // 2 + 4096] *= 2.0**-10  # light items behind half the mass
+    p[0, 3 * N // 4 : 3 * N // 4 + 64] = 0.0  # zero-mass chunks
     p = p.to(DEVICE)
     blocks = block_sizes(N, 1, 1, L.PRIORITY)
     buffers = poisoned_buffers(p, 1, L.PRIORITY)
     launch_laber(p, p, None, fresh_state(0), 1, L.PRIORITY, W.MEAN, 0.0, 1.0, buffers=buffers)
     priority = buffers.priority[0]
     n_tiles = triton.cdiv(N, blocks["BLOCK_N"])
-    tile_prefix = buffers.scratch[0, n_tiles * (blocks["BLOCK_N"] // blocks["CHUNK"]):][:n_tiles]
+    tile_prefix = buffers.scratch[0, n_tiles * (blocks["BLOCK_N"] // blocks["CHUNK"]) :][:n_tiles]
     total = tile_prefix[-1].item()
     edges = torch.arange(1, 16) * blocks["BLOCK_N"]
-    probes = torch.cat([edges - 1, edges, edges + 7, edges + 8, torch.arange(N // 2 - 2, N // 2 + 100),
-                        torch.arange(3 * N // 4 - 2, 3 * N // 4 + 66), torch.randint(0, N, (200,), generator=g)])
+    probes = torch.cat(
+        [
+            edges - 1,
+            edges,
+            edges + 7,
+            edges + 8,
+            torch.arange(N // 2 - 2, N // 2 + 100),
+            torch.arange(3 * N // 4 - 2, 3 * N // 4 + 66),
+            torch.randint(0, N, (200,), generator=g),
+        ]
+    )
     # Item i is returned for k in [first(i), first(i + 1)): first(j) = the smallest k whose index >= j.
     targets = torch.cat([probes, probes + 1]).to(DEVICE)
     lo = torch.zeros_like(targets, dtype=torch.int64)
@@ -257,9 +308,20 @@ def test_effective_probabilities_at_4m_are_within_2_to_the_minus_47():
         mid = (lo + hi) // 2
         u = (mid.double() * 2.0**-52) * total
         index = torch.full_like(targets, -1)
-        search_kernel[(triton.cdiv(len(u), 1024),)](u, index, priority, buffers.scratch, N, n_tiles, n_tiles.bit_length(),
-                                                     last_positive, len(u), BLOCK_N=blocks["BLOCK_N"],
-                                                     CHUNK=blocks["CHUNK"], BLOCK_B=1024)
+        search_kernel[(triton.cdiv(len(u), 1024),)](
+            u,
+            index,
+            priority,
+            buffers.scratch,
+            N,
+            n_tiles,
+            n_tiles.bit_length(),
+            last_positive,
+            len(u),
+            BLOCK_N=blocks["BLOCK_N"],
+            CHUNK=blocks["CHUNK"],
+            BLOCK_B=1024,
+        )
         reached = index >= targets
         hi = torch.where(reached, mid, hi)
         lo = torch.where(reached, lo, mid + 1)

@@ -12,6 +12,7 @@ memory only, so a value that a thread stores to global memory and another thread
 program loads back needs a ``bar.sync`` in between, and a program that reads what other programs
 wrote needs their stores released before, and its loads acquired after, the ticket.
 """
+
 import functools
 import os
 import re
@@ -29,9 +30,8 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from torchsample.codes import LossKind as L  # noqa: E402
-from torchsample.codes import Surrogate as S  # noqa: E402
 from torchsample.codes import Weighting as W  # noqa: E402
-from torchsample.kernels.laber import block_sizes, laber_fused_kernel, new_rng_state  # noqa: E402
+from torchsample.kernels.laber import laber_fused_kernel, new_rng_state  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CASES = Path(__file__).with_name("laber_cases.py")
@@ -43,8 +43,14 @@ def run_cases(interpret: bool) -> None:
     if interpret:
         env["TRITON_INTERPRET"] = "1"
         env["CUDA_VISIBLE_DEVICES"] = ""  # the interpreter runs on CPU tensors
-    proc = subprocess.run([sys.executable, "-m", "pytest", str(CASES), "-q", "-p", "no:cacheprovider", "-W", "error::RuntimeWarning"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(CASES), "-q", "-p", "no:cacheprovider", "-W", "error::RuntimeWarning"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout
 
@@ -130,8 +136,9 @@ def compile_launch(kernel, args, kwargs, arch: int, ints: str = "runtime", until
         backend = make_backend(target)
         binder = create_function_from_signature(kernel.signature, kernel.params, backend)
         bound_args, specialization, launch_options = binder(*args, **kwargs, **options)
-        parsed, signature, constexprs, attrs = kernel._pack_args(backend, {**kwargs, **options}, bound_args,
-                                                                 specialization, launch_options)
+        parsed, signature, constexprs, attrs = kernel._pack_args(
+            backend, {**kwargs, **options}, bound_args, specialization, launch_options
+        )
         constexprs = {kernel.arg_names[path[0]]: value for path, value in constexprs.items()}
     else:
         signature, constexprs = {}, {}
@@ -150,8 +157,7 @@ def compile_launch(kernel, args, kwargs, arch: int, ints: str = "runtime", until
         libtriton.ir.load_dialects(context)
         backend.load_dialects(context)
         opts = backend.parse_options(options)
-        return source.make_ir(target, opts, backend.get_codegen_implementation(opts), backend.get_module_map(),
-                              context)
+        return source.make_ir(target, opts, backend.get_codegen_implementation(opts), backend.get_module_map(), context)
     return triton.compile(source, target=target, options=options)
 
 
@@ -159,8 +165,10 @@ def compile_launch(kernel, args, kwargs, arch: int, ints: str = "runtime", until
 def compile_for(arch: int, loss: int, weighting: int, K: int, N: int, B: int, dtype: str, D: int) -> tuple:
     """The compiled kernels of one call (one, or two when the draws take their own launch), every int
     argument a runtime value."""
-    return tuple(compile_launch(kernel, args, kwargs, arch)
-                 for kernel, args, kwargs in launch_arguments(loss, weighting, 2, K, N, B, dtype, D))
+    return tuple(
+        compile_launch(kernel, args, kwargs, arch)
+        for kernel, args, kwargs in launch_arguments(loss, weighting, 2, K, N, B, dtype, D)
+    )
 
 
 def skip_if_interpreted():
@@ -206,8 +214,13 @@ def test_kernel_compiles_as_triton_specialises_it_at_launch(C, N, K, B, D, weigh
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("C, N, K, B, D", [pytest.param(2, 5000, 1, 32, 16, id="C2-N5000-B32-D16"),
-                                           pytest.param(1, 100_000, 51, 4096, 0, id="C1-N100000-K51-B4096")])
+@pytest.mark.parametrize(
+    "C, N, K, B, D",
+    [
+        pytest.param(2, 5000, 1, 32, 16, id="C2-N5000-B32-D16"),
+        pytest.param(1, 100_000, 51, 4096, 0, id="C1-N100000-K51-B4096"),
+    ],
+)
 def test_kernel_front_end_takes_every_int_as_a_constant(C, N, K, B, D):
     """Under torch.compile, Inductor's analysis of a user kernel passed B = 32 as a constant, and
     the kernel failed there (the H200 run's ``update_compiled.log``). Every int argument as a
@@ -216,8 +229,11 @@ def test_kernel_front_end_takes_every_int_as_a_constant(C, N, K, B, D):
     loss = L.CATEGORICAL if K > 1 else L.HUBER
     for kernel, args, kwargs in launch_arguments(loss, W.MAX, C, K, N, B, "fp32", D):
         compile_launch(kernel, args, kwargs, 90, ints="constants", until="ttir")
-        ints = [i for i, (param, arg) in enumerate(zip(kernel.params, args))
-                if not param.is_constexpr and isinstance(arg, int)]
+        ints = [
+            i
+            for i, (param, arg) in enumerate(zip(kernel.params, args))
+            if not param.is_constexpr and isinstance(arg, int)
+        ]
         for i in ints:
             alone = tuple(1 if j == i else arg for j, arg in enumerate(args))  # the value Triton specialises
             compile_launch(kernel, alone, kwargs, 90, ints="specialised", until="ttir")
@@ -324,16 +340,18 @@ def test_sm90_ptx_orders_memory(loss, weighting, K, N, B, dtype, D):
     outputs = {PARAM["priority_ptr"], PARAM["scratch_ptr"], PARAM["index_ptr"], PARAM["weight_ptr"]}
     assert unsynced_reloads(ptx, outputs) == []
     accesses = global_accesses(ptx)
-    reloads = [line for line, kind, params in accesses
-               if kind == "ld" and params & {PARAM["index_ptr"], PARAM["weight_ptr"]}]
+    reloads = [
+        line for line, kind, params in accesses if kind == "ld" and params & {PARAM["index_ptr"], PARAM["weight_ptr"]}
+    ]
     assert (reloads == []) == (weighting != W.MAX)
     atomics = [i for i, (_, kind, _) in enumerate(accesses) if kind == "atom"]
     assert len(atomics) == 2 and all(".gpu.acq_rel." in accesses[i][0] for i in atomics)  # arrival, rows done
     tile_data = {PARAM["priority_ptr"], PARAM["scratch_ptr"]}
     arrival = atomics[0]
     last_store = max(i for i, (_, kind, params) in enumerate(accesses[:arrival]) if kind == "st" and params & tile_data)
-    first_load = min(i for i, (_, kind, params) in enumerate(accesses)
-                     if i > arrival and kind == "ld" and params & tile_data)
+    first_load = min(
+        i for i, (_, kind, params) in enumerate(accesses) if i > arrival and kind == "ld" and params & tile_data
+    )
     assert any(kind == "bar" for _, kind, _ in accesses[last_store:arrival])
     assert any(kind == "bar" for _, kind, _ in accesses[arrival:first_load])
 
@@ -350,8 +368,9 @@ def test_sm90_ptx_of_the_draw_launch():
     accesses = global_accesses(fused.asm["ptx"])
     atomics = [line for line, kind, _ in accesses if kind == "atom"]
     assert len(atomics) == 1 and ".gpu.acq_rel." in atomics[0]
-    assert not [line for line, kind, params in accesses
-                if kind == "st" and params & {PARAM["index_ptr"], PARAM["weight_ptr"]}]
+    assert not [
+        line for line, kind, params in accesses if kind == "st" and params & {PARAM["index_ptr"], PARAM["weight_ptr"]}
+    ]
     assert unsynced_reloads(fused.asm["ptx"], {PARAM["priority_ptr"], PARAM["scratch_ptr"]}) == []
 
     from torchsample.kernels.laber import laber_draw_kernel
@@ -362,7 +381,7 @@ def test_sm90_ptx_of_the_draw_launch():
     assert len(atomics) == 1 and ".gpu.acq_rel." in accesses[atomics[0]][0]
     state_reads = [i for i, (_, kind, params) in enumerate(accesses) if kind == "ld" and PARAM["state_ptr"] in params]
     assert state_reads and max(state_reads) < atomics[0]
-    assert any(kind == "bar" for _, kind, _ in accesses[max(state_reads):atomics[0]])
+    assert any(kind == "bar" for _, kind, _ in accesses[max(state_reads) : atomics[0]])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,8 +476,9 @@ def test_an_eager_call_launches_without_the_dispatcher(monkeypatch):
     monkeypatch.setattr(laber_module, "_as_is", recorder("raw"))
     monkeypatch.setattr(laber_module, "wrap_triton", recorder("wrapped"))
     p = torch.rand(2, 100, 1)  # CPU tensors stand in for CUDA ones: nothing is launched
-    index, weight, priority = laber_module.laber_fused_call(p, p, None, new_rng_state("cpu"), 4096, int(L.PRIORITY),
-                                                            int(W.MEAN), 0.0, 1.0)
+    index, weight, priority = laber_module.laber_fused_call(
+        p, p, None, new_rng_state("cpu"), 4096, int(L.PRIORITY), int(W.MEAN), 0.0, 1.0
+    )
     assert launched == [("raw", "laber_fused_kernel"), ("raw", "laber_draw_kernel")]
     assert index.shape == weight.shape == (2, 4096) and priority.shape == (2, 100)
 
@@ -492,8 +512,12 @@ def test_the_default_random_state_is_one_per_device_and_stream(monkeypatch):
 @pytest.mark.parametrize(
     "make_state, with_generator, error, match",
     [
-        (lambda: torch.empty(3, dtype=torch.int64, device="cuda"), False, TypeError,
-         r"rng_state must be an int64 \[3 \+ S\]"),
+        (
+            lambda: torch.empty(3, dtype=torch.int64, device="cuda"),
+            False,
+            TypeError,
+            r"rng_state must be an int64 \[3 \+ S\]",
+        ),
         (lambda: torch.empty(67, dtype=torch.float32, device="cuda"), False, TypeError, "rng_state must be an int64"),
         (lambda: torch.empty(67, dtype=torch.int64), False, ValueError, "rng_state is on cpu"),
         (lambda: torch.empty(67, dtype=torch.int64, device="cuda"), True, ValueError, "not both"),
