@@ -1,6 +1,6 @@
 """Host time of one call of the fused op, measured without a GPU: where the eager microseconds go.
 
-    python -m perf.bench_host            # writes perf/results/host_cpu.csv
+    python -m perf.bench_host            # runs/perf/host_cpu.csv (UPDATE_RESULTS=1: perf/results/)
 
 On the H200 the eager op took 230-520 us a call for every N <= 262k, 0.6-0.75x the naive torch path,
 while the kernel itself takes 4-13 us in a CUDA graph: the rest is host time. That part is
@@ -20,6 +20,7 @@ Triton's argument binding and the driver call, is not in it). Peers, timed inter
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 import torch
@@ -40,14 +41,41 @@ def no_op_launches(kernel):
     return Launcher()
 
 
-def main() -> None:
+@contextlib.contextmanager
+def launches_replaced_by_no_ops():
+    """Both launchers (traceable or not) launch nothing inside; restored after, even on error."""
+    saved = laber.wrap_triton, laber._as_is
+    laber.wrap_triton = laber._as_is = no_op_launches
+    try:
+        yield
+    finally:
+        laber.wrap_triton, laber._as_is = saved
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=RESULTS / "host_cpu.csv")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    laber.wrap_triton = no_op_launches  # both launchers (traceable or not) then launch nothing
-    laber._as_is = no_op_launches
+    try:
+        with launches_replaced_by_no_ops():
+            rows = measure(args.samples)
+        env = environment("cpu")  # records the one thread timed
+    finally:
+        torch.set_num_threads(threads)
+    write_csv(args.out, rows, COLUMNS, env)
+    print(f"Host time of one fused-op call, launches replaced by no-ops ({describe(env)}); us, median [q20, q80]\n")
+    print("| C | N | B | " + " | ".join(dict.fromkeys(r["part"] for r in rows)) + " |")
+    print("| --- " * (3 + len(dict.fromkeys(r["part"] for r in rows))) + "|")
+    for key in dict.fromkeys((r["C"], r["N"], r["B"]) for r in rows):
+        cells = [f"{r['median_us']:.1f}" for r in rows if (r["C"], r["N"], r["B"]) == key]
+        print(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+    print(f"\nCSV: {args.out}")
+
+
+def measure(samples: int) -> list[dict]:
     rows = []
     loss, weighting = int(LossKind.L2), int(Weighting.MEAN)
     for C, N, B in [(1, 1024, 32), (1, 16384, 256), (2, 262144, 32)]:
@@ -56,7 +84,7 @@ def main() -> None:
         fns = {
             "public path": lambda: ops._fused(q, y, None, B, loss, "mean", 1e-6, 1.0, None, state),
             "op (dispatcher)": lambda: torch.ops.torchsample.laber_fused(
-                q, y, None, state, B, loss, weighting, 1e-6, 1.0
+                q, y, None, state, B, loss, weighting, 1e-6, 1.0, True
             ),
             "direct": lambda: laber.laber_fused_call(q, y, None, state, B, loss, weighting, 1e-6, 1.0),
             "launch_laber": lambda: laber.launch_laber(
@@ -65,7 +93,7 @@ def main() -> None:
             "allocate_buffers": lambda: laber.allocate_buffers(q, B, loss),
             "launch_plan": lambda: laber.launch_plan(N, 1, B, loss, 0),
         }
-        timings = time_interleaved(fns, samples=args.samples, warmup=200, device="cpu", samples_per_turn=50)
+        timings = time_interleaved(fns, samples=samples, warmup=min(200, samples), device="cpu", samples_per_turn=50)
         for part, t in timings.items():
             rows.append(
                 {
@@ -78,15 +106,7 @@ def main() -> None:
                     "q80_us": t.q80 * 1e6,
                 }
             )
-    env = environment("cpu")
-    write_csv(args.out, rows, COLUMNS, env)
-    print(f"Host time of one fused-op call, launches replaced by no-ops ({describe(env)}); us, median [q20, q80]\n")
-    print("| C | N | B | " + " | ".join(dict.fromkeys(r["part"] for r in rows)) + " |")
-    print("| --- " * (3 + len(dict.fromkeys(r["part"] for r in rows))) + "|")
-    for key in dict.fromkeys((r["C"], r["N"], r["B"]) for r in rows):
-        cells = [f"{r['median_us']:.1f}" for r in rows if (r["C"], r["N"], r["B"]) == key]
-        print(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
-    print(f"\nCSV: {args.out}")
+    return rows
 
 
 if __name__ == "__main__":

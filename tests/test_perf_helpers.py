@@ -121,3 +121,16 @@ def test_gpu_summary_renders_cuda_rows():
 def test_gpu_summary_without_results():
     assert gpu_check.kernel_section(None)[0].startswith("No kernel CSV")
     assert gpu_check.update_section(None)[0].startswith("No update CSV")
+
+
+def test_host_benchmark_runs_every_part_and_restores_the_launchers(tmp_path):
+    """perf.bench_host calls the op's internals by name: a changed signature must fail here, not on a GPU day."""
+    import torchsample.kernels.laber as laber
+    from perf import bench_host
+
+    launchers = laber.wrap_triton, laber._as_is
+    out = tmp_path / "host.csv"
+    bench_host.main(["--samples", "3", "--out", str(out)])
+    assert (laber.wrap_triton, laber._as_is) == launchers
+    parts = {line.split(",")[3] for line in out.read_text().splitlines()[1:] if not line.startswith("#")}
+    assert parts == {"public path", "op (dispatcher)", "direct", "launch_laber", "allocate_buffers", "launch_plan"}
