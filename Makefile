@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(PY) -m experiments.compare --algo dqn --env-id CartPole-v1 \
 		--samplers laber-mean uniform per --seeds 0 1 --out runs/demo
 
-# The longer comparison README.md reports: laber-mean against uniform, large-batch and per, 3 seeds each;
+# The longer comparison (docs/results/compare.md): laber-mean against uniform, large-batch and per, 3 seeds each;
 # about 70 minutes on 2 cores (105 with the SAC and TD3 Pendulum runs it held before `continuous`, by
 # their recorded wall times). MinAtar is cut to what a 2-core machine allows.
 COMPARE := $(PY) -m experiments.compare --samplers laber-mean uniform large-batch per --seeds 0 1 2
@@ -49,12 +49,12 @@ continuous: $(STAMP)
 	for env in Hopper HalfCheetah; do for algo in td3 sac; do \
 		$(CONTINUOUS) --algo $$algo --env-id $$env-v5 --total-steps 10000 --out runs/continuous/$$algo-$$env; done; done
 
-# The small-batch study (README): uniform against laber-mean at batch sizes 8 to 128, the same number of
+# The small-batch study (docs/results/small-batch.md): uniform against laber-mean at batch sizes 8 to 128, the same number of
 # gradient steps at every size, diagnostics (srank, dormant neurons, gradient variance) along the way;
 # MinAtar cut as in `compare`. --reuse keeps the runs already finished, so an interrupted study resumes.
 # The diagnostics draw 512 rows at every batch size (m * B would move srank and the TVs with B).
-# CartPole measured (README, about 26 minutes, on m * B rows before --diagnostics-rows: `make
-# small-batch` reruns it, with the same returns); MinAtar Breakout measured with 512 rows (README, about
+# CartPole measured (about 26 minutes, on m * B rows before --diagnostics-rows: `make
+# small-batch` reruns it, with the same returns); MinAtar Breakout measured with 512 rows (about
 # 30-40 minutes a seed on an idle 2-core machine, under 2 hours for the 3 seeds).
 SMALL_BATCH := $(PY) -m experiments.compare --algo dqn --samplers uniform laber-mean --seeds 0 1 2 --batch-sizes 8 16 32 64 128 --reuse
 small-batch: $(STAMP)
@@ -64,7 +64,7 @@ small-batch: $(STAMP)
 		--extra="--exploration-steps 20000 --eval-every 5000 --diagnostics-every 5000 --diagnostics-rows 512" \
 		--out runs/small-batch/breakout
 
-# The surrogate ladder and the paper's samplers (README): DQN, 3 seeds, in one table per task: laber-mean
+# The surrogate ladder and the paper's samplers (docs/results/ladder.md): DQN, 3 seeds, in one table per task: laber-mean
 # at each rung (output, last-layer, exact), GER, PER-LaBER and GER-LaBER against uniform and PER.
 # CartPole-v1 30k steps with diagnostics every 2500 steps; MinAtar Breakout and SpaceInvaders 30k steps
 # (learning only, about 72 and 90 minutes on 2 cores). --reuse keeps the runs already finished.
@@ -96,8 +96,8 @@ bench-kernel: $(STAMP)
 	$(PY) -m perf.bench_kernel
 
 # On a GPU machine, with the interpreter at hand (no venv): `make gpu-check PYTHON=python3`. Runs the
-# GPU tests (pytest -m gpu), perf/bench_kernel.py and perf/bench_update.py on CUDA, each under a time
-# limit (about 8 minutes in all), keeps going when one fails, and writes perf/results/*_cuda.csv and
+# GPU tests (pytest -m gpu), perf.bench_kernel and perf.bench_update on CUDA, each under a time
+# limit (9 minutes in all), keeps going when one fails, and writes perf/results/*_cuda.csv and
 # perf/results/gpu_summary_cuda.md; exits non-zero when a step failed. See ../shared/gpu/README.md.
 gpu-check:
 	$(PYTHON) -m perf.gpu_check

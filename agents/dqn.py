@@ -101,7 +101,7 @@ class Config(RunOptions):
     double_dqn: bool = True
     """Double DQN targets (van Hasselt et al.): the online network picks the next action"""
     loss: Literal["l2", "huber"] = "huber"
-    """TD loss; LaBER's surrogate follows it (|delta| for l2, min(|delta|, 1) for huber)"""
+    """TD loss; LaBER's surrogate is its gradient at the output (2|delta| for l2, min(|delta|, 1) for huber)"""
     hidden: int = 256
     """width of the two hidden layers of the classic-control MLP"""
     eval_every: int = 5_000

@@ -225,8 +225,6 @@ def main(cfg: Config) -> dict:
     )
     target_updater = SoftUpdate(loss_module, tau=cfg.tau)
 
-    # The sampler: the buffer draws B rows (uniform, per, lfiw) or m*B rows (large-batch, *laber-*); LFIW
-    # draws from its slow buffer and weighs the rows for the critics (Sinha et al., Alg. 1).
     # The replay buffer: B rows per critic per update, drawn through LaBER (m*B scored by each critic, B kept),
     # PER or GER, or uniformly; with LFIW from its slow buffer, weighted (Sinha et al., Alg. 1).
     rb, laber, lfiw, fast_slow = make_replay(cfg, loss_module, env, device)

@@ -9,7 +9,7 @@ CIs (Agarwal et al., 2021, "Deep Reinforcement Learning at the Edge of the Stati
 
 **One task** writes ``<out>/<sampler>/seed<k>/`` per run and ``<out>/results.md``, ``results.csv`` and
 ``curves.png``. Per sampler, over the final greedy evaluation return of its runs: mean and IQM of the
-return, the optimality gap of the normalised return (:data:`SCORE_RANGES`) and the probability of
+return, the optimality gap of the normalised return (:data:`experiments.stats.SCORE_RANGES`) and the probability of
 improvement over ``uniform`` (when it is among the samplers), each with a 95% stratified-bootstrap CI;
 wall time and steps/s. A run that fails is reported (exit code and its last lines), the others kept.
 Runs with ``--diagnostics-every`` (in ``--extra``) also give ``diagnostics.png``: the total variation

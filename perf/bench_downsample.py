@@ -85,7 +85,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer iterations (make bench)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument(
-        "--out", type=Path, default=None, help="CSV path (default perf/results/downsample_<device>.csv)"
+        "--out",
+        type=Path,
+        default=None,
+        help="CSV path (default runs/perf/downsample_<device>.csv, or perf/results/ with UPDATE_RESULTS=1)",
     )
     args = parser.parse_args()
     from cpprb import LaBERmean

@@ -16,7 +16,7 @@ On the MinAtar network (Conv2d(4->16, 3x3) + Linear(1024->128) + Linear(128->A))
 critic (17 + 6 -> 256 -> 256 -> 1), large batches of 4*32 and 4*256 rows. Medians of per-call times
 after a warm-up (perf/common.py's interleaved timer and CSV writer).
 
-    python -m perf.bench_gradnorms [--quick]     # writes perf/results/gradnorms_cpu.csv, gradnorms_cpu_laber.csv
+    python -m perf.bench_gradnorms [--quick]  # runs/perf/gradnorms_cpu{,_laber}.csv (UPDATE_RESULTS=1: perf/results/)
 """
 
 from __future__ import annotations

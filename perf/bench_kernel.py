@@ -35,8 +35,8 @@ Then two checks:
   items must never be drawn, the two rows' draws must be independent and the weights must be
   ``mean(p) / p_i``.
 
-Writes ``perf/results/kernel_<device>.csv`` (the device name and versions on every row). Exits 1 when
-a ``laber`` timing or a check failed.
+Writes ``runs/perf/kernel_<device>.csv`` (``perf/results/`` with ``UPDATE_RESULTS=1``; the device name
+and versions on every row). Exits 1 when a ``laber`` timing or a check failed.
 """
 
 from __future__ import annotations
@@ -458,7 +458,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer sizes and samples")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cuda or cpu (a small smoke run)")
     parser.add_argument("--samples", type=int, default=None, help="timed samples per variant (default 100, quick 30)")
-    parser.add_argument("--out", type=Path, default=None, help="CSV path (default perf/results/kernel_<device>.csv)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="CSV path (default runs/perf/kernel_<device>.csv, or perf/results/ with UPDATE_RESULTS=1)",
+    )
     args = parser.parse_args()
     device = resolve_device(args.device)
     cuda = device.type == "cuda"

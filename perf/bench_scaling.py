@@ -10,8 +10,8 @@
    TorchRL's ``PrioritizedSampler`` (sample ``B`` rows + ``update_priority`` of them).
 
 Each pair of peers is timed interleaved, call by call (``perf/common.py``); medians after a warm-up.
-Writes ``perf/results/scaling_<device>.csv`` and log-log plots ``scaling_op.png`` and
-``scaling_buffer.png``; prints the tables.
+Writes ``runs/perf/scaling_<device>.csv`` (``perf/results/`` with ``UPDATE_RESULTS=1``) and log-log
+plots ``scaling_op.png`` and ``scaling_buffer.png``; prints the tables.
 """
 
 from __future__ import annotations

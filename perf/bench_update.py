@@ -236,7 +236,12 @@ def main() -> None:
     )
     parser.add_argument("--iterations", type=int, default=None, help="timed updates per case")
     parser.add_argument("--synthetic", action="store_true", help="random transitions instead of env steps")
-    parser.add_argument("--out", type=Path, default=None, help="CSV path (default perf/results/update_<device>.csv)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="CSV path (default runs/perf/update_<device>.csv, or perf/results/ with UPDATE_RESULTS=1)",
+    )
     args = parser.parse_args()
     device = resolve_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

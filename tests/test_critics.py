@@ -6,7 +6,7 @@ import torch
 from torchrl.objectives import DistributionalDQNLoss
 
 from tests.conftest import DEVICES
-from tests.setups import ACTIONS, ATOMS, LOSSES, batch, c51_loss, dqn_loss
+from tests.setups import ACTIONS, ATOMS, LOSSES, OBS, batch, c51_loss, dqn_loss
 from torchsample import LaBER, LaBERLoss, categorical_projection, laber_select, pred_and_target
 from torchsample.critics import Critic, critic_of
 
@@ -148,3 +148,36 @@ def test_unknown_loss_and_overridden_forward_are_refused():
     critic_of.register(MyDQN)(type("MyDQNCritic", (type(critic_of(dqn_loss())),), {"forwards": (MyDQN.forward,)}))
     assert LaBERLoss(loss).out_keys == ["loss"]
     assert type(critic_of(loss)).__name__ == "MyDQNCritic" and isinstance(critic_of(loss), Critic)
+
+
+class _MatMul(torch.nn.Module):
+    """A Q-network with no ``nn.Linear``: ``x @ W``."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(OBS, ACTIONS) / OBS**0.5)
+
+    def forward(self, x):
+        return x @ self.weight
+
+
+def test_a_critic_without_nn_linear_scores_with_the_output_and_exact_rungs():
+    """Only the last-layer rung needs an ``nn.Linear`` (its formula reads the layer's input and bias); the
+    other rungs score any network, and the last-layer rung says what it misses."""
+    from tensordict.nn import TensorDictModule
+    from torchrl.modules import QValueActor
+    from torchrl.objectives import DQNLoss
+
+    from torchsample import grad_norm_scores
+
+    actor = QValueActor(TensorDictModule(_MatMul(), ["observation"], ["action_value"]), action_space="categorical")
+    loss = DQNLoss(actor, loss_function="l2", delay_value=True, action_space="categorical")
+    loss.make_value_estimator(gamma=0.9)
+    large = batch(64)
+    assert LaBER(loss, 16, generator=torch.Generator().manual_seed(0))(large).batch_size == (16,)
+    output = grad_norm_scores(loss, large, "output")
+    exact = grad_norm_scores(loss, large, "exact")
+    # Q_a = x . W[:, a]: the gradient over W is the output gradient times x in column a
+    torch.testing.assert_close(exact, output * large["observation"].norm(dim=-1))
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        LaBER(loss, 16, surrogate="last-layer")(large)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -162,9 +163,9 @@ class Critic:
 class _Registry:
     """:func:`critic_of`: the view of a loss, by the nearest class in its MRO that has one."""
 
-    def __init__(self, built_in: dict) -> None:
+    def __init__(self, built_in: Callable[[], dict]) -> None:
         self._views: dict[type, type[Critic]] = {}
-        self._built_in = built_in
+        self._built_in = built_in  # called at lookup: C51's view lives in c51.py, which imports this module
 
     def register(self, loss_class: type, view: type[Critic] | None = None):
         """``critic_of.register(MyLoss, MyCritic)``, or ``@critic_of.register(MyLoss)`` on the view."""

@@ -91,7 +91,9 @@ def score_rows(
             pred,
             target,
             features,
-            critic_priorities(pred, target, critic.loss_kind, features=features, bias=critic.last_layer_bias),
+            critic_priorities(
+                pred, target, critic.loss_kind, features=features, bias=features is None or critic.last_layer_bias
+            ),
         )
 
 

@@ -343,10 +343,11 @@ class LaBER(Transform):
 
     @property
     def _bias(self) -> bool:
-        """Whether the last layer has a bias (the last-layer rung's formula); a custom ``prediction``'s is
-        assumed to have one."""
+        """Whether the last layer has a bias: only the last-layer rung's formula reads it, so only that rung
+        looks for the layer (a critic without ``nn.Linear`` scores with the others); a custom
+        ``prediction``'s last layer is assumed to have one."""
         critic = self.__dict__.get("_critic")
-        return True if critic is None else critic.last_layer_bias
+        return True if critic is None or self.surrogate != "last-layer" else critic.last_layer_bias
 
     @property
     def keys(self) -> Keys:
