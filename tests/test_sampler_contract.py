@@ -12,6 +12,7 @@ import pickle
 
 import pytest
 import torch
+from tensordict import TensorDict, tensorclass
 from torchrl.data import (
     LazyMemmapStorage,
     LazyTensorStorage,
@@ -87,6 +88,51 @@ def test_plain_tensor_or_pytree_rows_are_refused_with_a_clear_error():
     rb = ReplayBuffer(storage=ListStorage(100), sampler=laber_sampler(), batch_size=B)
     rb.extend([(torch.randn(4), torch.randn(1)) for _ in range(50)])
     with pytest.raises(TypeError, match="LaBER scores TensorDict rows"):
+        rb.sample()
+
+
+@tensorclass
+class Transitions:
+    observation: torch.Tensor
+    action: torch.Tensor
+    next: TensorDict
+
+
+@pytest.mark.parametrize("list_storage", [False, True], ids=["LazyTensorStorage", "ListStorage"])
+def test_tensorclass_rows_are_scored_as_their_fields(list_storage):
+    """A tensorclass wraps a TensorDict: LaBER scores its fields (the draw equals the TensorDict's)."""
+    rows, loss = batch(ROWS), dqn_loss()
+    data = Transitions(observation=rows["observation"], action=rows["action"], next=rows["next"], batch_size=[ROWS])
+    storage = ListStorage(1000) if list_storage else LazyTensorStorage(1000)
+    rb = ReplayBuffer(
+        storage=storage, sampler=laber_sampler(loss=loss), batch_size=B, generator=torch.Generator().manual_seed(1)
+    )
+    rb.extend([data[i] for i in range(ROWS)] if list_storage else data)
+    twin = ReplayBuffer(
+        storage=LazyTensorStorage(1000),
+        sampler=laber_sampler(loss=loss),
+        batch_size=B,
+        generator=torch.Generator().manual_seed(1),
+    )
+    twin.extend(rows)
+    sample, info = rb.sample(return_info=True)
+    expected, expected_info = twin.sample(return_info=True)
+    assert type(sample) is Transitions
+    torch.testing.assert_close(sample.observation, expected["observation"])
+    torch.testing.assert_close(info["priority_weight"], expected_info["priority_weight"])
+
+
+def test_trajectory_rows_and_multidimensional_storages_are_refused_with_a_clear_error():
+    """LaBER draws transitions: a storage whose rows are trajectories, or a storage with more than one
+    dimension, is refused with a message that says so (not a shape error from inside the scoring)."""
+    trajectories = batch(6 * 4).reshape(6, 4)
+    rb = ReplayBuffer(storage=LazyTensorStorage(100), sampler=laber_sampler(), batch_size=B)
+    rb.extend(trajectories)  # 6 rows of [4] steps each
+    with pytest.raises(ValueError, match=r"one transition per storage row.*\(4,\)"):
+        rb.sample()
+    rb = ReplayBuffer(storage=LazyTensorStorage(100, ndim=2), sampler=laber_sampler(), batch_size=B)
+    rb.extend(trajectories)  # a [100, 4] storage
+    with pytest.raises(ValueError, match="one-dimensional storage"):
         rb.sample()
 
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
-from tensordict import TensorDictBase
+from tensordict import TensorDictBase, is_tensorclass
 from torch import Tensor, nn
 from torchrl.data.replay_buffers.samplers import PrioritizedSampler, RandomSampler, Sampler
 
@@ -46,9 +46,9 @@ class LaBERSampler(Sampler):
 
     What works as with TorchRL's own samplers (``tests/test_sampler_contract.py``):
 
-    * every storage (``ListStorage``'s rows are stacked into one TensorDict before scoring), rows
-      that are TensorDicts (LaBER scores them with the loss's networks: plain tensors and pytrees are
-      refused with a ``TypeError``);
+    * every one-dimensional storage (``ListStorage``'s rows are stacked into one TensorDict before
+      scoring), rows that are TensorDicts or tensorclasses (LaBER scores them with the loss's networks:
+      plain tensors and pytrees are refused with a ``TypeError``);
     * the buffer's ``generator=``: the large batch and LaBER's draw both come from it, so a seed
       gives the same rows, and restoring the generator's state repeats the next sample (without
       prefetching: its threads race for the generator, with TorchRL's own samplers too);
@@ -67,6 +67,11 @@ class LaBERSampler(Sampler):
     drawn, up to ``k`` updates before it is used (TorchRL's own PER has the same staleness of
     priorities); use ``prefetch=0`` (the default) for the paper's LaBER, where each batch is scored
     just before its update.
+
+    **Not supported**, refused with a ``ValueError`` that says so: storages with more than one
+    dimension (``ndim=2``) and rows that are trajectories (each stored row ``[T]`` steps): LaBER draws
+    transitions, so store them flat. TorchRL's ``consume_after_n_samples`` takes only its default
+    ``RandomSampler`` (its own check), as it does for ``PrioritizedSampler``.
 
     The rows are scored as the storage holds them: ``transform`` (a callable on the large batch,
     e.g. the buffer's own decoding transform, or :class:`torchsample.lfiw.LFIW`) runs before scoring;
@@ -191,6 +196,12 @@ class LaBERSampler(Sampler):
         if isinstance(large_index, tuple):
             raise ValueError("LaBERSampler needs a one-dimensional storage (its inner sampler returned a tuple index)")
         large = _collate(storage.get(large_index))
+        if large.batch_dims != 1:
+            raise ValueError(
+                "LaBERSampler scores one transition per storage row; this storage's rows have a shape of their "
+                f"own, {tuple(large.batch_size[1:])} (trajectories?): store single transitions, e.g. with "
+                "rb.extend(trajectories.reshape(-1))"
+            )
         if "index" not in large.keys():  # rows written outside a TensorDictReplayBuffer
             large.set("index", large_index.to(large.device) if large.device is not None else large_index)
         if self.transform is not None:
@@ -390,11 +401,15 @@ class GERSampler(PrioritizedSampler):
 
 
 def _collate(rows) -> TensorDictBase:
-    """The large batch as one TensorDict: what a ``ListStorage`` returns is a list of rows."""
+    """The large batch as one TensorDict: what a ``ListStorage`` returns is a list of rows, and a
+    tensorclass's rows are scored as the TensorDict of its fields."""
     if isinstance(rows, (list, tuple)):
-        if rows and all(isinstance(row, TensorDictBase) for row in rows):
-            return torch.stack(list(rows)).contiguous()
-        rows = rows[0] if rows else rows
+        if rows and all(isinstance(row, TensorDictBase) or is_tensorclass(row) for row in rows):
+            rows = torch.stack(list(rows)).contiguous()  # a lazy stack becomes one TensorDict
+        else:
+            rows = rows[0] if rows else rows
+    if is_tensorclass(rows):
+        rows = rows.to_tensordict()
     if not isinstance(rows, TensorDictBase):
         raise TypeError(
             f"LaBER scores TensorDict rows with the loss's networks; this storage holds {type(rows).__name__}. "
