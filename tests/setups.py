@@ -100,3 +100,21 @@ def batch(n, *, continuous=False, device="cpu", seed=0):
 
 LOSSES = {"dqn": dqn_loss, "c51": c51_loss, "sac": sac_loss, "td3": td3_loss}
 CONTINUOUS = {"dqn": False, "c51": False, "sac": True, "td3": True}
+
+
+def recomputed_rtol(pred, target, p, *, rtol=1e-5):
+    """Relative tolerance of a LaBER weight whose surrogate ``p = |pred - target| + eps`` a test recomputes.
+
+    The test's forward pass may round differently from the sampler's (another batch shape, another
+    CPU's matmul kernels): pred and target each carry a few ulps of their magnitude, which
+    ``pred - target`` does not cancel, so ``mean(p) / p_i`` is known to ``8 ulp (|pred_i| + |target_i|) / p_i``
+    on top of ``rtol`` (a weight far from cancellation gets no more than ``rtol``).
+    """
+    ulp = torch.finfo(torch.float32).eps
+    return rtol + 8 * ulp * (pred.abs() + target.abs()) / p
+
+
+def assert_relatively_close(actual, expected, rtol):
+    """``|actual - expected| <= rtol * |expected|`` elementwise, ``rtol`` a tensor of per-element tolerances."""
+    error = (actual - expected).abs() / expected.abs()
+    assert (error <= rtol).all(), f"relative errors {error[error > rtol]} above {rtol[error > rtol]}"

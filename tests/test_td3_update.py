@@ -13,7 +13,7 @@ The loss is TorchRL's l2, ``(q - y)^2`` (the authors' is half of it).
 import torch
 from tensordict import TensorDict
 
-from tests.setups import batch, td3_loss
+from tests.setups import assert_relatively_close, batch, recomputed_rtol, td3_loss
 from torchsample import LaBER, LaBERLoss
 
 N, B = 64, 16
@@ -53,15 +53,16 @@ def test_one_update_is_the_authors_on_the_same_draws():
             q_with(loss, loss.target_qvalue_network_params[1], next_s, next_a),
         )
         y = reward + not_done * 0.9 * target_q
-        p = torch.stack([2 * (q_with(loss, loss.qvalue_network_params[c].data, s, a) - y).abs() for c in range(2)])
-        p = p + 1e-6
+        q = torch.stack([q_with(loss, loss.qvalue_network_params[c].data, s, a) for c in range(2)])
+        p = 2 * (q - y).abs() + 1e-6
     g = torch.Generator().manual_seed(9)
     critic_rows = torch.multinomial(p, B, replacement=True, generator=g)  # [C, B]: a draw per critic
     actor_rows = torch.randint(N, (B,), generator=g)
     weight = p.mean(-1, keepdim=True) / p.gather(1, critic_rows)
 
     assert torch.equal(kept["index"][:, 0], actor_rows) and torch.equal(kept["index"][:, 1:].T, critic_rows)
-    torch.testing.assert_close(kept["priority_weight"][:, 1:].T, weight, rtol=1e-5, atol=0)
+    rtol = recomputed_rtol(2 * q, 2 * y.expand_as(q), p).gather(1, critic_rows)
+    assert_relatively_close(kept["priority_weight"][:, 1:].T, weight, rtol)
     assert (kept["priority_weight"][:, 0] == 1).all()
     torch.testing.assert_close(kept["target_value"], y[kept["index"]])
 
