@@ -39,8 +39,8 @@ compare: $(STAMP)
 		--extra="--exploration-steps 20000 --eval-every 5000" --out runs/compare/dqn-breakout
 
 # SAC and TD3 (docs/results/continuous.md, issue 23): uniform, per and laber-mean, 5 seeds, two runs at a
-# time. Pendulum took about 36 minutes an algorithm on 2 cores, Hopper about AA; HalfCheetah did not
-# fit in the session that measured it. --reuse keeps finished runs and resumes interrupted ones from
+# time. On 2 cores: Pendulum about 36 minutes an algorithm, Hopper 38-49, HalfCheetah 22 (TD3) and 32
+# (SAC); about 3.6 hours in all. --reuse keeps finished runs and resumes interrupted ones from
 # their checkpoints, so an interrupted `make continuous` picks up where it stopped.
 CONTINUOUS := $(PY) -m experiments.compare --samplers uniform per laber-mean --seeds 0 1 2 3 4 --jobs 2 --reuse \
 	--extra="--eval-every 1000 --checkpoint-every 2000"
