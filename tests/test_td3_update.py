@@ -91,3 +91,28 @@ def test_one_update_is_the_authors_on_the_same_draws():
     theirs = torch.autograd.grad(critic_loss + actor_loss, actor_leaves + critic_leaves)
     for mine, reference in zip(ours_grads, theirs):
         torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_on_plain_rows_it_is_torchrls_own_td3_update():
+    """Issue 23 also asked for TorchRL's plain TD3 update on the same batch: on a ``[B]`` batch without
+    LaBER's weights, ``LaBERLoss`` gives what ``TD3Loss.forward`` gives (same smoothing noise), losses
+    and gradients."""
+    loss = td3_loss()
+    with torch.no_grad():
+        for p in loss.target_qvalue_network_params.values(True, True):
+            p.add_(0.1 * torch.randn_like(p))
+    rows = batch(B, continuous=True, seed=5)
+    torch.manual_seed(11)
+    ours = LaBERLoss(loss)(rows.clone())
+    torch.manual_seed(11)
+    theirs = loss(rows.clone())
+    leaves = list(loss.actor_network_params.values(True, True)) + list(loss.qvalue_network_params.values(True, True))
+    for key in ("loss_qvalue", "loss_actor"):
+        torch.testing.assert_close(ours[key], theirs[key])
+    ours_grads = torch.autograd.grad(ours["loss_qvalue"] + ours["loss_actor"], leaves, allow_unused=True)
+    theirs_grads = torch.autograd.grad(theirs["loss_qvalue"] + theirs["loss_actor"], leaves, allow_unused=True)
+    for mine, reference in zip(ours_grads, theirs_grads):
+        if reference is None:
+            assert mine is None or not mine.any()
+        else:
+            torch.testing.assert_close(mine, reference, rtol=1e-5, atol=1e-6)
