@@ -232,10 +232,9 @@ def main(cfg: Config) -> dict:
     def objective(data, with_actor: bool):
         if laber is not None:  # a compiled update: LaBER keeps B rows per critic of the m*B inside it
             data = laber(data)
-        losses = weighted_loss(data)
-        total = losses["loss_qvalue"]
+        total, _ = weighted_loss.value_loss(data)
         if with_actor:  # left out, the actor's parameters get no gradient and Adam skips them
-            total = total + losses["loss_actor"]
+            total = total + weighted_loss.actor_loss(data)[0]
         return total, data
 
     # zero_grad, objective, backward, step; two fullgraph graphs with --compile. The target networks

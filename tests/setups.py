@@ -118,3 +118,8 @@ def assert_relatively_close(actual, expected, rtol):
     """``|actual - expected| <= rtol * |expected|`` elementwise, ``rtol`` a tensor of per-element tolerances."""
     error = (actual - expected).abs() / expected.abs()
     assert (error <= rtol).all(), f"relative errors {error[error > rtol]} above {rtol[error > rtol]}"
+
+
+def total_loss(out) -> torch.Tensor:
+    """The sum of a loss module's losses (its ``"loss*"`` keys; SAC's ``"alpha"``, TD3's values are logged figures)."""
+    return sum(v for k, v in out.items() if k.startswith("loss"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torchrl.objectives import SoftUpdate
 
-from tests.setups import CONTINUOUS, LOSSES, batch
+from tests.setups import CONTINUOUS, LOSSES, batch, total_loss
 from torchsample import LaBER, LaBERLoss, make_update
 
 pytestmark = pytest.mark.slow
@@ -96,7 +96,7 @@ def test_compiled_last_layer_update_has_no_graph_break(name):
     laber, weighted = LaBER(loss, batch_size=8, surrogate="last-layer"), LaBERLoss(loss)
 
     def objective(large):
-        return sum(weighted(laber(large)).values()), None
+        return total_loss(weighted(laber(large))), None
 
     update = make_update(objective, torch.optim.SGD(loss.parameters(), lr=0.1), compile=True)  # fullgraph=True
     initial = torch.cat([p.detach().flatten() for p in loss.parameters()])

@@ -11,7 +11,7 @@ from scipy.stats import entropy, spearmanr
 from tensordict import TensorDict
 from torch import nn
 
-from tests.setups import LOSSES, batch
+from tests.setups import LOSSES, batch, total_loss
 from torchsample import LaBER, LaBERLoss, pred_and_target
 from torchsample.lfiw import (
     F_DIVERGENCES,
@@ -281,7 +281,7 @@ def test_lfiw_then_laber_multiplies_the_weights_row_by_row(name):
     torch.testing.assert_close(out["position"], kept.index)
     torch.testing.assert_close(out["priority_weight"], kept.weight * lfiw_weight[kept.index])
     losses = LaBERLoss(loss)(out)
-    sum(losses.values()).backward()
+    total_loss(losses).backward()
     # The other order (LFIW on LaBER's [B, 1 + C] rows) would normalise over non-uniform rows.
     with pytest.raises(ValueError, match="large batch before LaBER"):
         lfiw(out)

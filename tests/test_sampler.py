@@ -6,7 +6,7 @@ from tensordict import TensorDict
 from torchrl.data import LazyTensorStorage, PrioritizedSampler, RandomSampler, TensorDictReplayBuffer
 
 from tests.conftest import DEVICES
-from tests.setups import CONTINUOUS, LOSSES, assert_relatively_close, batch, dqn_loss, recomputed_rtol
+from tests.setups import CONTINUOUS, LOSSES, assert_relatively_close, batch, dqn_loss, recomputed_rtol, total_loss
 from torchsample import LaBER, LaBERLoss, LaBERSampler, pred_and_target
 from torchsample.critics import TARGET
 
@@ -42,7 +42,7 @@ def test_sample_is_rows_of_the_storage_with_weights_and_targets(device, name):
     if name in ("dqn", "c51"):
         torch.testing.assert_close(sample[TARGET], pred_and_target(loss, stored)[1])
     losses = LaBERLoss(loss)(sample)
-    assert all(torch.isfinite(v) for v in losses.values())
+    assert all(torch.isfinite(v).all() for v in losses.values())
 
 
 def test_weights_are_laber_times_per_for_each_kept_row():
@@ -88,7 +88,7 @@ def test_independent_critics_through_the_buffer(name):
     stored = rb.storage[sample["index"].reshape(-1)].reshape(16, 3)
     torch.testing.assert_close(sample["observation"], stored["observation"])
     losses = LaBERLoss(loss)(sample)
-    sum(losses.values()).backward()
+    total_loss(losses).backward()
     rb.update_priority(sample["index"], sample["td_error"])  # [B, 1 + C], flattened for PER
     # A row drawn twice had two stochastic targets (SAC's action sample, TD3's noise): either may land.
     written = {}

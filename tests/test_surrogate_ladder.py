@@ -201,19 +201,16 @@ def test_the_rung_is_shown_and_reaches_the_buffer():
     assert features.shape == (32, 16) and exact is None and sample.batch_size == (8,)
 
 
-def test_last_layer_hook_lives_as_long_as_the_laber_module():
-    import gc
-
+def test_last_layer_hook_goes_on_labers_private_copy_never_on_the_users_layer():
     from torchsample.gradnorms import last_linear
 
     loss = dqn_loss()
     layer = last_linear(loss.value_network)
     laber = LaBER(loss, batch_size=8, surrogate="last-layer")
-    assert len(layer._forward_hooks) == 1
+    assert len(layer._forward_hooks) == 0  # the user's module is never changed, hooks included
+    assert len(last_linear(laber._critic.network)._forward_hooks) == 1
     laber(data("dqn-l2", 32))
     assert laber.__dict__["_capture"]._features is None  # the features are not kept after the draw
-    del laber
-    gc.collect()
     assert len(layer._forward_hooks) == 0
 
 

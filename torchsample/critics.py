@@ -26,6 +26,7 @@ This module and :mod:`torchsample.c51` alone read TorchRL's private members: ``S
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from typing import Optional
 
 import torch
 from tensordict import TensorDictBase
+from tensordict.nn import TensorDictParams
 from torch import Tensor, nn
 from torchrl.envs.utils import step_mdp
 from torchrl.objectives import DistributionalDQNLoss, DQNLoss, SACLoss, TD3Loss
@@ -41,7 +43,16 @@ from torchrl.objectives.utils import _vmap_func, distance_loss
 from .gradnorms import LayerInputCapture, capture_last_layer_input, exact_grad_norms, last_linear
 from .surrogates import td_error
 
-__all__ = ["Critic", "critic_of", "pred_and_target", "swap_params", "TORCHRL_CHECKED", "TARGET"]
+__all__ = [
+    "Critic",
+    "critic_of",
+    "private_copy",
+    "PrivateCritic",
+    "pred_and_target",
+    "swap_params",
+    "TORCHRL_CHECKED",
+    "TARGET",
+]
 
 TORCHRL_CHECKED = ("0.11.1", "0.14.1")
 TARGET = "target_value"  # the TD target LaBER computed for its surrogate, reused by the update
@@ -61,6 +72,45 @@ def swap_params(params: TensorDictBase, module: nn.Module):
     return params.to_module(module, **_SWAP_OPTIONS)
 
 
+def private_copy(loss: nn.Module) -> nn.Module:
+    """A copy of the TorchRL loss ``loss`` whose modules are its own and whose tensors are ``loss``'s.
+
+    Every ``nn.Module`` is copied (structure, hooks, value estimator, vmapped callers); every
+    parameter and buffer, every ``TensorDictParams`` (the loss's live and target parameters) and the
+    loss's ``tensor_keys`` are the same objects as ``loss``'s. The copy reads the live values, which
+    the optimizer and the target updater change in place, and whatever it swaps into a module to run
+    it (``params.to_module(module)``, as TorchRL's losses and value estimators do) or registers on one
+    (the last-layer rung's hook) lands on its own modules: a thread that scores rows with the copy
+    never changes a module that the training thread is running (issue 28: TorchRL's prefetch threads).
+
+    Examples:
+        >>> import torch
+        >>> from torchrl.modules import QValueActor
+        >>> from torchrl.objectives import DQNLoss
+        >>> actor = QValueActor(torch.nn.Linear(4, 2), in_keys=["observation"], action_space="categorical")
+        >>> loss = DQNLoss(actor, delay_value=True, action_space="categorical")
+        >>> mine = private_copy(loss)
+        >>> mine.value_network is loss.value_network, mine.value_network_params is loss.value_network_params
+        (False, True)
+    """
+    shared: dict[int, object] = {id(t): t for t in (*loss.parameters(), *loss.buffers())}
+    shared.update((id(m), m) for m in loss.modules() if isinstance(m, TensorDictParams))
+    keys = loss.__dict__.get("_tensor_keys")
+    if keys is not None:  # set_keys() on the loss reaches the copy
+        shared[id(keys)] = keys
+    cache = loss.__dict__.get("_cache")
+    if cache is not None:  # TorchRL's cached views of the parameters (detached, stacked): made anew, not copied
+        shared[id(cache)] = {}
+    mine = copy.deepcopy(loss, shared)
+    if hasattr(type(mine), "_make_vmap"):
+        # TorchRL's vmapped callers are closures over the networks, which a deep copy keeps as they are.
+        try:
+            mine._make_vmap()
+        except NotImplementedError:
+            pass
+    return mine
+
+
 class Critic:
     """How LaBER reads one family of TorchRL losses: what the critic predicts, what it is regressed
     on, its per-sample loss and the priority it hands to a ``PrioritizedSampler``.
@@ -72,7 +122,8 @@ class Critic:
         network: the module whose parameters the critic loss trains; ``params`` those parameters
             (stacked ``[C]`` for twin critics).
         num_critics: ``C``, the critics trained on the rows (1, or 2 for SAC/TD3's twins).
-        loss_keys: the keys :class:`torchsample.LaBERLoss` returns for this family.
+        loss_keys: the losses :class:`torchsample.LaBERLoss` returns for this family (it returns every other
+            output of the wrapped loss too).
         forwards: the ``forward`` methods whose critic loss this view reproduces; a subclass of the
             loss with another ``forward`` is refused by :class:`torchsample.LaBERLoss`.
     """
@@ -155,8 +206,13 @@ class Critic:
         """PER's priority: ``|TD|`` (:func:`torchsample.surrogates.td_error`; the largest over twin critics)."""
         return td_error(pred, target)
 
-    def actor_losses(self, td: TensorDictBase) -> dict[str, Tensor]:
-        """The actor's (and SAC's temperature's) losses on the rows of ``td``, unweighted; none here."""
+    def actor_loss(self, td: TensorDictBase) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(loss_actor, metadata)`` on the rows of ``td``, unweighted: a loss with an actor only."""
+        raise TypeError(f"{type(self.loss).__name__} trains no actor: it has no actor_loss")
+
+    def outputs(self, actor_metadata: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The wrapped loss's outputs beside its losses (SAC's ``"loss_alpha"``, ``"alpha"``, ``"entropy"``;
+        TD3's ``"state_action_value_actor"``), from the actor loss's metadata."""
         return {}
 
 
@@ -383,10 +439,11 @@ class TwinCritics(Critic):
                 ]
             )
 
-    def actor_losses(self, td: TensorDictBase) -> dict[str, Tensor]:
-        """The actor's loss on the rows of ``td``, unweighted, reduced as the loss's ``reduction`` says."""
-        loss_actor, _ = self.loss.actor_loss(td)
-        return {"loss_actor": reduce_like(self.loss, loss_actor)}
+    def actor_loss(self, td: TensorDictBase) -> tuple[Tensor, dict[str, Tensor]]:
+        """TorchRL's own ``actor_loss`` on the rows of ``td`` (without their weights: the actor is not
+        LaBER's), reduced as the loss's ``reduction`` says."""
+        loss_actor, metadata = self.loss.actor_loss(td)
+        return reduce_like(self.loss, loss_actor), metadata
 
 
 class SACCritics(TwinCritics):
@@ -408,11 +465,13 @@ class SACCritics(TwinCritics):
     def target(self, td: TensorDictBase) -> Tensor:
         return self.loss._compute_target_v2(td)
 
-    def actor_losses(self, td: TensorDictBase) -> dict[str, Tensor]:
-        loss_actor, metadata = self.loss.actor_loss(td)
+    def outputs(self, actor_metadata: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``SACLoss.forward``'s: the temperature's loss, the temperature and the policy's entropy."""
+        log_prob = actor_metadata["log_prob"]
         return {
-            "loss_actor": reduce_like(self.loss, loss_actor),
-            "loss_alpha": reduce_like(self.loss, self.loss._alpha_loss(log_prob=metadata["log_prob"])),
+            "loss_alpha": reduce_like(self.loss, self.loss._alpha_loss(log_prob=log_prob)),
+            "alpha": self.loss._alpha,
+            "entropy": -log_prob.detach().mean(),
         }
 
 
@@ -422,11 +481,11 @@ class TD3Critics(TwinCritics):
     forwards = (TD3Loss.forward,)
 
     @torch.no_grad()
-    def target(self, td: TensorDictBase) -> Tensor:
-        # TD3Loss.value_loss's target, step for step.
+    def next_value(self, td: TensorDictBase) -> Tensor:
+        """``[N]``: the twin-min target critics' value of the next state at the target actor's action with
+        clipped smoothing noise, as ``TD3Loss.value_loss`` computes it (its ``"next_state_value"``)."""
         loss = self.loss
         keys = loss.tensor_keys
-        td = td.clone(False)
         next_td = step_mdp(td).select(*loss.actor_network.in_keys, strict=False)
         with swap_params(loss.target_actor_network_params, loss.actor_network):
             next_td = loss.actor_network(next_td)
@@ -437,9 +496,17 @@ class TD3Critics(TwinCritics):
             loss.num_qvalue_nets, *next_td.batch_size
         )
         next_q = loss._vmap_qvalue_network00(rows, loss.target_qvalue_network_params)
-        next_q = next_q.get(keys.state_action_value).squeeze(-1).min(0)[0]
-        td.set(("next", keys.state_action_value), next_q.unsqueeze(-1))
-        return loss.value_estimator.value_estimate(td).squeeze(-1)
+        return next_q.get(keys.state_action_value).squeeze(-1).min(0)[0]
+
+    @torch.no_grad()
+    def target(self, td: TensorDictBase) -> Tensor:
+        # TD3Loss.value_loss's target: the loss's value estimator on the next state's twin-min value.
+        td = td.clone(False)
+        td.set(("next", self.loss.tensor_keys.state_action_value), self.next_value(td).unsqueeze(-1))
+        return self.loss.value_estimator.value_estimate(td).squeeze(-1)
+
+    def outputs(self, actor_metadata: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"state_action_value_actor": actor_metadata["state_action_value_actor"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,3 +521,33 @@ def _built_in_views() -> dict:
 
 
 critic_of = _Registry(_built_in_views)
+
+
+class PrivateCritic:
+    """The :class:`Critic` view of a :func:`private_copy` of ``loss``, made again when the loss gets a new
+    value estimator (``loss.make_value_estimator(...)`` after LaBER was built).
+
+    ``PrivateCritic(loss).view`` is what LaBER and GER score rows with, in whatever thread samples.
+    """
+
+    def __init__(self, loss: nn.Module) -> None:
+        self.loss = loss
+        self._estimator = None
+        self._view: Optional[Critic] = None
+        self._hooks: list[Callable[[Critic], None]] = []
+
+    @property
+    def view(self) -> Critic:
+        estimator = self.loss.__dict__.get("_value_estimator")
+        if self._view is None or estimator is not self._estimator:
+            self._estimator = estimator
+            self._view = critic_of(private_copy(self.loss))
+            for hook in self._hooks:
+                hook(self._view)
+        return self._view
+
+    def on_new_view(self, hook: Callable[[Critic], None]) -> None:
+        """Call ``hook(view)`` on the current view and on every one made later (LaBER's last-layer capture)."""
+        self._hooks.append(hook)
+        if self._view is not None:
+            hook(self._view)

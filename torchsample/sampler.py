@@ -26,7 +26,7 @@ from tensordict import TensorDictBase, is_tensorclass
 from torch import Tensor, nn
 from torchrl.data.replay_buffers.samplers import PrioritizedSampler, RandomSampler, Sampler
 
-from .critics import critic_of
+from .critics import PrivateCritic
 from .scoring import score_rows
 from .surrogates import joint_norm
 from .transform import LaBER
@@ -374,11 +374,11 @@ class GERSampler(PrioritizedSampler):
         **kwargs,
     ) -> None:
         super().__init__(max_capacity, alpha, beta, eps, **kwargs)
-        self.__dict__["_critic"] = critic_of(loss_module)
+        self.__dict__["_critic"] = PrivateCritic(loss_module)  # scores with its own modules: no hook on the user's
 
     def attach(self, loss_module: nn.Module) -> GERSampler:
         """Give an unpickled sampler the loss module to score with."""
-        self.__dict__["_critic"] = critic_of(loss_module)
+        self.__dict__["_critic"] = PrivateCritic(loss_module)
         return self
 
     def priorities(self, batch: TensorDictBase) -> Tensor:
@@ -386,7 +386,7 @@ class GERSampler(PrioritizedSampler):
         critic = self.__dict__.get("_critic")
         if critic is None:
             raise RuntimeError("this GERSampler was unpickled without its loss module: sampler.attach(loss_module)")
-        return joint_norm(score_rows(critic, batch.reshape(-1), "exact").norms)
+        return joint_norm(score_rows(critic.view, batch.reshape(-1), "exact").norms)
 
     def update_from(self, batch: TensorDictBase) -> Tensor:
         """Scores the rows of ``batch`` (``[B]`` or ``[B, 1 + C]``, with their ``"index"``) and writes the

@@ -10,8 +10,9 @@ that a replay buffer samples with it.
 
 from __future__ import annotations
 
+import contextlib
 import sys
-import weakref
+import threading
 from collections.abc import Callable
 from typing import NamedTuple, Optional
 
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from torchrl.envs.transforms import Transform
 
 from .codes import LOSS_KINDS, SURROGATES, WEIGHTINGS
-from .critics import TARGET, critic_of
+from .critics import TARGET, Critic, PrivateCritic
 from .gradnorms import capture_last_layer_input
 from .ops import laber_downsample, laber_select
 from .scoring import score_rows
@@ -177,16 +178,13 @@ class LaBER(Transform):
         self.__dict__["_loss_module"] = loss_module
         self.__dict__["_generator"] = generator
         if prediction is None:
-            critic = critic_of(loss_module)
-            self.__dict__["_critic"] = critic
-            self.loss_kind = critic.loss_kind
+            # Rows are scored with a private copy of the loss (its own modules, the live parameters): the
+            # scoring may run in TorchRL's prefetch threads while the training thread runs the user's modules.
+            private = PrivateCritic(loss_module)
+            self.__dict__["_private"] = private
+            self.loss_kind = private.view.loss_kind
             if surrogate == "last-layer":
-                # The hook is registered here, once, so that the selection traces under
-                # torch.compile(fullgraph=True); removed when this module is collected.
-                capture = capture_last_layer_input(critic.network).__enter__()
-                capture.recording = False  # but while LaBER scores (Critic.prediction_and_features)
-                weakref.finalize(self, capture.__exit__)
-                self.__dict__["_capture"] = capture
+                private.on_new_view(self._capture_last_layer)
         else:
             self.loss_kind = "l2" if loss is None else loss
         self.__dict__["_prediction"] = prediction
@@ -209,6 +207,19 @@ class LaBER(Transform):
     @property
     def loss_module(self) -> nn.Module:
         return self.__dict__["_loss_module"]
+
+    @property
+    def _critic(self) -> Optional[Critic]:
+        """The view LaBER scores with: of its private copy of the loss (None with a custom ``prediction``)."""
+        private = self.__dict__.get("_private")
+        return None if private is None else private.view
+
+    def _capture_last_layer(self, critic: Critic) -> None:
+        # The hook goes on the private copy's last layer, once per copy, so that the selection traces under
+        # torch.compile(fullgraph=True); it records only while LaBER scores (Critic.prediction_and_features).
+        capture = capture_last_layer_input(critic.network).__enter__()
+        capture.recording = False
+        self.__dict__["_capture"] = capture
 
     # A TensorDictReplayBuffer writes the large batch's "index" (and PER's weights) into the sample after
     # its transforms ran: a transform that shrinks the batch fails there with TorchRL's "Failed to set the
@@ -271,7 +282,7 @@ class LaBER(Transform):
         own_state = generator is None
         generator = self.__dict__["_generator"] if generator is None else generator
         custom = self.__dict__["_prediction"] is not None
-        with torch.no_grad():
+        with torch.no_grad(), _scoring():
             pred, target, features, exact = self._score(large)
         options = dict(weighting=self.weighting, eps=self.eps)
         scores = pred if exact is None else exact
@@ -304,8 +315,8 @@ class LaBER(Transform):
         index = torch.cat([uniform, drawn.index.T], 1)
         weight = torch.cat([torch.ones_like(drawn.weight[:1].T), drawn.weight.T], 1)
         if pred is None:  # "exact" scored without the critics' outputs; PER's priority needs them
-            with torch.no_grad():
-                pred = self.__dict__["_critic"].prediction(large)
+            with torch.no_grad(), _scoring():
+                pred = self._critic.prediction(large)
         # PER's priority of every kept row: its largest |TD| over the critics, before this update.
         return Selection(index, weight, target[index] if keep_target else None, td_error(pred, shared_target)[index])
 
@@ -322,9 +333,7 @@ class LaBER(Transform):
                 )
             pred, target, *features = out
             return pred, target, features[0] if features else None, None
-        scores = score_rows(
-            self.__dict__["_critic"], large, self.surrogate, capture=self.__dict__.get("_capture"), norms=False
-        )
+        scores = score_rows(self._critic, large, self.surrogate, capture=self.__dict__.get("_capture"), norms=False)
         return scores.pred, scores.target, scores.features, scores.norms  # norms: the "exact" rung's only
 
     def _draw(self, pred, target, features, exact, B: int, options: dict):
@@ -346,7 +355,7 @@ class LaBER(Transform):
         """Whether the last layer has a bias: only the last-layer rung's formula reads it, so only that rung
         looks for the layer (a critic without ``nn.Linear`` scores with the others); a custom
         ``prediction``'s last layer is assumed to have one."""
-        critic = self.__dict__.get("_critic")
+        critic = self._critic
         return True if critic is None or self.surrogate != "last-layer" else critic.last_layer_bias
 
     @property
@@ -361,6 +370,15 @@ class LaBER(Transform):
             f"{type(self).__name__}(batch_size={self.batch_size}, surrogate={self.surrogate!r}, "
             f"loss={self.loss_kind!r}, weighting={self.weighting!r}, critics={self.critics!r}, eps={self.eps})"
         )
+
+
+_SCORING = threading.Lock()
+
+
+def _scoring():
+    """One eager scoring at a time: the private copy's modules are swapped into while it scores (two prefetch
+    threads, or a prefetch thread and a functional call). A compiled call traces no lock, and runs alone."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else _SCORING
 
 
 def _refuse_tensordict_buffer(depth: int = 8) -> None:
