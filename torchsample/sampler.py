@@ -84,6 +84,9 @@ class LaBERSampler(Sampler):
         inner: the sampler that draws the large batch: ``RandomSampler()`` (default, LaBER), a
             ``PrioritizedSampler`` (PER-LaBER) or a :class:`GERSampler` (GER-LaBER).
         transform: optional callable applied to the large batch before scoring.
+        compile: score and draw in one ``torch.compile``d graph (compiled at the first sample, the shapes
+            fixed at ``m * B`` rows). The rows then come from LaBER's own random state, not the buffer's
+            ``generator`` (a compiled graph takes none): seed with ``torch.manual_seed``.
 
     Examples:
         >>> import torch
@@ -116,6 +119,7 @@ class LaBERSampler(Sampler):
         m: int = 4,
         inner: Optional[Sampler] = None,
         transform: Optional[Callable] = None,
+        compile: bool = False,
     ):
         # A prioritized inner sampler makes the wrapper a PrioritizedSampler to TorchRL.
         if cls is LaBERSampler and isinstance(inner, PrioritizedSampler):
@@ -129,6 +133,7 @@ class LaBERSampler(Sampler):
         m: int = 4,
         inner: Optional[Sampler] = None,
         transform: Optional[Callable[[TensorDictBase], TensorDictBase]] = None,
+        compile: bool = False,
     ) -> None:
         if not isinstance(laber, LaBER):
             raise TypeError(f"laber must be a torchsample.LaBER, got {type(laber).__name__}")
@@ -145,8 +150,10 @@ class LaBERSampler(Sampler):
             m=m,
             inner=RandomSampler() if inner is None else inner,
             transform=transform,
+            compile=bool(compile),
             _generator=None,
             _lock=threading.Lock(),
+            _compiled=None,
         )
 
     # The buffer sets its generator here (ReplayBuffer.set_rng): the inner sampler draws the large
@@ -206,7 +213,23 @@ class LaBERSampler(Sampler):
             large.set("index", large_index.to(large.device) if large.device is not None else large_index)
         if self.transform is not None:
             large = self.transform(large)
+        if self.compile:
+            return large_index, large, inner_info, self._compiled_selection(laber)(large, batch_size)
         return large_index, large, inner_info, laber.selection(large, batch_size, generator=self._rng)
+
+    def _compiled_selection(self, laber: LaBER) -> Callable:
+        """``laber.selection`` compiled once per LaBER module: the scoring forward, the surrogate and the draw
+        in one graph (fixed shapes, ``m * B`` rows). Its draws come from LaBER's own random state (torch's
+        default generator on CPU, the kernel's state on CUDA): a compiled graph takes no ``torch.Generator``."""
+        compiled = self.__dict__["_compiled"]
+        if compiled is None or compiled[0] is not laber:
+
+            def selection(large: TensorDictBase, batch_size: int):
+                return laber.selection(large, batch_size)
+
+            compiled = (laber, torch.compile(selection, dynamic=False))
+            self.__dict__["_compiled"] = compiled
+        return compiled[1]
 
     def update_priority(self, index: Any, priority: Any, *, storage=None) -> None:
         rows = _batch_being_prioritized()
@@ -271,7 +294,7 @@ class LaBERSampler(Sampler):
 
     def __getstate__(self) -> dict:
         # The loss module stays behind (see the class doc), the generator too (as TorchRL's samplers do).
-        return {**self.__dict__, "laber": None, "_generator": None, "_lock": None}
+        return {**self.__dict__, "laber": None, "_generator": None, "_lock": None, "_compiled": None}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _lock=threading.Lock())
