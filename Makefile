@@ -97,8 +97,9 @@ bench-kernel: $(STAMP)
 
 # On a GPU machine, with the interpreter at hand (no venv): `make gpu-check PYTHON=python3`. Runs the
 # GPU tests (pytest -m gpu), perf.bench_kernel and perf.bench_update on CUDA, each under a time
-# limit (9 minutes in all), keeps going when one fails, and writes perf/results/*_cuda.csv and
-# perf/results/gpu_summary_cuda.md; exits non-zero when a step failed. See ../shared/gpu/README.md.
+# limit (7.5 minutes in all), keeps going when one fails, and writes each step's log, *_cuda.csv and
+# gpu_summary_cuda.md to $OUT (else $GPU_RESULTS_DIR, else perf/results) as each is written; exits
+# non-zero when a step failed. See ../shared/gpu/README.md.
 gpu-check:
 	$(PYTHON) -m perf.gpu_check
 

@@ -52,11 +52,22 @@ launches must not share a state at the same time (two streams, two graphs replay
 give each caller its own (:func:`new_rng_state`); the default one (:func:`rng_state`) is one per
 device and stream. ``float32`` reference: ``laber_naive.py``.
 
-**Arguments.** Every int argument may reach the kernel as a ``tl.constexpr``: Triton specialises
-ints equal to 1 at launch, and Inductor's analysis of a user kernel passes them as constants. So no
-int argument has a method called on it (``tl.cast(B, tl.int64)``, not ``B.to(tl.int64)``): the tests
-compile the kernels with every int as a constant, each one alone, and with the specialisation
+**Arguments.** Eight tensors, four runtime ints (``N``, ``B``, the tiles and their search depth), and
+constants for what one caller does not vary (``C``, ``K``, ``D``, the state's slots, ``eps``, the Huber
+threshold, the bias, the codes, the block sizes): Triton binds and specialises each runtime argument
+on every eager call, and a new constant compiles once. The inputs are read as contiguous rows
+(:func:`launch_laber` makes them so; a no-op for the usual ones), so no strides are passed. Every int
+argument may reach the kernel as a ``tl.constexpr``: Triton specialises ints equal to 1 at launch.
+So no int argument has a method called on it (``tl.cast(B, tl.int64)``, not ``B.to(tl.int64)``): the
+tests compile the kernels with every int as a constant, each one alone, and with the specialisation
 Triton derives from real launch arguments.
+
+**torch.compile.** The op is a ``triton_op``: Inductor sees the launches and walks each kernel's IR to
+learn which tensors it writes (``identify_accessed_tensors``, or ``identify_mutated_tensors`` on older
+torch). That walk follows every path from a load or store back to the arguments, unmemoised, so a
+chain of unrolled steps that each read the step before more than once grows as a power of its length:
+the chunk search is a ``tl.range`` loop (walked once, unrolled later by Triton), and the tests time the
+analysis of every launch at large sizes.
 """
 
 from __future__ import annotations
@@ -94,6 +105,7 @@ __all__ = [
     "laber_fused_call",
     "launch_laber",
     "launch_plan",
+    "launch_arguments",
     "allocate_buffers",
     "new_rng_state",
     "rng_state",
@@ -154,7 +166,11 @@ def search(
     chunk_prefix = chunk_row + tile * CHUNKS
     lo = tl.zeros(u.shape, dtype=tl.int32)
     hi = lo + CHUNKS
-    for _ in tl.static_range(CHUNKS.bit_length()):
+    # A loop (scf.for) in the IR, unrolled by Triton's own pass: torch.compile's analysis of the kernel
+    # (identify_accessed_tensors) walks every path from a load back to the arguments without memoising,
+    # so CHUNKS.bit_length() copies of a step that reads lo and hi twice each took 3^levels paths there
+    # (minutes at 512-item tiles); a loop body is walked once. The PTX is the same as static_range's.
+    for _ in tl.range(CHUNKS.bit_length(), loop_unroll_factor=CHUNKS.bit_length()):
         mid = (lo + hi) // 2
         value = tile_start + tl.load(chunk_prefix + mid, mask=mask & (mid < CHUNKS), other=float("inf"))
         below = value <= u
@@ -185,61 +201,53 @@ def tile_priorities(
     h_row,
     offs,
     mask,
-    K,
-    D,
-    eps,
-    huber_delta,
-    bias_sq,
-    stride_pn,
-    stride_pk,
-    stride_tn,
-    stride_tk,
-    stride_hn,
-    stride_hd,
+    K: tl.constexpr,
+    D: tl.constexpr,
+    EPS: tl.constexpr,
+    HUBER_DELTA: tl.constexpr,
+    BIAS_SQ: tl.constexpr,
     LOSS: tl.constexpr,
     SURROGATE: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """``p + eps`` in float32 of the items ``offs`` (``[CHUNKS, CHUNK]``), 0 outside ``mask`` (step 1)."""
+    """``p + eps`` in float32 of the items ``offs`` (``[CHUNKS, CHUNK]``) of a row, 0 outside ``mask`` (step 1).
+
+    The rows are contiguous: item ``i``'s ``K`` values at ``i * K``, its ``D`` features at ``i * D``.
+    ``target_row`` is ``None`` for ready priorities, ``h_row`` for the output rung: neither is read then.
+    """
     if LOSS == CATEGORICAL:
         offs_k = tl.arange(0, BLOCK_K)[None, None, :]
         mask_nk = mask[:, :, None] & (offs_k < K)
-        z = tl.load(pred_row + offs[:, :, None] * stride_pn + offs_k * stride_pk, mask=mask_nk, other=0.0).to(
-            tl.float32
-        )
+        z = tl.load(pred_row + offs[:, :, None] * K + offs_k, mask=mask_nk, other=0.0).to(tl.float32)
         # A large finite fill (not -inf, and after the cast: fp16 has no 1e30) keeps padded rows
         # free of inf - inf.
         z = tl.where(mask_nk, z, -1e30)
-        m = tl.load(target_row + offs[:, :, None] * stride_tn + offs_k * stride_tk, mask=mask_nk, other=0.0).to(
-            tl.float32
-        )
+        m = tl.load(target_row + offs[:, :, None] * K + offs_k, mask=mask_nk, other=0.0).to(tl.float32)
         e = tl.exp(z - tl.max(z, axis=2)[:, :, None])
         diff = tl.where(mask_nk, e / tl.sum(e, axis=2)[:, :, None] - m, 0.0)
         p = tl.sqrt(tl.sum(diff * diff, axis=2))
     else:
-        x = tl.load(pred_row + offs * stride_pn, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(pred_row + offs, mask=mask, other=0.0).to(tl.float32)
         if LOSS == PRIORITY:
             p = x
         else:
-            y = tl.load(target_row + offs * stride_tn, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(target_row + offs, mask=mask, other=0.0).to(tl.float32)
             p = tl.abs(x - y)
             if LOSS == L2:
                 p = 2.0 * p  # the gradient norm of (q - y)^2, TorchRL's l2
             if LOSS == HUBER:
-                p = tl.minimum(p, huber_delta)
+                p = tl.minimum(p, HUBER_DELTA)
     if SURROGATE == LAST_LAYER:
         # ||h_i||^2 in float32, BLOCK_D features of every item at a time.
         offs_d = tl.arange(0, BLOCK_D)[None, None, :]
         h_sq = tl.zeros_like(p)
         for d_start in range(0, D, BLOCK_D):
             mask_nd = mask[:, :, None] & (d_start + offs_d < D)
-            h = tl.load(
-                h_row + offs[:, :, None] * stride_hn + (d_start + offs_d) * stride_hd, mask=mask_nd, other=0.0
-            ).to(tl.float32)
+            h = tl.load(h_row + offs[:, :, None] * D + (d_start + offs_d), mask=mask_nd, other=0.0).to(tl.float32)
             h_sq += tl.sum(h * h, axis=2)
-        p = p * tl.sqrt(h_sq + bias_sq)  # ||(h, 1)|| with a bias, ||h|| without
-    return tl.where(mask, p + eps, 0.0)
+        p = p * tl.sqrt(h_sq + BIAS_SQ)  # ||(h, 1)|| with a bias, ||h|| without
+    return tl.where(mask, p + EPS, 0.0)
 
 
 @triton.jit
@@ -366,35 +374,28 @@ def draw_row(
 
 @triton.jit
 def laber_fused_kernel(
-    pred_ptr,  # [C, N, K] predictions, logits or ready priorities (K == 1)
-    target_ptr,  # [C, N, K] targets or target distributions (unused for ready priorities)
-    h_ptr,  # [C, N, D] penultimate features (last-layer rung; unused for the output rung)
+    pred_ptr,  # [C, N, K] predictions, logits or ready priorities (K == 1), contiguous
+    target_ptr,  # [C, N, K] targets or target distributions, contiguous; None for ready priorities
+    h_ptr,  # [C, N, D] penultimate features, contiguous (last-layer rung); None for the output rung
     priority_ptr,  # [C, N] float32 out: p + eps
     scratch_ptr,  # [C, T * (CHUNKS + 2)] float64: per row, chunk prefixes [T, CHUNKS] | tile prefix [T]
     #                (step 3) | last item with p > 0 of each tile [T] (-1: none; exact in float64)
     index_ptr,  # [C, B] int64 out
     weight_ptr,  # [C, B] float32 out
     state_ptr,  # [3 + S] int64: Philox seed, counter, rows-done ticket, S arrival tickets
-    C,
     N,
-    K,
-    D,
     B,
     n_tiles,  # T = ceil(N / BLOCK_N)
-    n_slots,  # S
-    eps,
-    huber_delta,
-    bias_sq,  # last-layer rung: 1.0 if the layer has a bias, else 0.0
     tile_steps,  # T.bit_length()
-    stride_pc,
-    stride_pn,
-    stride_pk,
-    stride_tc,
-    stride_tn,
-    stride_tk,
-    stride_hc,
-    stride_hn,
-    stride_hd,
+    # What does not vary between calls of one caller is a constant: Triton binds fewer arguments per
+    # call (about 0.2 us each), and a new value compiles once.
+    C: tl.constexpr,
+    K: tl.constexpr,  # the atoms of a row (1 but for CATEGORICAL); pred and target are contiguous [C, N, K]
+    D: tl.constexpr,  # the features of a row (last-layer rung; else 0); h is contiguous [C, N, D]
+    n_slots: tl.constexpr,  # S
+    EPS: tl.constexpr,
+    HUBER_DELTA: tl.constexpr,  # HUBER only (else 1.0)
+    BIAS_SQ: tl.constexpr,  # last-layer rung: 1.0 if the layer has a bias, else 0.0
     LOSS: tl.constexpr,  # a torchsample.codes.LossKind
     SURROGATE: tl.constexpr,  # a torchsample.codes.Surrogate: OUTPUT or LAST_LAYER
     WEIGHTING: tl.constexpr,  # a torchsample.codes.Weighting
@@ -414,23 +415,24 @@ def laber_fused_kernel(
     # 1. This tile's priorities (as [CHUNKS, CHUNK]), chunk prefixes and last positive item.
     offs = tile * BLOCK_N + (tl.arange(0, CHUNKS)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]).to(tl.int64)
     mask = offs < N
+    # Each row's start (c is int64: so is every offset); None stays None where it is not read.
+    target_row = target_ptr
+    h_row = h_ptr
+    if LOSS != PRIORITY:
+        target_row = target_ptr + c * N * K
+    if SURROGATE == LAST_LAYER:
+        h_row = h_ptr + c * N * D
     p = tile_priorities(
-        pred_ptr + c * stride_pc,
-        target_ptr + c * stride_tc,
-        h_ptr + c * stride_hc,
+        pred_ptr + c * N * K,
+        target_row,
+        h_row,
         offs,
         mask,
         K,
         D,
-        eps,
-        huber_delta,
-        bias_sq,
-        stride_pn,
-        stride_pk,
-        stride_tn,
-        stride_tk,
-        stride_hn,
-        stride_hd,
+        EPS,
+        HUBER_DELTA,
+        BIAS_SQ,
         LOSS,
         SURROGATE,
         BLOCK_K,
@@ -508,12 +510,12 @@ def laber_draw_kernel(
     index_ptr,  # [C, B] int64 out
     weight_ptr,  # [C, B] float32 out (for "max": the picked p; the launcher divides)
     state_ptr,  # [3 + S] int64: Philox seed, counter, programs-done ticket, arrival tickets
-    C,
     N,
     B,
     n_tiles,
     tile_steps,
     n_blocks,  # programs per row: ceil(B / BLOCK_B)
+    C: tl.constexpr,
     WEIGHTING: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -666,6 +668,77 @@ def allocate_buffers(pred: Tensor, batch_size: int, loss: int, D: int = 0, plan:
     )
 
 
+class Launch(NamedTuple):
+    """One kernel launch's grid and arguments but the tensors (:func:`launch_arguments`)."""
+
+    grid: tuple  # (programs,)
+    ints: tuple  # the runtime int arguments, after the tensors
+    constants: dict  # the constexprs and num_warps (not to be mutated: the launch is cached)
+
+
+@functools.lru_cache(maxsize=4096)
+def launch_arguments(
+    N: int,
+    K: int,
+    B: int,
+    loss: int,
+    D: int,
+    C: int,
+    slots: int,
+    weighting: int,
+    eps: float,
+    huber_delta: float,
+    bias: bool,
+    split: bool,
+) -> tuple[Launch, Launch | None]:
+    """The fused kernel's launch and, when the draws take their own (``split``), the draw kernel's.
+
+    Cached, so an eager call builds no argument lists: it passes the tensors and these. Arguments the
+    kernel ignores take a fixed value (``HUBER_DELTA`` but for Huber, ``BIAS_SQ`` but for the
+    last-layer rung), so that they do not compile a kernel of their own.
+
+    Examples:
+        >>> fused, draw = launch_arguments(1024, 1, 32, int(LossKind.L2), 0, 1, RNG_SLOTS, 0, 1e-6, 1.0, True, False)
+        >>> fused.grid, fused.ints, draw   # one tile of 1024 items: (N, B, tiles, tile_steps)
+        ((1,), (1024, 32, 1, 1), None)
+    """
+    plan = launch_plan(N, K, B, loss, D)
+    fused = Launch(
+        (C * plan.n_tiles,),
+        (N, B, plan.n_tiles, plan.tile_steps),
+        {
+            "C": C,
+            "K": K,
+            "D": D,
+            "n_slots": slots,
+            "EPS": float(eps),
+            "HUBER_DELTA": float(huber_delta) if loss == LossKind.HUBER else 1.0,
+            "BIAS_SQ": (1.0 if bias else 0.0) if D > 0 else 1.0,
+            "LOSS": loss,
+            "SURROGATE": SURROGATE_LAST_LAYER if D > 0 else SURROGATE_OUTPUT,
+            "WEIGHTING": weighting,
+            "DRAW": not split,
+            **plan.constexprs,
+            "num_warps": plan.num_warps,
+        },
+    )
+    if not split:
+        return fused, None
+    draw = Launch(
+        (C * plan.draw_blocks,),
+        (N, B, plan.n_tiles, plan.tile_steps, plan.draw_blocks),
+        {
+            "C": C,
+            "WEIGHTING": weighting,
+            "BLOCK_N": plan.constexprs["BLOCK_N"],
+            "CHUNK": plan.constexprs["CHUNK"],
+            "BLOCK_B": plan.draw_block_b,
+            "num_warps": plan.draw_num_warps,
+        },
+    )
+    return fused, draw
+
+
 def launch_laber(
     pred: Tensor,
     target: Tensor,
@@ -698,15 +771,21 @@ def launch_laber(
         raise TypeError(f"rng_state must be an int64 [3 + S] tensor from new_rng_state, got {state!r:.80}")
     if state.device != pred.device:
         raise ValueError(f"rng_state is on {state.device}, the inputs on {pred.device}")
-    if features is not None and (features.dim() != 3 or features.shape[:2] != (C, N)):
-        raise ValueError(f"features must be [C, N, D] = [{C}, {N}, D], got {tuple(features.shape)}")
+    if features is not None and (features.dim() != 3 or features.shape[:2] != (C, N) or features.shape[2] == 0):
+        raise ValueError(f"features must be [C, N, D] = [{C}, {N}, D > 0], got {tuple(features.shape)}")
     D = 0 if features is None else features.shape[2]
-    surrogate = SURROGATE_OUTPUT if features is None else SURROGATE_LAST_LAYER
-    h = pred if features is None else features  # never read by the output rung
+    # The kernel reads contiguous rows (no strides to bind): a no-op for the usual inputs, a copy else.
+    # What the kernel does not read goes as None: Triton binds a tensor in about 0.5 us, None for free.
+    pred = pred.contiguous()
+    target = None if int(loss) == int(LossKind.PRIORITY) else target.contiguous()
+    h = None if features is None else features.contiguous()
     plan = launch_plan(N, K, batch_size, int(loss), D)
     split = plan.split_draws if split_draws is None else split_draws
     index, weight, priority, scratch = (
         buffers if buffers is not None else allocate_buffers(pred, batch_size, loss, D, plan)
+    )
+    fused, draw = launch_arguments(
+        N, K, batch_size, int(loss), D, C, state.numel() - 3, int(weighting), eps, huber_delta, bias, split
     )
     # Triton launches on the current device: tensors on another GPU need their own current. Not
     # while tracing (fake tensors: no device to switch to, and Inductor guards the device itself).
@@ -717,61 +796,11 @@ def launch_laber(
     )
     wrap = wrap_triton if traceable else _as_is
     with on_device:
-        wrap(laber_fused_kernel)[(C * plan.n_tiles,)](
-            pred,
-            target,
-            h,
-            priority,
-            scratch,
-            index,
-            weight,
-            state,
-            C,
-            N,
-            K,
-            D,
-            batch_size,
-            plan.n_tiles,
-            state.numel() - 3,
-            eps,
-            huber_delta,
-            1.0 if bias else 0.0,
-            plan.tile_steps,
-            pred.stride(0),
-            pred.stride(1),
-            pred.stride(2),
-            target.stride(0),
-            target.stride(1),
-            target.stride(2),
-            h.stride(0),
-            h.stride(1),
-            h.stride(2),
-            LOSS=int(loss),
-            SURROGATE=surrogate,
-            WEIGHTING=int(weighting),
-            DRAW=not split,
-            **plan.constexprs,
-            num_warps=plan.num_warps,
+        wrap(laber_fused_kernel)[fused.grid](
+            pred, target, h, priority, scratch, index, weight, state, *fused.ints, **fused.constants
         )
-        if split:
-            wrap(laber_draw_kernel)[(C * plan.draw_blocks,)](
-                priority,
-                scratch,
-                index,
-                weight,
-                state,
-                C,
-                N,
-                batch_size,
-                plan.n_tiles,
-                plan.tile_steps,
-                plan.draw_blocks,
-                WEIGHTING=int(weighting),
-                BLOCK_N=plan.constexprs["BLOCK_N"],
-                CHUNK=plan.constexprs["CHUNK"],
-                BLOCK_B=plan.draw_block_b,
-                num_warps=plan.draw_num_warps,
-            )
+        if draw is not None:
+            wrap(laber_draw_kernel)[draw.grid](priority, scratch, index, weight, state, *draw.ints, **draw.constants)
             if int(weighting) == int(Weighting.MAX):
                 # The draw programs stored each picked p; the minimum over the minibatch spans them all.
                 torch.div(weight.amin(-1, keepdim=True), weight, out=weight)

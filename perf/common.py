@@ -45,8 +45,11 @@ L2_FLUSH_BYTES = 256 * 2**20  # larger than any L2 cache today (H100: 50 MB), as
 GRAPH_TARGET_US = 8.0  # the fused op in a CUDA graph, N <= 16k
 SPEEDUP_TARGET = 3.0  # the fused op against the naive torch path, eager and graphed
 FLOOR_TARGET = 5.0  # N = 4M, B = 65536: within 5x of one read of the priorities at memory bandwidth + the B searches
-UPDATE_VS_UNIFORM_TARGET = 1.15  # compiled + CUDA-graph LaBER update / compiled uniform update
-UPDATE_VS_PER_TARGET = 0.7  # compiled + CUDA-graph LaBER update / TorchRL's PER update
+# The update targets (issue 24, restated by issue 29): each mode against the same mode, never a graphed LaBER
+# update against an ungraphed peer (the first H200 summary divided graphed LaBER by compiled uniform).
+UPDATE_TARGET_MODE = "cudagraph"  # the mode the two targets below are set for: compiled + CUDA graph
+UPDATE_VS_UNIFORM_TARGET = 1.15  # graphed LaBER update / graphed uniform update
+UPDATE_VS_PER_TARGET = 0.7  # graphed LaBER update / graphed update with TorchRL's PER
 
 
 # ---------------------------------------------------------------------------------------------

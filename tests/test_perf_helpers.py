@@ -1,7 +1,12 @@
 """The helpers perf/ shares (timer, CSV), the kernel benchmark's exactness check and the GPU summary, on CPU."""
 
+import os
+import signal
+import subprocess
+import sys
 import time
 
+import pytest
 import torch
 
 from perf import bench_kernel, common, gpu_check
@@ -112,10 +117,22 @@ def test_gpu_summary_renders_cuda_rows():
             "vs_large-batch": "",
             "note": "",
         }
-        for mode, sampler, ms in [("compiled", "uniform", "1.0"), ("cudagraph", "laber-mean", "1.1")]
+        for mode, sampler, ms in [
+            ("compiled", "uniform", "0.5"),
+            ("compiled", "laber-mean", "0.6"),
+            ("cudagraph", "uniform", "2.0"),
+            ("cudagraph", "laber-mean", "2.2"),
+            ("cudagraph", "laber-sampler", "3.0"),
+        ]
     ]
     text = "\n".join(gpu_check.update_section(update))
-    assert "dqn-minatar: 1.10x the compiled uniform update (target <= 1.15x); vs PER not measured" in text
+    # Each mode against the same mode (issue 29): the graphed LaBER update over the graphed uniform one.
+    assert (
+        "dqn-minatar, cudagraph, functional LaBER: 1.10x the cudagraph uniform update (target <= 1.15x: met); "
+        "vs cudagraph PER not measured" in text
+    )
+    assert "dqn-minatar, cudagraph, LaBERSampler: 1.50x the cudagraph uniform update (target <= 1.15x: not met)" in text
+    assert "dqn-minatar, compiled, functional LaBER: 1.20x the compiled uniform update; vs compiled PER" in text
 
 
 def test_gpu_summary_without_results():
@@ -125,12 +142,141 @@ def test_gpu_summary_without_results():
 
 def test_host_benchmark_runs_every_part_and_restores_the_launchers(tmp_path):
     """perf.bench_host calls the op's internals by name: a changed signature must fail here, not on a GPU day."""
+    import triton
+
     import torchsample.kernels.laber as laber
     from perf import bench_host
 
     launchers = laber.wrap_triton, laber._as_is
+    driver, caches = triton.runtime.driver._active, [k.device_caches for k in bench_host.KERNELS]
     out = tmp_path / "host.csv"
     bench_host.main(["--samples", "3", "--out", str(out)])
     assert (laber.wrap_triton, laber._as_is) == launchers
     parts = {line.split(",")[3] for line in out.read_text().splitlines()[1:] if not line.startswith("#")}
-    assert parts == {"public path", "op (dispatcher)", "direct", "launch_laber", "allocate_buffers", "launch_plan"}
+    assert parts == {
+        "public path",
+        "public path + triton",
+        "op (dispatcher)",
+        "direct",
+        "direct + triton",
+        "launch_laber",
+        "allocate_buffers",
+        "launch_plan",
+    }
+    assert triton.runtime.driver._active is driver  # the stand-in driver and the kernels' caches are undone
+    assert [k.device_caches for k in bench_host.KERNELS] == caches
+    assert not any("compile" in vars(k) for k in bench_host.KERNELS)
+
+
+def test_triton_launch_path_runs_with_only_the_driver_stubbed():
+    """The ``+ triton`` rows of perf.bench_host go through Triton's own ``JITFunction.run`` (binding,
+    specialisation, cache) and reach the compiled kernel's launch once per kernel launch."""
+    import triton
+
+    import torchsample.kernels.laber as laber
+    from perf import bench_host
+
+    launched = []
+    driver, caches = triton.runtime.driver._active, laber.laber_fused_kernel.device_caches
+    with bench_host.triton_without_a_driver():
+        bench_host.NotLaunched.run, original = (
+            (lambda self, *args: launched.append(len(args))),
+            bench_host.NotLaunched.run,
+        )
+        try:
+            q = torch.rand(1, 1000, 1)
+            for _ in range(2):
+                laber.laber_fused_call(q, q, None, laber.new_rng_state("cpu"), 32, 2, 0, 1e-6, 1.0)
+        finally:
+            bench_host.NotLaunched.run = original
+    assert len(launched) == 2
+    assert triton.runtime.driver._active is driver and laber.laber_fused_kernel.device_caches is caches
+
+
+def _step_script(results, name, seconds, csv=True):
+    """A step that writes its CSV (as a benchmark does, after each case) and then runs ``seconds``."""
+    code = (
+        f"import pathlib, time; print('{name} starts', flush=True); "
+        + (f"pathlib.Path({str(results)!r}, '{name}_out.csv').write_text('a\\n1\\n'); " if csv else "")
+        + f"time.sleep({seconds}); print('{name} done')"
+    )
+    return [sys.executable, "-c", code]
+
+
+def test_gpu_check_keeps_finished_steps_when_a_step_times_out(tmp_path):
+    """A step past its limit is killed, the next still runs, and the budget cuts the last one's limit:
+    each finished step's log and CSV, and a summary naming every status, are in the results dir."""
+    steps = [
+        gpu_check.Step("kernel", _step_script(tmp_path, "kernel", 0), 60),
+        gpu_check.Step("update", _step_script(tmp_path, "update", 60), 3),
+        gpu_check.Step("tests", _step_script(tmp_path, "tests", 3), 60),
+        gpu_check.Step("import", _step_script(tmp_path, "import", 0), 60),
+    ]
+    for step in steps:
+        step.log = tmp_path / f"{step.name}_cpu.log"
+    summary = tmp_path / "gpu_summary_cpu.md"
+    written = []
+
+    def after_each():
+        gpu_check.write_summary(summary, steps, "cpu", tmp_path, 0)
+        written.append(summary.read_text())
+
+    # 11 s: after the update's 3 and the tests' 3 (and start-ups) under 5 are left, too few to start the last
+    gpu_check.run_steps(steps, budget=11, after_each=after_each)
+    assert [s.status for s in steps[:3]] == ["passed", "TIMED OUT after 3 s", "passed"]
+    assert steps[3].status.startswith("not run: no time left")
+    assert "kernel done" in (tmp_path / "kernel_cpu.log").read_text()
+    assert "update starts" in (tmp_path / "update_cpu.log").read_text()
+    assert (tmp_path / "kernel_out.csv").exists() and (tmp_path / "update_out.csv").exists()
+    assert (
+        len(written) == 4
+        and "| kernel | passed |" in written[0]
+        and "| update | not run: the check stopped" in written[0]
+    )
+    assert "| update | TIMED OUT after 3 s |" in written[-1]
+
+
+def test_gpu_check_killed_mid_run_leaves_the_finished_steps_files(tmp_path):
+    """Issue 29, item 2: the machine's limit kills the whole check (SIGKILL, no cleanup); the steps that
+    finished before have their CSV, log and the summary in the results dir ($OUT)."""
+    script = f"""
+import sys
+sys.path.insert(0, {str(common.ROOT)!r})
+from pathlib import Path
+from perf import gpu_check
+from tests.test_perf_helpers import _step_script
+out = Path({str(tmp_path)!r})
+steps = [gpu_check.Step("kernel", _step_script(out, "kernel", 0), 60),
+         gpu_check.Step("update", _step_script(out, "update", 600), 600)]
+for s in steps:
+    s.log = out / (s.name + "_cpu.log")
+summary = out / "gpu_summary_cpu.md"
+gpu_check.run_steps(steps, after_each=lambda: gpu_check.write_summary(summary, steps, "cpu", out, 0))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=common.ROOT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            log = tmp_path / "update_cpu.log"
+            if log.exists() and "update starts" in log.read_text():
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the second step never started")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    text = (tmp_path / "gpu_summary_cpu.md").read_text()
+    assert "| kernel | passed |" in text and "| update | not run: the check stopped before it |" in text
+    assert (tmp_path / "kernel_out.csv").read_text() == "a\n1\n"
+    assert "kernel done" in (tmp_path / "kernel_cpu.log").read_text()
+
+
+def test_gpu_check_results_go_to_out(monkeypatch):
+    monkeypatch.setenv("OUT", "/somewhere/out")
+    monkeypatch.setenv("GPU_RESULTS_DIR", "/elsewhere")
+    assert str(gpu_check.default_results_dir()) == "/somewhere/out"
+    monkeypatch.delenv("OUT")
+    assert str(gpu_check.default_results_dir()) == "/elsewhere"
+    monkeypatch.delenv("GPU_RESULTS_DIR")
+    assert gpu_check.default_results_dir() == common.COMMITTED

@@ -263,6 +263,56 @@ def test_inductor_mutation_analysis_reads_the_kernels(monkeypatch):
         assert "state_ptr" in names and "index_ptr" in names
 
 
+# What each launch writes: the fused kernel with its draws, without them (DRAW=False), the draw kernel.
+WRITES = {
+    ("laber_fused_kernel", True): ["index_ptr", "priority_ptr", "scratch_ptr", "state_ptr", "weight_ptr"],
+    ("laber_fused_kernel", False): ["priority_ptr", "scratch_ptr", "state_ptr"],
+    ("laber_draw_kernel", True): ["index_ptr", "state_ptr", "weight_ptr"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("N, B", [(16384, 256), (262144, 32)], ids=["N16384-B256", "N262144-B32"])
+def test_compiled_path_analyses_every_launch_in_seconds(N, B):
+    """Issue 29, item 1: under torch.compile (torch >= 2.13) Inductor's analysis of the kernels walked
+    their IR for minutes (> 30 s a launch at N = 16384, B = 256), then marked every input written. The
+    path a compiled call takes before running anything (AOTAutograd's functionalization of the op and
+    the analysis of each launch, ``tests/kernels/compile_analysis.py``) finishes for every score type,
+    and for the draws in their own launch, well within the subprocess's limit (a hang fails here), and
+    each launch writes only its outputs and the random state, never ``pred``, ``target`` or ``h``."""
+    skip_if_interpreted()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tests.kernels.compile_analysis", str(N), str(B)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=240,  # about 15 s on two busy cores; the unwalkable kernel took minutes per launch
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the compiled path's analysis of the launches did not finish in 240 s")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    import json
+
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(results) == {
+        "priority-mean",
+        "l2-lazy-C2",
+        "huber-max",
+        "categorical-K51",
+        "last-layer-huber-D128",
+        "huber-max-split",
+    }
+    for case, launches in results.items():
+        split = case.endswith("-split")
+        expected = [("laber_fused_kernel", not split)] + ([("laber_draw_kernel", True)] if split else [])
+        assert [(kernel, WRITES[kernel, draws]) for kernel, draws in expected] == [
+            (kernel, written) for kernel, written, _ in launches
+        ], case
+
+
 _LOAD_PARAM = re.compile(r"ld\.param\.\w+\s+(%\w+),\s*\[\w+_param_(\d+)\]")
 _REGISTER = re.compile(r"%[a-z]+\d+")
 _PREDICATE = re.compile(r"^@!?%p\d+\s+")
@@ -318,6 +368,19 @@ def unsynced_reloads(ptx: str, buffers: set) -> list[str]:
     return found
 
 
+def ptx_params(loss, D: int) -> dict:
+    """The fused kernel's PTX parameter index of each runtime argument: constexprs and the tensors
+    passed as ``None`` (``target`` for ready priorities, ``h`` for the output rung) are not parameters."""
+    absent = {"target_ptr"} if loss == L.PRIORITY else set()
+    absent |= {"h_ptr"} if D == 0 else set()
+    names = [
+        name
+        for name, param in zip(laber_fused_kernel.arg_names, laber_fused_kernel.params)
+        if not param.is_constexpr and name not in absent
+    ]
+    return {name: i for i, name in enumerate(names)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("loss, weighting, K, N, B, dtype, D", VARIANTS)
 def test_sm90_ptx_orders_memory(loss, weighting, K, N, B, dtype, D):
@@ -336,7 +399,7 @@ def test_sm90_ptx_orders_memory(loss, weighting, K, N, B, dtype, D):
     if len(compiled) == 2:
         pytest.skip("the draws take a launch of their own: test_sm90_ptx_of_the_draw_launch")
     ptx = compiled[0].asm["ptx"]
-    PARAM = {name: i for i, name in enumerate(laber_fused_kernel.arg_names)}
+    PARAM = ptx_params(loss, D)
     outputs = {PARAM["priority_ptr"], PARAM["scratch_ptr"], PARAM["index_ptr"], PARAM["weight_ptr"]}
     assert unsynced_reloads(ptx, outputs) == []
     accesses = global_accesses(ptx)
@@ -364,7 +427,7 @@ def test_sm90_ptx_of_the_draw_launch():
     read of the state, so the last program cannot advance the counter under another's read."""
     skip_if_interpreted()
     fused, draw = compile_for(90, L.PRIORITY, W.MAX, 1, 4_194_304, 65536, "fp32", 0)
-    PARAM = {name: i for i, name in enumerate(laber_fused_kernel.arg_names)}
+    PARAM = ptx_params(L.PRIORITY, 0)
     accesses = global_accesses(fused.asm["ptx"])
     atomics = [line for line, kind, _ in accesses if kind == "atom"]
     assert len(atomics) == 1 and ".gpu.acq_rel." in atomics[0]
