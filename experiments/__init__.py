@@ -2,9 +2,13 @@
 and reports them with rliable's statistics.
 
 * :mod:`experiments.runs`: command lines, launching, reuse and resume, what a run wrote;
-* :mod:`experiments.stats`: aggregate metrics with stratified-bootstrap CIs, P(> uniform), normalisation;
+* :mod:`experiments.stats`: each run's score (final or a window's mean), aggregate metrics with
+  stratified-bootstrap CIs, P(> uniform), normalisation;
+* :mod:`experiments.contrasts`: one sampler against the others, Holm-corrected (``--focus``);
 * :mod:`experiments.reports`: tables (markdown, CSV) and plots of one task;
 * :mod:`experiments.sweep`: the batch-size sweep;
 * :mod:`experiments.aggregate`: several tasks at once;
-* :mod:`experiments.compare`: the command line.
+* :mod:`experiments.compare`: the command line;
+* :mod:`experiments.export`: a study's curves as one compact CSV, and the reader that recomputes from it;
+* :mod:`experiments.replication`: issue 30's results page, from that CSV.
 """

@@ -16,6 +16,11 @@ Runs with ``--diagnostics-every`` (in ``--extra``) also give ``diagnostics.png``
 of each surrogate's sampling to exact sampling over training (the paper's App. H) beside the gradient
 norm and variance, srank and dormant fraction.
 
+**The score** of each run is its final evaluation by default; ``--metric window --window 25000 40000`` makes
+it the mean of its evaluations at steps 25000-40000 (:func:`experiments.stats.run_score`). ``--focus
+laber-mean`` adds P(laber-mean > each other sampler) with Holm-corrected intervals and the separation rule
+(:mod:`experiments.contrasts`).
+
 **A batch-size sweep** (``--batch-sizes``) runs samplers x seeds x batch sizes into
 ``<out>/bs<k>/<sampler>/seed<j>/``, writes the one-task files per batch size in ``<out>/bs<k>/``, and
 ``<out>/sweep.md``, ``sweep.csv`` and ``sweep.png``: final IQM with its CI, wall time and, where the
@@ -52,9 +57,10 @@ from typing import Literal, Optional
 import tyro
 
 from experiments.aggregate import aggregate
+from experiments.contrasts import contrast_table, holm_improvement, separation
 from experiments.reports import diagnostics_table, plot_curves, plot_diagnostics, write_tables
 from experiments.runs import Run, labels, launch
-from experiments.stats import summarise
+from experiments.stats import DEFAULT_WINDOW, Metric, metric_label, scores_of, summarise
 from experiments.sweep import plot_sweep, sweep_rows, write_sweep
 
 
@@ -83,13 +89,42 @@ class Config:
     """existing one-task <out> folders to aggregate across tasks into <out>; runs nothing"""
     bootstrap: int = 5000
     """bootstrap resamples for the confidence intervals"""
+    metric: Metric = "final"
+    """each run's score: "final" (its last evaluation) or "window" (the mean of its evaluations at steps
+    within --window, both ends included; issue 30's primary metric)"""
+    window: tuple[int, int] = DEFAULT_WINDOW
+    """the steps (low high) whose evaluations --metric window averages"""
+    focus: Optional[str] = None
+    """a sampler to compare with every other one: P(focus > other) with Holm-corrected intervals over the
+    comparisons, and whether it separates from uniform (experiments.contrasts)"""
     reuse: bool = False
     """keep each run whose folder already holds a finished run with the same arguments (see
     :func:`experiments.runs.finished_run`), resume interrupted ones, and launch only the others: to add
     seeds or samplers to a comparison, or to finish an interrupted one"""
 
 
+def contrasts(cfg: Config, runs: list[Run], names: list[str]) -> list[str]:
+    """The markdown lines of ``--focus``'s Holm-corrected comparisons ([] without ``--focus``)."""
+    if cfg.focus is None:
+        return []
+    scores = scores_of(runs, names, cfg.metric, cfg.window)
+    others = [n for n in names if n != cfg.focus and n in scores]
+    if cfg.focus not in scores or not others:
+        return ["", f"--focus {cfg.focus}: no comparison, the runs lack it or every other sampler."]
+    rows = holm_improvement(scores, cfg.focus, others, cfg.bootstrap)
+    lines = ["", f"{cfg.focus} against each other sampler, Holm-corrected over the {len(others)} comparisons:", ""]
+    lines += contrast_table(rows, cfg.focus)
+    if "uniform" in others:
+        lines += [
+            "",
+            f"Separation rule (corrected interval of P(> uniform) above 0.5): {cfg.focus} " + separation(rows) + ".",
+        ]
+    return lines
+
+
 def main(cfg: Config) -> list[dict]:
+    if cfg.focus is not None and cfg.focus not in labels(cfg) and not cfg.aggregate:
+        raise ValueError(f"--focus {cfg.focus}: not one of the --samplers labels {labels(cfg)}")
     if cfg.aggregate:
         return aggregate(cfg)
     if cfg.batch_sizes and "--batch-size" in shlex.split(cfg.extra):
@@ -120,8 +155,9 @@ def main(cfg: Config) -> list[dict]:
             + (f", batch size {b}" if b is not None else "")
             + f", {len(cfg.seeds)} seeds"
         )
-        rows_by_batch[b] = summarise(mine, names, cfg.env_id, cfg.bootstrap)
-        print(write_tables(out, title, cfg.env_id, rows_by_batch[b], mine))
+        rows_by_batch[b] = summarise(mine, names, cfg.env_id, cfg.bootstrap, cfg.metric, cfg.window)
+        label = metric_label(cfg.metric, cfg.window)
+        print(write_tables(out, title, cfg.env_id, rows_by_batch[b], mine, label, contrasts(cfg, mine, names)))
         print(
             f"plot: {plot_curves(out, title, mine, names, max(cfg.bootstrap // 5, 100))}\n"
             f"table: {out / 'results.md'}, {out / 'results.csv'}"

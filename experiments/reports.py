@@ -60,7 +60,17 @@ def write_csv(path: Path, rows: list[dict], keys: list[str]) -> None:
             writer.writerow({k: row.get(k, "") for k in keys})
 
 
-def write_tables(out: Path, title: str, env_id: str, rows: list[dict], runs: list[Run]) -> str:
+def write_tables(
+    out: Path,
+    title: str,
+    env_id: str,
+    rows: list[dict],
+    runs: list[Run],
+    metric: str = "final greedy evaluation return",
+    more: list[str] = (),
+) -> str:
+    """``results.md`` and ``results.csv`` of one task; ``metric`` names the runs' score (see
+    :func:`experiments.stats.metric_label`), ``more`` are markdown lines added after the table."""
     out.mkdir(parents=True, exist_ok=True)
     write_csv(out / "results.csv", rows, KEYS)
     has_gap, has_p = env_id in SCORE_RANGES, any("p_improve" in r for r in rows)
@@ -77,7 +87,7 @@ def write_tables(out: Path, title: str, env_id: str, rows: list[dict], runs: lis
         row += [ci(r, "optimality_gap", 2)] * has_gap + [ci(r, "p_improve", 2)] * has_p
         cells.append(row + [f"{r['wall_time_s']:.0f}", f"{r['steps_per_s']:.0f}"])
     lines = [
-        f"{title}; final greedy evaluation return (95% stratified-bootstrap CIs, rliable)",
+        f"{title}; {metric} (95% stratified-bootstrap CIs, rliable)",
         "",
         *markdown_table(header, cells),
         "",
@@ -92,8 +102,9 @@ def write_tables(out: Path, title: str, env_id: str, rows: list[dict], runs: lis
         lines.append(f"Optimality gap: left out, {env_id} has no score range in experiments.stats.SCORE_RANGES.")
     if has_p:
         lines.append(
-            "P(> uniform): the probability that a run of the sampler ends above a run of uniform (ties count 1/2)."
+            "P(> uniform): the probability that a run of the sampler scores above a run of uniform (ties count 1/2)."
         )
+    lines += list(more)
     failures = [r for r in runs if r.returncode != 0]
     if failures:
         lines += ["", "Failed runs:"]

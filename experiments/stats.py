@@ -1,13 +1,15 @@
-"""The statistics of a comparison: rliable's aggregate metrics with stratified-bootstrap CIs (Agarwal et
-al., 2021, "Deep Reinforcement Learning at the Edge of the Statistical Precipice"), the probability of
-improvement over uniform, and score normalisation for the optimality gap."""
+"""The statistics of a comparison: each run's score (:func:`run_score`: the final evaluation, or the mean over
+a window of evaluations), rliable's aggregate metrics with stratified-bootstrap CIs (Agarwal et al., 2021,
+"Deep Reinforcement Learning at the Edge of the Statistical Precipice"), the probability of improvement over
+uniform, and score normalisation for the optimality gap. Holm-corrected pairwise comparisons:
+:mod:`experiments.contrasts`."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 from rliable import library as rly
@@ -24,6 +26,65 @@ SCORE_RANGES = {
     "Pendulum-v1": (-200 * math.pi**2, 0.0),  # hanging still at the bottom all 200 steps; upright from the start
     "MinAtar/Breakout-v1": (0.0, 30.0),  # +1 per brick; 30 = one full wall (3 rows x 10), then a new wall appears
 }
+
+Metric = Literal["final", "window"]
+
+# Issue 30's primary metric: the evaluations at 25k-40k steps of a 40k-step MinAtar run (every 5k: four of them).
+DEFAULT_WINDOW = (25_000, 40_000)
+
+
+def run_score(steps, returns, metric: Metric = "final", window: tuple[int, int] = DEFAULT_WINDOW) -> float:
+    """One run's score from its evaluation curve (``steps[i]``, ``returns[i]``: the greedy evaluations).
+
+    ==========  ======================================================================================
+    ``final``   ``returns[-1]``, the evaluation at the run's last step
+    ``window``  ``mean(returns[i] for low <= steps[i] <= high)``, ``(low, high) = window`` (both ends in)
+    ==========  ======================================================================================
+
+    A window's mean is steadier than one evaluation (on MinAtar Breakout a single evaluation moves by up to
+    about 2 points between evaluations). ``ValueError`` for a run that ends before ``high`` (its window would
+    be cut short, a different metric) or has no evaluation in the window.
+
+    Examples:
+        >>> steps, returns = [5000, 10000, 15000, 20000], [0.0, 1.0, 2.0, 4.0]
+        >>> run_score(steps, returns)
+        4.0
+        >>> run_score(steps, returns, "window", (10000, 20000))
+        2.3333333333333335
+        >>> run_score(steps, returns, "window", (10000, 25000))
+        Traceback (most recent call last):
+        ...
+        ValueError: the run ends at step 20000, before the window 10000-25000 does
+    """
+    steps, returns = np.asarray(steps, dtype=float), np.asarray(returns, dtype=float)
+    if metric == "final":
+        return float(returns[-1])
+    if metric != "window":
+        raise ValueError(f"metric: expected 'final' or 'window', got {metric!r}")
+    low, high = window
+    if low > high:
+        raise ValueError(f"window: expected low <= high, got {low}-{high}")
+    if steps[-1] < high:
+        raise ValueError(f"the run ends at step {steps[-1]:.0f}, before the window {low}-{high} does")
+    inside = (steps >= low) & (steps <= high)
+    if not inside.any():
+        raise ValueError(f"the run has no evaluation in the window {low}-{high}")
+    return float(returns[inside].mean())
+
+
+def metric_label(metric: Metric = "final", window: tuple[int, int] = DEFAULT_WINDOW) -> str:
+    """What a table's scores are, in words.
+
+    Examples:
+        >>> metric_label()
+        'final greedy evaluation return'
+        >>> metric_label("window", (25000, 40000))
+        'mean greedy evaluation return over the evaluations at steps 25000-40000'
+    """
+    if metric == "final":
+        return "final greedy evaluation return"
+    return f"mean greedy evaluation return over the evaluations at steps {window[0]}-{window[1]}"
+
 
 # The aggregate metrics of rliable, each on a (runs x tasks) score matrix.
 METRICS: dict[str, Callable[[np.ndarray], float]] = {
@@ -142,16 +203,27 @@ def normalise(returns: np.ndarray, env_id: str) -> Optional[np.ndarray]:
     return (np.asarray(returns, dtype=float) - low) / (high - low)
 
 
-def summarise(runs: list[Run], samplers: list[str], env_id: str, reps: int) -> list[dict]:
-    """One row per sampler: runs, failed, mean / IQM / optimality gap / P(> uniform) with CIs, time."""
+def summarise(
+    runs: list[Run],
+    samplers: list[str],
+    env_id: str,
+    reps: int,
+    metric: Metric = "final",
+    window: tuple[int, int] = DEFAULT_WINDOW,
+) -> list[dict]:
+    """One row per sampler: runs, failed, mean / IQM / optimality gap / P(> uniform) with CIs, time.
+
+    Each run's score is :func:`run_score` (``metric``, ``window``); the runs in order of their seed, so that
+    the bootstrap draws the same resamples whatever order the runs were listed or read in."""
     finals, rows = {}, []
     for sampler in samplers:
-        mine = [r for r in runs if r.sampler == sampler]
+        mine = sorted((r for r in runs if r.sampler == sampler), key=lambda r: r.seed)
         evals = [(r, read_eval(r.folder)) for r in mine if r.returncode == 0]
         evals = [(r, e) for r, e in evals if e is not None]
         row = {"sampler": sampler, "runs": len(evals), "failed": len(mine) - len(evals)}
         if evals:
-            finals[sampler] = np.array([[e["eval_return"][-1]] for _, e in evals])  # [runs, 1 task]
+            # [runs, 1 task]
+            finals[sampler] = np.array([[run_score(e["step"], e["eval_return"], metric, window)] for _, e in evals])
             sps = [e["steps_per_s"][-1] for _, e in evals]
             row.update(
                 wall_time_s=np.mean([r.wall_time for r, _ in evals]),
@@ -170,3 +242,17 @@ def summarise(runs: list[Run], samplers: list[str], env_id: str, reps: int) -> l
         for key, (point, low, high) in estimates.items():
             row.update({key: point, f"{key}_lo": low, f"{key}_hi": high})
     return rows
+
+
+def scores_of(
+    runs: list[Run], samplers: list[str], metric: Metric = "final", window: tuple[int, int] = DEFAULT_WINDOW
+) -> dict[str, np.ndarray]:
+    """``{sampler: [runs, 1] scores}`` (:func:`run_score`) of the runs that finished, in order of their seed,
+    the matrices :func:`summarise` bootstraps; a sampler with no finished run is left out."""
+    scores = {}
+    for sampler in samplers:
+        mine = sorted((r for r in runs if r.sampler == sampler and r.returncode == 0), key=lambda r: r.seed)
+        evals = [e for e in (read_eval(r.folder) for r in mine) if e is not None]
+        if evals:
+            scores[sampler] = np.array([[run_score(e["step"], e["eval_return"], metric, window)] for e in evals])
+    return scores

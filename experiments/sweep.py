@@ -11,6 +11,7 @@ import numpy as np
 
 from experiments.reports import KEYS, _pyplot, ci, markdown_table, write_csv
 from experiments.runs import Run, final_diagnostics, gradient_steps, labels, read_config
+from experiments.stats import metric_label
 
 SWEEP_KEYS = ["batch_size", *KEYS[:3], "gradient_steps", *KEYS[3:]]
 
@@ -58,7 +59,7 @@ def write_sweep(cfg: Config, rows: list[dict]) -> str:
         )
     lines = [
         f"{cfg.algo.upper()} on {cfg.env_id}, batch sizes {' '.join(map(str, cfg.batch_sizes))}, "
-        f"{len(cfg.seeds)} seeds; final greedy evaluation return (95% stratified-bootstrap CIs, rliable)",
+        f"{len(cfg.seeds)} seeds; {metric_label(cfg.metric, cfg.window)} (95% stratified-bootstrap CIs, rliable)",
         "",
         *markdown_table(header, cells),
         "",
@@ -99,7 +100,12 @@ def plot_sweep(cfg: Config, rows: list[dict]) -> Path:
         ax.set_xscale("log", base=2)
         ax.set_xticks(cfg.batch_sizes, [str(b) for b in cfg.batch_sizes])
         ax.set_xlabel("batch size")
-        ax.set_title({"iqm": "final return, IQM and 95% CI", "wall_time_s": "wall time per run (s)"}.get(key, key))
+        ax.set_title(
+            {
+                "iqm": f"{'final return' if cfg.metric == 'final' else 'window mean'}, IQM and 95% CI",
+                "wall_time_s": "wall time per run (s)",
+            }.get(key, key)
+        )
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
