@@ -106,6 +106,7 @@ __all__ = [
     "launch_laber",
     "launch_plan",
     "launch_arguments",
+    "launch_shape",
     "allocate_buffers",
     "new_rng_state",
     "rng_state",
@@ -585,36 +586,81 @@ class LaunchPlan(NamedTuple):
     draw_num_warps: int
 
 
+SMALL_N = 16384  # rows up to this many items take the small-N shape (launch_plan, shape="auto")
+SHAPES = ("auto", "large")  # launch_plan's rules: "large" is the large-N rules at every N (the shape before issue 29)
+
+
 @functools.lru_cache(maxsize=4096)
-def launch_plan(N: int, K: int, B: int, loss: int, D: int = 0) -> LaunchPlan:
+def launch_plan(N: int, K: int, B: int, loss: int, D: int = 0, shape: str = "auto") -> LaunchPlan:
     """The launch of ``[C, N, K]`` inputs (``D`` features a row for the last-layer rung) drawing ``B``
     per row: block sizes and ``num_warps`` from register counts of the sm_90 build (ptxas -v), and
     whether the draws take a launch of their own. Cached: a launch pays a dict lookup for it.
 
-    A tile holds up to 4096 items (2048 elements ``[BLOCK_N, BLOCK_K]`` for K > 1, whose softmax keeps
-    several tiles live), chunks hold 8 items, a round of draws ``32 * num_warps``; 8 warps for a
-    full tile or ``B >= 256``, 4 for K > 1. These run in 80-102 registers with no spills; 8192-item
-    tiles, 16-item chunks or 64 draws a warp need 128-255 registers, spill, or move the last
-    level's ``[BLOCK_B, CHUNK]`` float64 through 64 KB of shared memory. The last-layer rung
-    (``D > 0`` features a row) reads ``[BLOCK_N, BLOCK_D]`` features at a time, 2048 elements:
-    ``BLOCK_D <= 32`` and 64-row tiles for K = 1 (108-126 registers at D = 128 and 256, no spill;
-    4096 elements took 243 registers at 4 warps and spilled at 8), ``BLOCK_D <= 64`` beside the
-    softmax for K > 1 (161 registers at K = 51, D = 128; ``BLOCK_D = 32`` spilled 32 bytes there).
-    The draw kernel runs one round of 256 draws (8 warps) a program.
+    **Large N** (and ``shape="large"`` at any N). A tile holds up to 4096 items (2048 elements
+    ``[BLOCK_N, BLOCK_K]`` for K > 1, whose softmax keeps several tiles live), chunks hold 8 items,
+    a round of draws ``32 * num_warps``; 8 warps for a full tile or ``B >= 256``, 4 for K > 1. These
+    run in 80-102 registers with no spills; 8192-item tiles, 16-item chunks or 64 draws a warp need
+    128-255 registers, spill, or move the last level's ``[BLOCK_B, CHUNK]`` float64 through 64 KB of
+    shared memory. The last-layer rung (``D > 0`` features a row) reads ``[BLOCK_N, BLOCK_D]``
+    features at a time, 2048 elements: ``BLOCK_D <= 32`` and 64-row tiles for K = 1 (108-126
+    registers at D = 128 and 256, no spill; 4096 elements took 243 registers at 4 warps and spilled
+    at 8), ``BLOCK_D <= 64`` beside the softmax for K > 1 (161 registers at K = 51, D = 128;
+    ``BLOCK_D = 32`` spilled 32 bytes there). The draw kernel runs one round of 256 draws (8 warps) a
+    program.
+
+    **Small N** (``N <= SMALL_N``, issue 29 item 4). There the data are small (at most 6.7 MB, the
+    categorical K = 51 row at N = 16k) and the time is the serial chain of one call: the tiles (in
+    parallel), then, for a row of several tiles, the arrival (a release fence and a ticket per tile on
+    one address), the completing program's prefix over the ``T`` tile masses, and for each draw
+    ``tile_steps + CHUNKS.bit_length() + 1`` dependent loads from L2 (about ``log2(N / CHUNK) + 3``,
+    whatever the split between tiles and chunks). Under the large-N rules categorical K = 51 at
+    N = 16k runs 512 tiles of 32 items (4 warps): 512 tickets, a 512-entry prefix, 14 dependent loads
+    a draw. Two changes shorten that chain at the same data a thread:
+
+    * **Chunks sized by the draws.** The item level holds ``[BLOCK_B, CHUNK]`` float64 prefixes in
+      registers; the large-N rules size it for full rounds (``BLOCK_B = 32 * num_warps``, 8 items a
+      thread). With few draws (``B = 32``: one round of 32) the same 8 a thread allow
+      ``CHUNK = 256 * num_warps / BLOCK_B`` items (32 at 4 warps, 64 at 8; at most 64 and the tile):
+      each doubling drops one dependent load from every draw (2-3 of 14 at N = 16k), and the tile's
+      chunk prefix shrinks alike. Large B keeps ``CHUNK = 8``.
+    * **Tiles by warps.** For K > 1 and the last-layer rung (tiles of 8-64 items), 8 warps and
+      tiles of twice the items: the same elements a thread (4096 over 256 threads), half the tiles,
+      tickets and prefix entries, one tile step fewer. The scalar losses keep their tiles: one tile
+      up to 4096 items (no arrival at all) and 4 at 16k.
+
+    Registers (ptxas -v, sm_90) grow with the wider last level: categorical 96 -> 128 (2 programs an
+    SM: N = 16k's 256 tiles in one wave of a 132-SM H100/H200; A100 and H100 PCIe take a second
+    partial wave of 28-40), the last-layer rung 128 -> 184-191 (one program an SM: 128 tiles at
+    N = 16k, C = 1), with at most 16 bytes spilled where the large-N shapes spilled 32-56.
+
+    Categorical K = 51 at N = 16k, B = 32: 256 tiles, 8 warps, chunks of 64, 11 dependent loads a
+    draw (was 512 tiles, 4 warps, chunks of 8, 14). The loads are L2 hits of a few hundred cycles
+    each; an estimate, not a measurement: the GPU check reports the plan of every row
+    (``perf/bench_kernel.py``: ``tiles``, ``programs``, ``warps``, ``tile_items``, ``chunk``) and
+    times the large-N shape beside it (variant ``laber-large-shape``), so the next GPU run confirms or
+    refutes it. ``shape="large"`` applies the large-N rules at every N.
     """
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {SHAPES}, got {shape!r}")
+    small = shape == "auto" and N <= SMALL_N
     block_k = _next_power_of_2(K)
     categorical = loss == LossKind.CATEGORICAL
     block_d = min(_next_power_of_2(D), 64 if categorical else 32) if D > 0 else 1
+    # Elements of a tile's [BLOCK_N, BLOCK_K] (or [BLOCK_N, BLOCK_D]) block: 2048 at 4 warps; at
+    # small N the K > 1 and last-layer tiles take 8 warps and 4096 (the same 16 a thread).
+    wide = small and (categorical or D > 0)
+    elements = 4096 if wide else 2048
     if categorical:
-        block_n = max(8, min(_next_power_of_2(N), 2048 // max(block_k, block_d)))
-        num_warps = 4
+        block_n = max(8, min(_next_power_of_2(N), elements // max(block_k, block_d)))
+        num_warps = 8 if wide else 4
     else:
-        block_n = max(16, min(_next_power_of_2(N), 4096 if D == 0 else 2048 // block_d))
-        num_warps = 8 if block_n == 4096 or B >= 256 else 4
+        block_n = max(16, min(_next_power_of_2(N), 4096 if D == 0 else elements // block_d))
+        num_warps = 8 if wide or block_n == 4096 or B >= 256 else 4
     n_tiles = _cdiv(N, block_n)
     block_b = max(16, min(_next_power_of_2(B), 32 * num_warps))
-    chunk = 8
     split = _cdiv(B, block_b) > MAX_ROUNDS_IN_TILE
+    # The item level's [BLOCK_B, CHUNK] float64: 8 a thread, as in a full round of 8-item chunks.
+    chunk = max(8, min(64, block_n, 256 * num_warps // block_b)) if small and not split else 8
     draw_num_warps = 8
     draw_block_b = max(16, min(_next_power_of_2(B), 32 * draw_num_warps))
     constexprs = {
@@ -638,9 +684,35 @@ def launch_plan(N: int, K: int, B: int, loss: int, D: int = 0) -> LaunchPlan:
     )
 
 
-def block_sizes(N: int, K: int, B: int, loss: int, D: int = 0) -> dict:
+def launch_shape(C: int, N: int, K: int, B: int, loss: int, D: int = 0, shape: str = "auto") -> dict:
+    """What :func:`launch_plan` chose for ``C`` rows, as the GPU check reports it per row.
+
+    ``tiles`` (a row's), ``programs`` (of the fused launch: ``C * tiles``), ``warps``, ``tile_items``
+    (``BLOCK_N``), ``chunk`` (items of the search's last level), ``draw_programs`` (of the second
+    launch, 0 without one) and ``search_loads``: the dependent loads of one draw's search
+    (``tile_steps + CHUNKS.bit_length() + 1``).
+
+    Examples:
+        >>> launch_shape(1, 16384, 51, 32, int(LossKind.CATEGORICAL))["tiles"], launch_shape(
+        ...     1, 16384, 51, 32, int(LossKind.CATEGORICAL), shape="large")["tiles"]
+        (256, 512)
+    """
+    plan = launch_plan(N, K, B, int(loss), D, shape)
+    blocks = plan.constexprs
+    return {
+        "tiles": plan.n_tiles,
+        "programs": C * plan.n_tiles,
+        "warps": plan.num_warps,
+        "tile_items": blocks["BLOCK_N"],
+        "chunk": blocks["CHUNK"],
+        "draw_programs": C * plan.draw_blocks if plan.split_draws else 0,
+        "search_loads": plan.tile_steps + (blocks["BLOCK_N"] // blocks["CHUNK"]).bit_length() + 1,
+    }
+
+
+def block_sizes(N: int, K: int, B: int, loss: int, D: int = 0, shape: str = "auto") -> dict:
     """The fused kernel's constexprs and ``num_warps`` for a shape, as a fresh dict (:func:`launch_plan`)."""
-    plan = launch_plan(N, K, B, loss, D)
+    plan = launch_plan(N, K, B, loss, D, shape)
     return {**plan.constexprs, "num_warps": plan.num_warps}
 
 
@@ -690,6 +762,7 @@ def launch_arguments(
     huber_delta: float,
     bias: bool,
     split: bool,
+    shape: str = "auto",
 ) -> tuple[Launch, Launch | None]:
     """The fused kernel's launch and, when the draws take their own (``split``), the draw kernel's.
 
@@ -702,7 +775,7 @@ def launch_arguments(
         >>> fused.grid, fused.ints, draw   # one tile of 1024 items: (N, B, tiles, tile_steps)
         ((1,), (1024, 32, 1, 1), None)
     """
-    plan = launch_plan(N, K, B, loss, D)
+    plan = launch_plan(N, K, B, loss, D, shape)
     fused = Launch(
         (C * plan.n_tiles,),
         (N, B, plan.n_tiles, plan.tile_steps),
@@ -754,6 +827,7 @@ def launch_laber(
     buffers: Buffers | None = None,
     split_draws: bool | None = None,
     traceable: bool = True,
+    shape: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Launch the kernel (and, for many draws, :func:`laber_draw_kernel` after it), with no host
     sync; returns ``(index, weight, priority)``.
@@ -764,7 +838,9 @@ def launch_laber(
     first, so that anything left unwritten shows; ``split_draws`` overrides :func:`launch_plan`'s
     choice of where the draws run (the tests check that both give the same draws). The kernels go
     through ``wrap_triton``, so that ``torch.compile`` sees the launches; ``traceable=False`` launches
-    them as they are (:func:`laber_fused_call`, where nothing traces).
+    them as they are (:func:`laber_fused_call`, where nothing traces). ``shape`` picks
+    :func:`launch_plan`'s rules (``"large"``: the large-N shape at every N, which the GPU check times
+    beside the default).
     """
     C, N, K = pred.shape
     if not isinstance(state, Tensor) or state.dtype != torch.int64 or state.dim() != 1 or state.numel() < 4:
@@ -779,13 +855,13 @@ def launch_laber(
     pred = pred.contiguous()
     target = None if int(loss) == int(LossKind.PRIORITY) else target.contiguous()
     h = None if features is None else features.contiguous()
-    plan = launch_plan(N, K, batch_size, int(loss), D)
+    plan = launch_plan(N, K, batch_size, int(loss), D, shape)
     split = plan.split_draws if split_draws is None else split_draws
     index, weight, priority, scratch = (
         buffers if buffers is not None else allocate_buffers(pred, batch_size, loss, D, plan)
     )
     fused, draw = launch_arguments(
-        N, K, batch_size, int(loss), D, C, state.numel() - 3, int(weighting), eps, huber_delta, bias, split
+        N, K, batch_size, int(loss), D, C, state.numel() - 3, int(weighting), eps, huber_delta, bias, split, shape
     )
     # Triton launches on the current device: tensors on another GPU need their own current. Not
     # while tracing (fake tensors: no device to switch to, and Inductor guards the device itself).

@@ -13,7 +13,15 @@ captured in a CUDA graph (``calls`` consecutive calls in one ``torch.cuda.CUDAGr
 * ``naive``: the plain torch path: the priority (``torchsample.critic_priorities``, times
   ``sqrt(||h||^2 + 1)`` for the last layer) ``+ eps``,
   ``torch.multinomial(p, B, replacement=True)``, the weights (``torchsample.importance_weights``);
-* ``multinomial``: ``torch.multinomial`` alone on ready priorities.
+* ``multinomial``: ``torch.multinomial`` alone on ready priorities;
+* ``laber-large-shape`` (CUDA, graph only, rows with ``N <= 16k`` whose plan differs): the fused kernel
+  under ``launch_plan``'s large-N rules (``shape="large"``, the shape before issue 29 item 4), so that
+  one run compares the small-N shape with it on the same GPU.
+
+Each ``laber`` row carries the launch ``launch_plan`` chose (``PLAN_COLUMNS``: ``tiles`` a row,
+``programs`` of the fused launch, ``warps``, ``tile_items``, ``chunk``, ``draw_programs`` of a second
+launch, ``search_loads``: dependent loads of one draw's search). At ``N <= 16k`` a graph holds at least
+20 calls, so its own launch stays a small part of each call's time.
 
 Eager times are per call of a loop of back-to-back calls (host launch cost included where it
 dominates); graph times are per call inside a replayed graph. Sizes: ``N`` from 128 to 4M, ``B``
@@ -66,9 +74,19 @@ from perf.common import (
 )
 from perf.gpu_check import kernel_section
 from torchsample import critic_priorities, importance_weights, laber_downsample, laber_select  # noqa: E402
+from torchsample.codes import LossKind
 
 EPS = 1e-6
 VARIANTS = ["laber", "naive", "multinomial"]
+# The fused op under launch_plan's large-N rules at a small N (issue 29 item 4): timed beside the default
+# plan in a CUDA graph, where only the GPU work counts, on rows whose two plans differ.
+LARGE_SHAPE = "laber-large-shape"
+SMALL_N = 16384
+GRAPH_MIN_CALLS = 20  # calls per replayed graph at N <= SMALL_N: the graph's own launch stays under ~5% a call
+# What launch_plan chose for each laber row (kernels/laber.py, launch_shape): the fused launch's
+# programs (C * tiles), warps, items a tile, items a chunk, the second launch's programs, the dependent
+# loads of one draw's search, and which rules ("auto": the default; "large": the large-N rules).
+PLAN_COLUMNS = ["shape", "tiles", "programs", "warps", "tile_items", "chunk", "draw_programs", "search_loads"]
 COLUMNS = [
     "sweep",
     "score",
@@ -85,6 +103,7 @@ COLUMNS = [
     "draws_per_s",
     "input_GBps",
     "time_vs_naive",
+    *PLAN_COLUMNS,
     "value",
     "note",
 ]
@@ -143,6 +162,34 @@ def cases(quick: bool, cuda: bool) -> list[Case]:
     )
 
 
+def plan_columns(case: Case, variant: str = "laber") -> dict:
+    """The launch :func:`torchsample.kernels.laber.launch_plan` chose for ``variant``'s call on ``case``
+    (``PLAN_COLUMNS``; the public ops launch ``[C, N, K]`` rows of ``LossKind`` ``case.loss``); empty for
+    the peers, which launch no fused kernel.
+
+    Examples:
+        >>> row = plan_columns(Case("K", "categorical", 1, 16384, 32, 51))
+        >>> [row[k] for k in ("shape", "tiles", "programs", "warps", "tile_items", "chunk", "search_loads")]
+        ['auto', 256, 256, 8, 64, 64, 11]
+    """
+    if variant not in ("laber", LARGE_SHAPE):
+        return {}
+    from torchsample.kernels.laber import launch_shape
+
+    shape = "large" if variant == LARGE_SHAPE else "auto"
+    return {"shape": shape, **launch_shape(case.C, case.N, case.K, case.B, LOSS_CODES[case.loss], case.D, shape)}
+
+
+# The LossKind each public call launches with: laber_downsample ready priorities, laber_select the loss.
+LOSS_CODES = {"priority": int(LossKind.PRIORITY), "l2": int(LossKind.L2), "categorical": int(LossKind.CATEGORICAL)}
+
+
+def differs_from_large_shape(case: Case) -> bool:
+    """Whether the default plan of ``case`` is not the large-N rules' (then both are timed in a graph)."""
+    auto, large = plan_columns(case), plan_columns(case, LARGE_SHAPE)
+    return {**auto, "shape": ""} != {**large, "shape": ""}
+
+
 def make_inputs(case: Case, device) -> tuple[tuple, torch.Tensor]:
     """The op's inputs (``[N]``-shaped when ``C == 1``) and the ready priorities ``[C, N]`` / ``[N]``."""
     g = torch.Generator(device=device).manual_seed(0)
@@ -181,7 +228,27 @@ def variants(case: Case, inputs: tuple, ready: torch.Tensor) -> dict:
         index = torch.multinomial(p, b, replacement=True)
         return index, importance_weights(p, index, "mean")
 
-    return {"laber": laber, "naive": naive, "multinomial": lambda: torch.multinomial(ready, b, replacement=True)}
+    fns = {"laber": laber, "naive": naive, "multinomial": lambda: torch.multinomial(ready, b, replacement=True)}
+    if ready.is_cuda and differs_from_large_shape(case):
+        fns[LARGE_SHAPE] = large_shape_call(case, inputs)
+    return fns
+
+
+def large_shape_call(case: Case, inputs: tuple):
+    """The fused kernel on ``case``'s inputs under the large-N rules (``launch_laber(shape="large")``, as
+    the public call launches it but for the plan), with a random state of its own."""
+    from torchsample.codes import Weighting
+    from torchsample.kernels import laber
+
+    rows = (case.C, case.N, case.K)
+    pred, *rest = (t.reshape(*rows) for t in inputs[:2])
+    target = rest[0] if rest else pred
+    h = inputs[2].reshape(case.C, case.N, case.D) if case.D else None
+    state = laber.new_rng_state(pred.device)
+    loss, mean = LOSS_CODES[case.loss], int(Weighting.MEAN)
+    return lambda: laber.launch_laber(
+        pred, target, h, state, case.B, loss, mean, EPS, 1.0, True, traceable=False, shape="large"
+    )
 
 
 def input_bytes(case: Case, variant: str, inputs: tuple, ready: torch.Tensor) -> int:
@@ -197,11 +264,17 @@ def time_case(case: Case, device, samples: int, graphs: bool) -> list[dict]:
     for mode in ("eager", "graph") if graphs else ("eager",):
         timed, notes = {}, {}
         for name, fn in fns.items():
+            if mode == "eager" and name == LARGE_SHAPE:
+                continue  # the plan is GPU work: compared in a graph, where the host path does not count
             try:
                 if mode == "eager":
                     timed[name] = repeat(fn, calls_for(fn, device))
                 else:  # more calls per replay: a graph's own launch (a few us) stays a small part of a sample
-                    timed[name] = cuda_graph(fn, calls_for(fn, device, target_seconds=1e-3))
+                    calls = calls_for(fn, device, target_seconds=1e-3)
+                    # The first H200 run replayed 2-7 calls a graph at N <= 16k (its eager call took 230-520
+                    # us), so a few us of the graph's own launch went into each call's time, more where
+                    # fewer calls: at least GRAPH_MIN_CALLS there.
+                    timed[name] = cuda_graph(fn, max(calls, GRAPH_MIN_CALLS) if case.N <= SMALL_N else calls)
             except Exception as err:  # keep going: the row says what failed
                 notes[name] = f"failed: {type(err).__name__}: {str(err)[:200]}"
                 print(f"  FAILED {case.label} {name} {mode}: {notes[name]}", flush=True)
@@ -215,6 +288,8 @@ def time_case(case: Case, device, samples: int, graphs: bool) -> list[dict]:
             print(f"  FAILED {case.label} {mode}: {notes[next(iter(timed), 'laber')]}", flush=True)
         naive = timings.get("naive")
         for name in fns:
+            if name not in timed and name not in notes:
+                continue  # not run in this mode
             row = {
                 "sweep": case.sweep,
                 "score": case.kind,
@@ -224,6 +299,7 @@ def time_case(case: Case, device, samples: int, graphs: bool) -> list[dict]:
                 "K": case.K,
                 "variant": name,
                 "mode": mode,
+                **plan_columns(case, name),
                 "note": notes.get(name, ""),
             }
             t = timings.get(name)

@@ -289,6 +289,19 @@ def fresh_csv(path: Path, since: float) -> list[dict] | None:
     return read_csv(path)
 
 
+def launch_cell(row: dict) -> str:
+    """The launch ``launch_plan`` chose for a ``laber`` row (``perf/bench_kernel.py``'s plan columns):
+    ``programs x warps``, items a tile and a chunk, dependent loads of a draw's search, a second launch's
+    programs; ``-`` for a CSV without them."""
+    if number(row.get("programs")) is None:
+        return "-"
+    text = (
+        f"{row['programs']} x {row['warps']}w, tile {row['tile_items']}, chunk {row['chunk']}, "
+        f"{row['search_loads']} loads"
+    )
+    return text + (f" + {row['draw_programs']} draw" if number(row.get("draw_programs")) else "")
+
+
 def kernel_section(rows: list[dict] | None) -> list[str]:
     if rows is None:
         return ["No kernel CSV from this run.", ""]
@@ -298,10 +311,11 @@ def kernel_section(rows: list[dict] | None) -> list[str]:
             timed[(r["score"], r["C"], r["N"], r["B"], r["K"]), r["variant"], r["mode"]] = r
     lines = [
         "| score | C | N | B | K | eager laber (us) | naive / laber | graph laber (us) | naive / laber | "
-        "multinomial graph (us) | laber graph GB/s |",
-        "| --- " * 11 + "|",
+        "multinomial graph (us) | laber graph GB/s | launch (programs x warps, items) | "
+        "large-N shape graph (us) |",
+        "| --- " * 13 + "|",
     ]
-    small_graph, speedups = [], {"eager": [], "graph": []}
+    small_graph, speedups, shape_ratios = [], {"eager": [], "graph": []}, []
     for key in dict.fromkeys(k for k, _, _ in timed):
         eager, graph = timed.get((key, "laber", "eager"), {}), timed.get((key, "laber", "graph"), {})
         ratios = {mode: number(r.get("time_vs_naive")) for mode, r in (("eager", eager), ("graph", graph))}
@@ -311,11 +325,15 @@ def kernel_section(rows: list[dict] | None) -> list[str]:
         if number(graph.get("median_us")) is not None and int(key[2]) <= 16384:
             small_graph.append(number(graph["median_us"]))
         speedup = {m: (1 / r if r else None) for m, r in ratios.items()}
+        large = number(timed.get((key, "laber-large-shape", "graph"), {}).get("median_us"))
+        if large and number(graph.get("median_us")):
+            shape_ratios.append(number(graph["median_us"]) / large)
         lines.append(
             f"| {' | '.join(key)} | {cell(eager.get('median_us'))} | {cell(speedup['eager'], 2, 'x')} | "
             f"{cell(graph.get('median_us'))} | {cell(speedup['graph'], 2, 'x')} | "
             f"{cell(timed.get((key, 'multinomial', 'graph'), {}).get('median_us'))} | "
-            f"{cell(graph.get('input_GBps'))} |"
+            f"{cell(graph.get('input_GBps'))} | {launch_cell(graph or eager)} | "
+            f"{cell(timed.get((key, 'laber-large-shape', 'graph'), {}).get('median_us'))} |"
         )
     failed = [r for r in rows if r["variant"] == "laber" and r["note"].startswith("failed")]
     lines += ["", "Targets (issues 10 and 24):", ""]
@@ -324,6 +342,11 @@ def kernel_section(rows: list[dict] | None) -> list[str]:
         lines.append(
             f"- fused op in a CUDA graph, N <= 16k: at most {worst:.1f} us (target <= {GRAPH_TARGET_US:g} us: "
             f"{'met' if worst <= GRAPH_TARGET_US else 'not met'})"
+        )
+    if shape_ratios:
+        lines.append(
+            f"- small-N launch shape / large-N shape, graph (issue 29 item 4; < 1: the small-N shape is faster): "
+            f"{min(shape_ratios):.2f}x to {max(shape_ratios):.2f}x over {len(shape_ratios)} rows"
         )
     for mode, values in speedups.items():
         if values:

@@ -280,3 +280,51 @@ def test_gpu_check_results_go_to_out(monkeypatch):
     assert str(gpu_check.default_results_dir()) == "/elsewhere"
     monkeypatch.delenv("GPU_RESULTS_DIR")
     assert gpu_check.default_results_dir() == common.COMMITTED
+
+
+def test_kernel_rows_carry_the_launch_plan():
+    """Issue 29 item 4: every ``laber`` row says how ``launch_plan`` launched it (CPU: the op's torch path
+    runs, the plan columns are the plan the CUDA call takes); the peers' rows leave them empty."""
+    case = bench_kernel.Case("K", "categorical", 1, 1024, 32, 51)
+    rows = bench_kernel.time_case(case, "cpu", samples=3, graphs=False)
+    by = {r["variant"]: r for r in rows}
+    assert set(by) == {"laber", "naive", "multinomial"}  # laber-large-shape: CUDA graphs only
+    laber = by["laber"]
+    assert {k: laber[k] for k in bench_kernel.PLAN_COLUMNS} == {
+        "shape": "auto",
+        "tiles": 16,
+        "programs": 16,
+        "warps": 8,
+        "tile_items": 64,
+        "chunk": 64,
+        "draw_programs": 0,
+        "search_loads": 7,
+    }
+    assert not any(k in by["naive"] for k in bench_kernel.PLAN_COLUMNS)
+    assert set(bench_kernel.PLAN_COLUMNS) <= set(bench_kernel.COLUMNS)
+    # Every CPU smoke case's plan, and the large-N rules' beside it where they differ.
+    for case in bench_kernel.cases(quick=False, cuda=False):
+        plan = bench_kernel.plan_columns(case)
+        assert all(isinstance(plan[k], int) and plan[k] >= 0 for k in bench_kernel.PLAN_COLUMNS[1:]), case
+        assert plan["programs"] == case.C * plan["tiles"]
+    issue = bench_kernel.Case("K", "categorical", 1, 16384, 32, 51)
+    assert bench_kernel.differs_from_large_shape(issue)
+    assert bench_kernel.plan_columns(issue, bench_kernel.LARGE_SHAPE)["tiles"] == 512
+    assert not bench_kernel.differs_from_large_shape(bench_kernel.Case("N", "l2", 1, 2**20, 32))
+
+
+def test_gpu_summary_shows_each_rows_launch_and_the_large_n_shape():
+    timing = {"sweep": "K", "score": "categorical", "C": "1", "N": "16384", "B": "32", "K": "51", "note": ""}
+    plan = {"tiles": "256", "programs": "256", "warps": "8", "tile_items": "64", "chunk": "64"}
+    plan |= {"draw_programs": "0", "search_loads": "11"}
+    kernel = [
+        {**timing, **plan, "variant": "laber", "mode": "graph", "median_us": "6", "time_vs_naive": "0.2"},
+        {**timing, "variant": "naive", "mode": "graph", "median_us": "30", "time_vs_naive": "1"},
+        {**timing, "variant": "laber-large-shape", "mode": "graph", "median_us": "12", "time_vs_naive": "0.4"},
+    ]
+    text = "\n".join(gpu_check.kernel_section(kernel))
+    assert "| 6.0 | 5.00x | - | - | 256 x 8w, tile 64, chunk 64, 11 loads | 12.0 |" in text
+    assert "small-N launch shape / large-N shape, graph" in text and "0.50x to 0.50x over 1 rows" in text
+    # A CSV without the plan columns (the first H200 run's) still renders.
+    old = [{k: v for k, v in r.items() if k not in plan} for r in kernel[:2]]
+    assert "| 6.0 | 5.00x | - | - | - | - |" in "\n".join(gpu_check.kernel_section(old))
