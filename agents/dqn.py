@@ -32,6 +32,7 @@ from agents.common import (
     VALUE_SAMPLERS,
     RunOptions,
     TrainingLoop,
+    add_n_step,
     cli,
     diagnostics,
     make_env,
@@ -41,7 +42,16 @@ from agents.common import (
     to_tensordict,
 )
 from agents.networks import MinAtarNetwork, NatureCNN
-from torchsample import GERSampler, LaBER, LaBERLoss, LaBERSampler, make_update
+from torchsample import (
+    GERLaBERSampler,
+    GERSampler,
+    LaBER,
+    LaBERLoss,
+    LaBERSampler,
+    PrioritizedLaBERSampler,
+    make_update,
+)
+from torchsample.sampler import LaBERDraw
 
 
 @dataclass
@@ -83,6 +93,9 @@ class Config(RunOptions):
     """learning-rate schedule; linear decays to 0 at the end"""
     gamma: float = 0.98
     """discount factor"""
+    n_step: int = 1
+    """n-step returns: the buffer stores k-step transitions (TorchRL's MultiStepTransform; k = n except at an
+    episode's end) and the target bootstraps with gamma ** k (1: one-step targets)"""
     target_tau: float = 0.005
     """Polyak factor of a soft target update after every gradient step; 0: hard copies every target-update
     gradient steps instead"""
@@ -218,14 +231,23 @@ def make_replay(cfg: Config, loss_module: DQNLoss, env, device: torch.device):
         if cfg.compile or cfg.cudagraphs:
             rows = cfg.m * cfg.batch_size
         else:
-            sampler, laber = LaBERSampler(laber, m=cfg.m, inner=sampler), None
+            # PER-LaBER and GER-LaBER are PER samplers themselves (TorchRL hands them priorities); LaBER over a
+            # uniform draw wraps TorchRL's RandomSampler.
+            if choice.draw == "per":
+                sampler = PrioritizedLaBERSampler(laber, cfg.buffer_size, PER_ALPHA, PER_BETA, m=cfg.m)
+            elif choice.draw == "ger":
+                sampler = GERLaBERSampler(laber, cfg.buffer_size, PER_ALPHA, PER_BETA, m=cfg.m)
+            else:
+                sampler = LaBERSampler(laber, m=cfg.m)
+            laber = None
     rb = TensorDictReplayBuffer(
         storage=LazyTensorStorage(cfg.buffer_size, device=device), sampler=sampler, batch_size=rows
     )
     if is_atari(cfg.env_id):
         rb.append_transform(FrameStackReplay(rb.storage, env.observation_space.shape))
-        if isinstance(sampler, LaBERSampler):
+        if isinstance(sampler, LaBERDraw):
             sampler.transform = rb.transform
+    add_n_step(rb, cfg.n_step, cfg.gamma)  # --n-step: TorchRL's MultiStepTransform (not with Atari's frames)
     return rb, laber
 
 
@@ -323,8 +345,8 @@ def main(cfg: Config) -> dict:
             for _ in range(cfg.gradient_steps):
                 _, data = update(rb.sample())
                 if prioritized:  # the rows' new priorities: PER's |TD| (the loss wrote it), GER's exact norms
-                    rb.sampler.update_from(data) if cfg.sampler.startswith("ger") else rb.update_tensordict_priority(
-                        data
+                    rb.sampler.update_from(data) if cfg.sampler.startswith("ger") else rb.update_priority(
+                        data["index"], data["td_error"]
                     )
 
         if loop.end_step(step, obs):

@@ -34,6 +34,7 @@ from agents.common import (
     PER_BETA,
     RunOptions,
     TrainingLoop,
+    add_n_step,
     cli,
     diagnostics,
     make_env,
@@ -42,8 +43,17 @@ from agents.common import (
     seed_everything,
     to_tensordict,
 )
-from torchsample import GERSampler, LaBER, LaBERLoss, LaBERSampler, make_update
+from torchsample import (
+    GERLaBERSampler,
+    GERSampler,
+    LaBER,
+    LaBERLoss,
+    LaBERSampler,
+    PrioritizedLaBERSampler,
+    make_update,
+)
 from torchsample.lfiw import LFIW, FastSlowReplay, RatioNetwork
+from torchsample.sampler import LaBERDraw
 
 
 @dataclass
@@ -79,6 +89,9 @@ class Config(RunOptions):
     """Adam epsilon"""
     gamma: float = 0.99
     """discount factor"""
+    n_step: int = 1
+    """n-step returns: the buffer stores k-step transitions (TorchRL's MultiStepTransform; k = n except at an
+    episode's end) and the target bootstraps with gamma ** k (1: one-step targets)"""
     tau: float = 0.005
     """Polyak factor of the target actor and critics, at every actor update"""
     hidden: tuple[int, ...] = (400, 300)
@@ -186,16 +199,27 @@ def make_replay(cfg: Config, loss_module: TD3Loss, env, device: torch.device):
         if cfg.compile or cfg.cudagraphs:
             rows = cfg.m * cfg.batch_size
         else:
-            sampler, laber = LaBERSampler(laber, m=cfg.m, inner=sampler), None
+            # PER-LaBER and GER-LaBER are PER samplers themselves (TorchRL hands them priorities); LaBER over a
+            # uniform draw wraps TorchRL's RandomSampler.
+            if choice.draw == "per":
+                sampler = PrioritizedLaBERSampler(laber, cfg.buffer_size, PER_ALPHA, PER_BETA, m=cfg.m)
+            elif choice.draw == "ger":
+                sampler = GERLaBERSampler(laber, cfg.buffer_size, PER_ALPHA, PER_BETA, m=cfg.m)
+            else:
+                sampler = LaBERSampler(laber, m=cfg.m)
+            laber = None
     if not choice.lfiw:
         rb = TensorDictReplayBuffer(
             storage=LazyTensorStorage(cfg.buffer_size, device=device), sampler=sampler, batch_size=rows
         )
+        add_n_step(rb, cfg.n_step, cfg.gamma)  # --n-step: TorchRL's MultiStepTransform on the buffer
         return rb, laber, None, None
+    if cfg.n_step != 1:
+        raise ValueError("--n-step with LFIW: its fast and slow buffers store one-step transitions")
     fast_slow = FastSlowReplay(cfg.lfiw_fast_size, cfg.buffer_size, device=device, sampler=sampler, batch_size=rows)
     features = env.observation_space.shape[0] + env.action_space.shape[0]  # w_psi(s, a)
     lfiw = LFIW(RatioNetwork(features).to(device), replay=fast_slow, f=cfg.lfiw_f, temperature=cfg.lfiw_temperature)
-    if isinstance(sampler, LaBERSampler):  # w~ normalised over the large batch, then LaBER keeps B (docs/lfiw.md)
+    if isinstance(sampler, LaBERDraw):  # w~ normalised over the large batch, then LaBER keeps B (docs/lfiw.md)
         sampler.transform = lfiw
     return fast_slow.slow, laber, lfiw, fast_slow
 
@@ -299,14 +323,16 @@ def main(cfg: Config) -> dict:
             if lfiw is not None and lfiw.active:  # Alg. 1: past the threshold, w_psi takes a step (Eq. 10) first
                 ratio_loss = lfiw.update(fast_slow.sample_slow(cfg.batch_size), fast_slow.sample_fast(cfg.batch_size))
             data = rb.sample()  # with LFIW and LaBERSampler, w~ weighs the large batch before LaBER keeps B rows
-            if lfiw is not None and not isinstance(rb.sampler, LaBERSampler):
+            if lfiw is not None and not isinstance(rb.sampler, LaBERDraw):
                 data = lfiw(data)  # Eq. 11-12: the critics' rows weighted by w~, normalised over them
             with_actor = step % cfg.policy_delay == 0
             _, data = update(data, with_actor)
             if with_actor:
                 target_updater.step()
             if prioritized:  # the rows' new priorities: PER's largest |TD| over the critics, GER's exact norms
-                rb.sampler.update_from(data) if cfg.sampler.startswith("ger") else rb.update_tensordict_priority(data)
+                rb.sampler.update_from(data) if cfg.sampler.startswith("ger") else rb.update_priority(
+                    data["index"], data["td_error"]
+                )
             if lfiw is not None and lfiw.active and (step + 1) % cfg.lfiw_log_every == 0:
                 rows = cfg.m * cfg.batch_size if "laber" in cfg.sampler else rb.batch_size  # w~'s normaliser
                 loop.logger.log("lfiw", step + 1, **lfiw_log(lfiw, fast_slow, ratio_loss, rows))

@@ -20,7 +20,8 @@ from torchrl.data import PrioritizedSampler
 from torchrl.objectives import SoftUpdate
 
 from tests.conftest import AGENT_DEPS, require, requires_cuda  # noqa: E402
-from torchsample import GERSampler, LaBERSampler
+from torchsample import GERSampler
+from torchsample.sampler import LaBERDraw
 
 require(*AGENT_DEPS)
 from agents import c51, common, dqn, sac, td3  # noqa: E402
@@ -242,6 +243,41 @@ def test_resume_reproduces_the_uninterrupted_run(algo, sampler, tmp_path):
             assert same, (module, key)  # also keeps the parameters' batch size and device
 
 
+def test_dqn_with_n_step_returns_stores_n_step_rows_and_resumes(tmp_path):
+    """``--n-step 3`` (issue 28, item 4): DQN trains 400 steps on CartPole through LaBER, its buffer holds
+    TorchRL's 3-step rows (``k = 3``, fewer at an episode's end, whose done flags they carry; CartPole pays
+    1 per step, so the k-step reward is ``sum_{j<k} gamma^j``), and ``--resume`` reproduces the run, the
+    transitions waiting in the transform's window included. ``--n-step 1`` adds no transform: today's runs."""
+    args = [*AGENT_ARGS["dqn"], "--total-steps", "400", "--eval-every", "200", "--sampler", "laber-mean"]
+    args += ["--n-step", "3", "--keep-buffer"]
+    run_agent("dqn", *args, "--out", str(tmp_path / "straight"))
+    run_agent("dqn", *args, "--out", str(tmp_path / "resumed"), "--stop-after", "250")
+    run_agent("dqn", *args, "--out", str(tmp_path / "resumed"), "--resume")
+    assert_returns_possible(tmp_path / "straight", "CartPole-v1")
+    for name, key in [("train", "episode_return"), ("eval", "eval_return")]:
+        straight = [(r["step"], r[key]) for r in read_csv(tmp_path / "straight" / f"{name}.csv")]
+        assert straight == [(r["step"], r[key]) for r in read_csv(tmp_path / "resumed" / f"{name}.csv")]
+
+    env, cpu = common.make_env("CartPole-v1", 0), torch.device("cpu")
+    buffers = []
+    for run in ("straight", "resumed"):
+        cfg = dqn.Config(n_step=3)  # the runs' buffer size, which rb.loads expects
+        loss_module, _ = dqn.build_dqn(cfg, env, cpu)
+        rb, _ = dqn.make_replay(cfg, loss_module, env, cpu)
+        rb.loads(tmp_path / run / "checkpoint" / "buffer")
+        buffers.append(rb[:])
+    rows = buffers[0]
+    assert len(rows) == 400 - 3  # the last 3 transitions wait for their successors
+    assert (rows.exclude("index") == buffers[1].exclude("index")).all()
+    k = rows["steps_to_next_obs"]
+    assert k.max() == 3 and (k < 3).any()
+    gamma = dqn.Config().gamma
+    torch.testing.assert_close(rows["next", "reward"].squeeze(-1), (1 - gamma**k) / (1 - gamma))
+    assert rows["next", "done"][k < 3].all()  # a window shorter than 3 ends its episode
+    cfg = dqn.Config(buffer_size=1_000)
+    assert len(dqn.make_replay(cfg, dqn.build_dqn(cfg, env, cpu)[0], env, cpu)[0].transform) == 0
+
+
 @pytest.mark.parametrize("algo", list(AGENT_ARGS))
 def test_help_documents_every_option(algo):
     proc = run_agent(algo, "--help")
@@ -399,7 +435,7 @@ def test_the_buffer_draws_what_each_sampler_names(sampler, compile):
     in_update = compile and choice.weighting is not None
     assert batch.batch_size == torch.Size([32 if choice.large_batch or in_update else 8])
     assert (laber is not None) == in_update
-    assert isinstance(rb.sampler, LaBERSampler) == (choice.weighting is not None and not compile)
+    assert isinstance(rb.sampler, LaBERDraw) == (choice.weighting is not None and not compile)
     if in_update:
         selected = laber(batch)
         assert selected.batch_size == torch.Size([8])
@@ -410,13 +446,13 @@ def test_the_buffer_draws_what_each_sampler_names(sampler, compile):
         assert torch.isfinite(weights).all() and (weights > 0).all()
         assert laber is None or laber.weighting == choice.weighting
     assert isinstance(rb.sampler, PrioritizedSampler) == sampler.startswith(("per", "ger"))
-    assert isinstance(getattr(rb.sampler, "inner", rb.sampler), GERSampler) == sampler.startswith("ger")
+    assert isinstance(rb.sampler, GERSampler) == sampler.startswith("ger")
 
 
 def test_per_laber_updates_the_priorities_of_the_rows_kept():
     """PER-LaBER with twin critics: the kept rows come as [B, 1 + C] (column 0 the actor's), with one
-    storage index per "td_error"; each of them gets its own priority through TorchRL's
-    update_tensordict_priority, as the agents call it, and only they do."""
+    storage index per "td_error"; each of them gets its own priority through
+    rb.update_priority(batch["index"], batch["td_error"]), as the agents call it, and only they do."""
     torch.manual_seed(0)
     np.random.seed(0)
     env = common.make_env("Pendulum-v1", 0)
@@ -433,13 +469,13 @@ def test_per_laber_updates_the_priorities_of_the_rows_kept():
     rb.update_priority(torch.arange(64), torch.rand(64) + 0.1)  # unequal priorities: PER weights != 1
     kept = rb.sample()
     assert kept.batch_size == torch.Size([8, 3]) and kept["td_error"].shape == kept["index"].shape
-    tree = rb.sampler.inner._sum_tree
+    tree = rb.sampler._sum_tree
     before = torch.tensor([tree[i] for i in range(64)])  # (priority + eps)^alpha of every stored row
     kept.set("td_error", kept["index"].float() + 1.0)  # a priority that names its row, duplicates agree
-    rb.update_tensordict_priority(kept)
+    rb.update_priority(kept["index"], kept["td_error"])
     after = torch.tensor([tree[i] for i in range(64)])
     index = kept["index"].reshape(-1).unique()
-    torch.testing.assert_close(after[index], (index.float() + 1.0 + rb.sampler.inner._eps) ** rb.sampler.alpha)
+    torch.testing.assert_close(after[index], (index.float() + 1.0 + rb.sampler._eps) ** rb.sampler.alpha)
     others = torch.ones(64, dtype=torch.bool)
     others[index] = False
     assert torch.equal(after[others], before[others])

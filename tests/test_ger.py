@@ -59,7 +59,7 @@ def test_ger_priorities_are_the_exact_gradient_norms_of_the_rows_used(family, sa
     # Over every critic parameter: the joint norm of the twin critics' per-row gradients.
     exact = per_row_gradients(critic, rows, target).square().sum((0, 2)).sqrt()
 
-    ger = rb.sampler.inner if sampler == "ger-laber-mean" else rb.sampler
+    ger = rb.sampler  # GER-LaBER is a GERSampler itself
     tree, alpha, eps = ger._sum_tree, ger._alpha, ger._eps
     index = rows["index"]
     # A row drawn twice (LaBER draws with replacement) keeps its last write, under SAC's random target

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
 
-from tests.setups import CONTINUOUS, LOSSES, batch
+from tests.setups import CONTINUOUS, LOSSES, batch, total_loss
 from torchsample import LaBER, LaBERLoss, LaBERSampler
 
 UPDATES, B, M = 200, 16, 4
@@ -38,7 +38,7 @@ def train(name: str, prefetch: int) -> tuple[int, int]:
         optimizer.zero_grad(set_to_none=True)
         try:
             out = objective(sample)
-            sum(out[k] for k in objective.out_keys).backward()
+            total_loss(out).backward()
         except RuntimeError:
             raised += 1
             continue
@@ -56,7 +56,7 @@ def expected_trained(loss, name: str) -> int:
         torch.manual_seed(1)
         objective = LaBERLoss(loss)
         out = objective(LaBER(loss, B)(batch(M * B, continuous=CONTINUOUS[name])))
-        sum(out[k] for k in objective.out_keys).backward()
+        total_loss(out).backward()
         _EXPECTED[name] = sum(p.grad is not None for p in loss.parameters() if p.requires_grad)
         loss.zero_grad(set_to_none=True)
     return _EXPECTED[name]
@@ -69,3 +69,22 @@ _EXPECTED: dict[str, int] = {}
 def test_training_beside_prefetch_threads_loses_no_gradient(name):
     assert train(name, prefetch=0) == (0, 0), "the control loop itself fails"
     assert train(name, prefetch=3) == (0, 0)
+
+
+@pytest.mark.parametrize("name", ["dqn", "c51", "sac", "td3"])
+def test_scoring_sets_no_process_wide_mode(name, monkeypatch):
+    """tensordict keeps the exploration mode (``set_exploration_type``) and the log-prob aggregation
+    (``set_composite_lp_aggregate``) process-wide, not per thread: entered from a prefetch thread they would
+    switch the mode of the collector or the evaluation running in the main thread (TorchRL's SAC target
+    enters both). LaBER's scoring enters neither."""
+    from tensordict.nn.probabilistic import set_interaction_type
+    from tensordict.nn.utils import set_composite_lp_aggregate
+
+    entered = []
+    for cls in (set_interaction_type, set_composite_lp_aggregate):
+        enter = cls.__enter__
+        monkeypatch.setattr(cls, "__enter__", lambda self, enter=enter, cls=cls: (entered.append(cls), enter(self))[1])
+    loss = LOSSES[name]()
+    laber = LaBER(loss, B)
+    laber.selection(batch(M * B, continuous=CONTINUOUS[name]))
+    assert entered == []

@@ -3,19 +3,19 @@
 import pytest
 import torch
 from tensordict import TensorDict
-from torchrl.data import LazyTensorStorage, PrioritizedSampler, RandomSampler, TensorDictReplayBuffer
+from torchrl.data import LazyTensorStorage, PrioritizedSampler, RandomSampler, SliceSampler, TensorDictReplayBuffer
 
 from tests.conftest import DEVICES
 from tests.setups import CONTINUOUS, LOSSES, assert_relatively_close, batch, dqn_loss, recomputed_rtol, total_loss
-from torchsample import LaBER, LaBERLoss, LaBERSampler, pred_and_target
+from torchsample import LaBER, LaBERLoss, LaBERSampler, PrioritizedLaBERSampler, pred_and_target
 from torchsample.critics import TARGET
 
 
-class RecordingSampler(PrioritizedSampler):
-    """A PrioritizedSampler that keeps its last large batch (indices and PER weights)."""
+class RecordingSampler(PrioritizedLaBERSampler):
+    """PER-LaBER that keeps its last large batch (indices and PER weights)."""
 
-    def sample(self, storage, batch_size):
-        index, info = super().sample(storage, batch_size)
+    def _draw_large(self, storage, n):
+        index, info = super()._draw_large(storage, n)
         self.last = (index, info)
         return index, info
 
@@ -47,11 +47,11 @@ def test_sample_is_rows_of_the_storage_with_weights_and_targets(device, name):
 
 def test_weights_are_laber_times_per_for_each_kept_row():
     loss = dqn_loss()
-    inner = RecordingSampler(1000, alpha=0.6, beta=0.4)
-    rb = buffer("dqn", LaBERSampler(LaBER(loss, batch_size=16), m=4, inner=inner))
+    sampler = RecordingSampler(LaBER(loss, batch_size=16), 1000, alpha=0.6, beta=0.4, m=4)
+    rb = buffer("dqn", sampler)
     rb.update_priority(torch.arange(200), torch.rand(200) * 5)  # PER weights that differ per row
     sample = rb.sample()
-    large_index, info = inner.last
+    large_index, info = sampler.last
     assert large_index.shape == (64,) and torch.as_tensor(info["priority_weight"]).std() > 0
     # LaBER's weight of a row is mean(p)/p of its priority in the large batch; PER's is per row.
     large = rb.storage[large_index]
@@ -67,22 +67,22 @@ def test_weights_are_laber_times_per_for_each_kept_row():
 
 def test_update_priority_reaches_the_inner_sampler():
     loss = dqn_loss()
-    inner = PrioritizedSampler(1000, alpha=0.6, beta=0.4)
-    rb = buffer("dqn", LaBERSampler(LaBER(loss, batch_size=16), inner=inner))
+    sampler = PrioritizedLaBERSampler(LaBER(loss, batch_size=16), 1000, alpha=0.6, beta=0.4)
+    rb = buffer("dqn", sampler)
     weighted = LaBERLoss(loss)
     for _ in range(3):
         sample = rb.sample()
         weighted(sample)["loss"].backward()
         rb.update_priority(sample["index"], sample["td_error"])
     for i, p in zip(sample["index"].tolist(), sample["td_error"].tolist()):
-        assert inner._sum_tree[i] == pytest.approx((p + inner._eps) ** 0.6, rel=1e-4)
+        assert sampler._sum_tree[i] == pytest.approx((p + sampler._eps) ** 0.6, rel=1e-4)
 
 
 @pytest.mark.parametrize("name", ["sac", "td3"])
 def test_independent_critics_through_the_buffer(name):
     loss = LOSSES[name]()
-    inner = PrioritizedSampler(1000, alpha=0.6, beta=0.4)
-    rb = buffer(name, LaBERSampler(LaBER(loss, batch_size=16), inner=inner))
+    sampler = PrioritizedLaBERSampler(LaBER(loss, batch_size=16), 1000, alpha=0.6, beta=0.4)
+    rb = buffer(name, sampler)
     sample = rb.sample()
     assert sample.batch_size == (16, 3)
     stored = rb.storage[sample["index"].reshape(-1)].reshape(16, 3)
@@ -93,18 +93,18 @@ def test_independent_critics_through_the_buffer(name):
     # A row drawn twice had two stochastic targets (SAC's action sample, TD3's noise): either may land.
     written = {}
     for i, p in zip(sample["index"].reshape(-1).tolist(), sample["td_error"].reshape(-1).tolist()):
-        written.setdefault(i, []).append((p + inner._eps) ** 0.6)
+        written.setdefault(i, []).append((p + sampler._eps) ** 0.6)
     for i, candidates in written.items():
-        assert min(abs(inner._sum_tree[i] - c) / c for c in candidates) < 1e-4
+        assert min(abs(sampler._sum_tree[i] - c) / c for c in candidates) < 1e-4
 
 
 def test_state_dict_and_dumps_round_trip(tmp_path):
     loss = dqn_loss()
 
     def make():
-        return buffer("dqn", LaBERSampler(LaBER(loss, batch_size=16), inner=PrioritizedSampler(1000, 0.6, 0.4)), n=1)
+        return buffer("dqn", PrioritizedLaBERSampler(LaBER(loss, batch_size=16), 1000, 0.6, 0.4), n=1)
 
-    rb = buffer("dqn", LaBERSampler(LaBER(loss, batch_size=16), inner=PrioritizedSampler(1000, 0.6, 0.4)))
+    rb = buffer("dqn", PrioritizedLaBERSampler(LaBER(loss, batch_size=16), 1000, 0.6, 0.4))
     rb.update_priority(torch.arange(200), torch.linspace(0.1, 5, 200))
     state = rb.state_dict()
     assert "value_network" not in str(state)  # the loss's networks are not the buffer's
@@ -113,7 +113,7 @@ def test_state_dict_and_dumps_round_trip(tmp_path):
         fresh = make()
         fresh.load_state_dict(state) if restore == "load_state_dict" else fresh.loads(tmp_path / "rb")
         assert len(fresh) == 200 and fresh.sample().batch_size == (16,)
-        tree, fresh_tree = rb.sampler.inner._sum_tree, fresh.sampler.inner._sum_tree
+        tree, fresh_tree = rb.sampler._sum_tree, fresh.sampler._sum_tree
         assert [fresh_tree[i] for i in range(200)] == pytest.approx([tree[i] for i in range(200)])
 
 
@@ -125,6 +125,10 @@ def test_bad_arguments():
         LaBERSampler(laber, m=0)
     with pytest.raises(TypeError, match="inner"):
         LaBERSampler(laber, inner="per")
+    with pytest.raises(TypeError, match=r"PrioritizedLaBERSampler\(laber, max_capacity"):
+        LaBERSampler(laber, inner=PrioritizedSampler(1000, 0.6, 0.4))
+    with pytest.raises(TypeError, match="sub-trajectories"):
+        LaBERSampler(laber, inner=SliceSampler(num_slices=2))
     with pytest.raises(TypeError, match="transform"):
         LaBERSampler(laber, transform=3)
     assert isinstance(LaBERSampler(laber).inner, RandomSampler)

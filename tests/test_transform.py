@@ -3,7 +3,7 @@
 import pytest
 import torch
 from tensordict import TensorDict
-from torchrl.data import LazyTensorStorage, ListStorage, PrioritizedSampler, ReplayBuffer, TensorDictReplayBuffer
+from torchrl.data import LazyTensorStorage, PrioritizedSampler, TensorDictReplayBuffer
 
 from tests.conftest import requires_cuda
 from tests.setups import LOSSES, batch, dqn_loss, total_loss
@@ -168,15 +168,12 @@ def test_per_weights_of_the_kept_rows_multiply_laber_weights():
     rb.update_priority(out["index"], out["td_error"])
 
 
-def test_plain_replay_buffer_takes_laber_as_a_transform():
+def test_laber_holds_the_losss_networks_without_owning_them():
     loss = dqn_loss()
-    rb = ReplayBuffer(storage=ListStorage(500), batch_size=64)
-    rb.extend(batch(100))
-    rb.append_transform(LaBER(loss, batch_size=16))
-    assert rb.sample().batch_size == (16,)
-    # The transform holds the loss's networks without owning them.
+    laber = LaBER(loss, batch_size=16)
+    assert laber(batch(64)).batch_size == (16,)
     assert loss.training and all(m.training for m in loss.modules())
-    assert "value_network" not in str(rb.state_dict())
+    assert "value_network" not in str(laber.state_dict())
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,8 @@ with ``critic_of.register(MyLoss, MyCritic)``, or through ``LaBER(loss, B, predi
 read the loss and never change it.
 
 This module and :mod:`torchsample.c51` alone read TorchRL's private members: ``SACLoss._version``,
-``SACLoss._compute_target_v2``, ``SACLoss._alpha_loss``, ``TD3Loss._vmap_qvalue_network00`` and
+``SACLoss._compute_target_v2``, ``SACLoss._alpha_loss``, ``SACLoss._alpha``, ``SACLoss._vmap_qnetworkN0``,
+``TD3Loss._vmap_qvalue_network00``, ``LossModule._make_vmap`` and
 ``torchrl.objectives.utils._vmap_func``. Checked against the TorchRL versions in
 :data:`TORCHRL_CHECKED`.
 """
@@ -34,7 +35,7 @@ from typing import Optional
 
 import torch
 from tensordict import TensorDictBase
-from tensordict.nn import TensorDictParams
+from tensordict.nn import CompositeDistribution, TensorDictParams
 from torch import Tensor, nn
 from torchrl.envs.utils import step_mdp
 from torchrl.objectives import DistributionalDQNLoss, DQNLoss, SACLoss, TD3Loss
@@ -463,7 +464,37 @@ class SACCritics(TwinCritics):
 
     @torch.no_grad()
     def target(self, td: TensorDictBase) -> Tensor:
-        return self.loss._compute_target_v2(td)
+        """``SACLoss._compute_target_v2``'s soft twin-min target, ``r + gamma (min_c Q'_c(s', a') - alpha log
+        pi(a' | s'))`` with ``a' ~ pi(. | s')`` by the loss's value estimator, computed without the context
+        managers TorchRL wraps it in (``set_exploration_type``, ``set_composite_lp_aggregate``): those set
+        tensordict's process-wide state, so entered from a prefetch thread they would switch the exploration
+        mode of the collector or the evaluation running in the main thread. ``get_dist`` samples the same way
+        under any mode (``det_part`` then ``build_dist_from_params``, as ``get_dist`` does inside its own
+        ``set_interaction_type``). A composite action distribution, or ``skip_done_states``, goes through TorchRL's
+        own."""
+        loss = self.loss
+        actor = loss.actor_network
+        next_td = td.get("next").copy()
+        with swap_params(loss.actor_network_params, actor):
+            # get_dist would enter set_interaction_type (process-wide) around the distribution's parameters:
+            # the deterministic part, then the distribution, are the same without it.
+            dist = actor.build_dist_from_params(actor.det_part(next_td.copy()))
+        if loss.skip_done_states or isinstance(dist, CompositeDistribution):
+            return loss._compute_target_v2(td)
+        if hasattr(dist, "rsample_and_log_prob"):  # TanhNormal (torchrl >= 0.14): the log-prob of the very draw
+            action, log_prob = dist.rsample_and_log_prob()
+        else:
+            action = dist.rsample()
+            log_prob = dist.log_prob(action)
+        next_td.set(loss.tensor_keys.action, action)
+        value = loss._vmap_qnetworkN0(next_td, loss.target_qvalue_network_params).get(
+            loss.tensor_keys.state_action_value
+        )
+        if value.shape[-log_prob.dim() :] != log_prob.shape:
+            log_prob = log_prob.unsqueeze(-1)
+        td = td.clone(False)
+        td.set(("next", loss.value_estimator.tensor_keys.value), (value - loss._alpha * log_prob).min(0)[0])
+        return loss.value_estimator.value_estimate(td).squeeze(-1)
 
     def outputs(self, actor_metadata: dict[str, Tensor]) -> dict[str, Tensor]:
         """``SACLoss.forward``'s: the temperature's loss, the temperature and the policy's entropy."""

@@ -42,17 +42,24 @@ _is_compiling = torch.compiler.is_compiling
 
 
 class LaBERSample(NamedTuple):
-    """What the down-sampling ops return.
+    """What a LaBER selection returns: the down-sampling ops, and :meth:`torchsample.LaBER.selection`.
 
     Attributes:
-        index: int64 ``[B]`` or ``[C, B]``, indices into ``0..N-1``.
-        weight: float32, same shape as ``index``: the importance weights.
+        index: int64 ``[B]`` or ``[C, B]``, indices into ``0..N-1`` (``LaBER.selection`` with independent
+            twin critics: ``[B, 1 + C]``, column 0 the actor's uniform rows, column ``1 + c`` critic ``c``'s).
+        weight: float32, same shape as ``index``: the importance weights (1 in the actor's column).
         priority: float32 ``[N]`` or ``[C, N]``: the priorities the draw used, ``eps`` included.
+        target: ``LaBER.selection`` only: the TD target of each kept row, same shape as ``index``; ``None``
+            from the ops and with a custom ``prediction``.
+        td_error: ``LaBER.selection`` with a ``[B, 1 + C]`` index only: each kept row's largest ``|TD|`` over
+            the critics, PER's priority (the update trains each critic on other rows, so LaBER computes it).
     """
 
     index: Tensor
     weight: Tensor
     priority: Tensor
+    target: Optional[Tensor] = None
+    td_error: Optional[Tensor] = None
 
 
 def laber_downsample(

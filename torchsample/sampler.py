@@ -1,89 +1,234 @@
-"""LaBER and GER on TorchRL's sampler extension point: ``LaBERSampler`` and ``GERSampler``.
+"""LaBER and GER on TorchRL's sampler extension point.
 
-A replay buffer asks its sampler for ``B`` storage indices and the info to write beside the rows.
-:class:`LaBERSampler` asks its inner sampler (uniform, ``PrioritizedSampler``, :class:`GERSampler`)
-for ``m * B``, reads those rows from the storage, lets :class:`torchsample.LaBER` choose ``B`` of them,
-and returns their storage indices with LaBER's weights (times the inner sampler's) as the info:
+A replay buffer asks its sampler for ``B`` storage indices and the info to write beside the rows. A LaBER
+sampler draws ``m * B`` rows, reads them from the storage, lets :class:`torchsample.LaBER` choose ``B``
+of them, and returns their storage indices with LaBER's weights (times the large draw's own) as the info:
 TorchRL itself gathers the kept rows and writes ``"index"`` and ``"priority_weight"``.
 
-Everything that is state belongs to the inner sampler, and TorchRL reaches it through the wrapper:
-priority updates (``rb.update_priority``, ``rb.update_tensordict_priority``, ``rb.add`` of a row that
-carries a priority), the priorities of rows already in a storage, PER's ``alpha``/``beta`` (and
-TorchRL's parameter schedulers), ``state_dict``/``dumps``/pickling, iteration. With a prioritized
-inner sampler the wrapper *is* a ``PrioritizedSampler`` to TorchRL (:class:`PrioritizedLaBERSampler`),
-as TorchRL's buffers check ``isinstance`` before they hand priorities on.
+=====================================  ==========================================================
+sampler                                the large batch of ``m * B`` rows is drawn by
+=====================================  ==========================================================
+``LaBERSampler(laber, m, inner=...)``  ``inner``: ``RandomSampler()`` (LaBER), or another sampler
+                                       of transitions (e.g. ``SamplerWithoutReplacement``)
+``PrioritizedLaBERSampler(laber, ...)`` PER: it *is* a TorchRL ``PrioritizedSampler`` (PER-LaBER)
+``GERLaBERSampler(laber, ...)``        GER: it *is* a :class:`GERSampler` (GER-LaBER)
+``GERSampler(loss, ...)``              (no LaBER) PER with exact gradient-norm priorities
+=====================================  ==========================================================
+
+The prioritized ones are subclasses of TorchRL's ``PrioritizedSampler``: its priority trees, updates,
+``alpha``/``beta`` (and TorchRL's schedulers), ``state_dict`` and pickling are theirs by inheritance, and
+TorchRL's buffers, which check ``isinstance(sampler, PrioritizedSampler)`` before they hand priorities
+on, treat them as PER. Only ``sample`` (the large draw, then LaBER) and ``update_priority`` (the
+``[B, 1 + C]`` batches of independent twin critics) are LaBER's.
 """
 
 from __future__ import annotations
 
-import sys
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
 from tensordict import TensorDictBase, is_tensorclass
 from torch import Tensor, nn
-from torchrl.data.replay_buffers.samplers import PrioritizedSampler, RandomSampler, Sampler
+from torchrl.data.replay_buffers.samplers import PrioritizedSampler, RandomSampler, Sampler, SliceSampler
 
 from .critics import PrivateCritic
 from .scoring import score_rows
 from .surrogates import joint_norm
 from .transform import LaBER
 
-__all__ = ["LaBERSampler", "PrioritizedLaBERSampler", "GERSampler"]
+__all__ = ["LaBERSampler", "PrioritizedLaBERSampler", "GERSampler", "GERLaBERSampler", "LaBERDraw"]
+
+_RECENT = 16  # [B, 1 + C] samples remembered, to recognise their first column in a reduced priority update
 
 
-class LaBERSampler(Sampler):
+class LaBERDraw:
+    """The base of every LaBER sampler (``isinstance(sampler, LaBERDraw)``), and what each does: draw ``m * B``
+    rows (:meth:`_draw_large`, the next class in the MRO's ``sample``), let LaBER keep ``B`` of them, and hand
+    the ``[B, 1 + C]`` batches' priorities on per row.
+
+    The draw, from :meth:`sample` to the kernel: ``_draw_large`` (``m * B`` storage indices) ->
+    ``storage.get`` and :func:`_collate` (one TensorDict) -> ``transform`` -> ``LaBER.selection``
+    (:mod:`torchsample.scoring` scores the rows with LaBER's private copy of the loss,
+    :func:`torchsample.laber_select` draws ``B``) -> the kept rows' storage indices and weights.
+    """
+
+    def _init_laber(self, laber: LaBER, m: int, transform: Optional[Callable], compile: bool) -> None:
+        if not isinstance(laber, LaBER):
+            raise TypeError(f"laber must be a torchsample.LaBER, got {type(laber).__name__}")
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"m must be an int >= 1, got {m!r}")
+        if transform is not None and not callable(transform):
+            raise TypeError(f"transform must be callable, got {type(transform).__name__}")
+        self.laber: Optional[LaBER] = laber
+        self.m = m
+        self.transform = transform
+        self.compile = bool(compile)
+        self._lock = threading.Lock()
+        self._compiled: Optional[tuple[LaBER, Callable]] = None
+        self._actor_rows: deque = deque(maxlen=_RECENT)
+
+    def attach(self, laber: LaBER):
+        """Give an unpickled sampler (which left its loss module behind) the LaBER module to draw with."""
+        if not isinstance(laber, LaBER):
+            raise TypeError(f"laber must be a torchsample.LaBER, got {type(laber).__name__}")
+        self.laber = laber
+        return self
+
+    def _draw_large(self, storage, n: int) -> tuple[Any, dict]:
+        return super().sample(storage, n)
+
+    def sample(self, storage, batch_size: int) -> tuple[Any, dict]:
+        laber = self.laber
+        if laber is None:
+            raise RuntimeError(
+                "this LaBER sampler was unpickled (or deep-copied) without its LaBER module, whose networks must be "
+                "the ones being trained: give it one with sampler.attach(LaBER(loss_module, batch_size))"
+            )
+        with self._lock:  # prefetch threads: the large batch and the kept rows from one stretch of the generator
+            large_index, large_info = self._draw_large(storage, self.m * batch_size)
+            large = _collate(storage.get(large_index))
+            if large.batch_dims != 1:
+                raise ValueError(
+                    "LaBER scores one transition per storage row; this storage's rows have a shape of their own, "
+                    f"{tuple(large.batch_size[1:])} (trajectories?): store single transitions, e.g. with "
+                    "rb.extend(trajectories.reshape(-1)), or a storage with ndim=2"
+                )
+            if "index" not in large.keys():  # rows written outside a TensorDictReplayBuffer
+                flat = torch.stack(large_index, -1) if isinstance(large_index, tuple) else large_index
+                large.set("index", flat.to(large.device) if large.device is not None else flat)
+            if self.transform is not None:
+                large = self.transform(large)
+            if self.compile:
+                kept = self._compiled_selection(laber)(large, batch_size)
+            else:
+                kept = laber.selection(large, batch_size, generator=self._rng)
+        keys = laber.keys
+        on = large_index[0].device if isinstance(large_index, tuple) else large_index.device
+        position = kept.index.to(on)
+        weight = kept.weight.to(on)
+        large_weight = large_info.get(keys.weight, None)  # PER's importance weight of the large draw
+        if large_weight is not None:
+            weight = weight * torch.as_tensor(large_weight, device=on)[position].to(weight.dtype)
+        if self.transform is not None and keys.weight in large.keys():  # e.g. LFIW's, over the large batch
+            weight = weight * large.get(keys.weight).to(on)[position].to(weight.dtype)
+        info = {keys.weight: weight}
+        if kept.target is not None:
+            info[keys.target] = kept.target
+        if kept.td_error is not None:
+            info[keys.priority] = kept.td_error
+        # ndim=2 storages index a row by one tensor per dimension: the kept rows' are those tensors' rows.
+        index = tuple(i[position] for i in large_index) if isinstance(large_index, tuple) else large_index[position]
+        if position.dim() == 2 and not isinstance(index, tuple):  # see update_priority
+            self._actor_rows.append(index[:, 0])
+        return index, info
+
+    def _compiled_selection(self, laber: LaBER) -> Callable:
+        """``laber.selection`` compiled once per LaBER module: the scoring forward, the surrogate and the draw
+        in one graph (fixed shapes, ``m * B`` rows). Its draws come from LaBER's own random state (torch's
+        default generator on CPU, the kernel's state on CUDA): a compiled graph takes no ``torch.Generator``."""
+        if self._compiled is None or self._compiled[0] is not laber:
+
+            def selection(large: TensorDictBase, batch_size: int):
+                return laber.selection(large, batch_size)
+
+            self._compiled = (laber, torch.compile(selection, dynamic=False))
+        return self._compiled[1]
+
+    def can_sample(self, storage, batch_size: int) -> bool:
+        return super().can_sample(storage, self.m * batch_size)
+
+    def update_priority(self, index: Any, priority: Any, *, storage=None) -> None:
+        """``[B, 1 + C]`` batches (independent twin critics): one priority per cell, flattened, so every
+        critic's row gets its own. TorchRL's ``rb.update_tensordict_priority(batch)`` cannot deliver them: it
+        reduces a 2-D batch to its first column (a trajectory's rule), the actor's uniform rows, with the
+        largest priority of each row; a call that does so is refused, with the call that works."""
+        index, priority = torch.as_tensor(index), torch.as_tensor(priority)
+        ndim = getattr(storage, "ndim", 1) or 1
+        if priority.numel() > 1 and index.numel() == priority.numel() * ndim:
+            # One priority per cell of a [B] or [B, 1 + C] batch (for an ndim=2 storage, each cell's
+            # coordinates): one row of the index per priority.
+            index, priority = index.reshape(-1, ndim) if ndim > 1 else index.reshape(-1), priority.reshape(-1)
+        if index.dim() == 1 and priority.dim() == 1 and self._is_reduced(index):
+            raise ValueError(
+                "these priorities are those of a [B, 1 + C] LaBER batch (independent twin critics) reduced to its "
+                "first column, as rb.update_tensordict_priority(batch) and rb.update_priority(batch) do: the critics' "
+                "rows would not get theirs. Call rb.update_priority(batch['index'], batch['td_error'])"
+            )
+        super().update_priority(index, priority, storage=storage)
+
+    def _is_reduced(self, index: Tensor) -> bool:
+        """Whether ``index`` is the first column of a ``[B, 1 + C]`` sample this sampler returned lately."""
+        return any(r.shape == index.shape and torch.equal(r.to(index.device), index) for r in list(self._actor_rows))
+
+    def __getstate__(self) -> dict:
+        # The loss module stays behind (see LaBERSampler), the generator too (as TorchRL's samplers do).
+        state = super().__getstate__()
+        state = dict(state if state is not None else self.__dict__)
+        state.update(laber=None, _lock=None, _compiled=None, _actor_rows=None)
+        state.pop("_rng", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = {**state, "_lock": threading.Lock(), "_actor_rows": deque(maxlen=_RECENT)}
+        if hasattr(super(), "__setstate__"):
+            super().__setstate__(state)
+        else:
+            self.__dict__.update(state)
+
+    def _laber_repr(self) -> str:
+        return "detached" if self.laber is None else repr(self.laber)
+
+
+class LaBERSampler(LaBERDraw, Sampler):
     """Sample a replay buffer through LaBER: ``m * B`` rows from ``inner``, ``B`` kept by ``laber``.
 
     ``rb.sample()`` then returns the ``B`` rows (``[B, 1 + C]`` for independent twin critics, see
     :class:`torchsample.LaBER`) with ``"index"`` their storage indices, ``"priority_weight"`` LaBER's
-    weight times the inner sampler's (PER's importance weight for PER-LaBER, none for uniform),
-    ``"target_value"`` their TD targets for :class:`torchsample.LaBERLoss` to reuse, and for
+    weight, ``"target_value"`` their TD targets for :class:`torchsample.LaBERLoss` to reuse, and for
     ``[B, 1 + C]`` batches PER's ``"td_error"``. The buffer's ``batch_size`` is ``B``: the sampler
-    draws ``m`` times as many (``laber.batch_size`` is not used).
+    draws ``m`` times as many (``laber.batch_size`` is not used). PER-LaBER and GER-LaBER are
+    :class:`PrioritizedLaBERSampler` and :class:`GERLaBERSampler`.
 
     What works as with TorchRL's own samplers (``tests/test_sampler_contract.py``):
 
-    * every one-dimensional storage (``ListStorage``'s rows are stacked into one TensorDict before
-      scoring), rows that are TensorDicts or tensorclasses (LaBER scores them with the loss's networks:
-      plain tensors and pytrees are refused with a ``TypeError``);
-    * the buffer's ``generator=``: the large batch and LaBER's draw both come from it, so a seed
-      gives the same rows, and restoring the generator's state repeats the next sample (without
-      prefetching: its threads race for the generator, with TorchRL's own samplers too);
-    * priorities: ``rb.update_priority(batch["index"], batch["td_error"])`` (flattened, so ``[B, 1 + C]``
-      batches work), ``rb.update_tensordict_priority(batch)``, ``rb.add``/``extend`` of rows that carry
-      a priority, default priorities for rows already in the storage, PER's ``alpha`` and ``beta`` and
-      TorchRL's ``LinearScheduler``/``StepScheduler`` on them;
-    * ``state_dict``/``load_state_dict``, ``dumps``/``loads``, iteration (``for batch in rb``, with an
-      inner sampler without replacement too), ``prefetch``.
+    * every storage of transitions: one-dimensional ones (``ListStorage``'s rows are stacked into one
+      TensorDict before scoring) and ``ndim=2`` ones (a collector's ``[T, num_envs]`` batches kept whole;
+      the draw is over transitions, the index one tensor per dimension as TorchRL's samplers return it);
+      rows that are TensorDicts or tensorclasses (LaBER scores them with the loss's networks: plain tensors
+      and pytrees are refused with a ``TypeError``);
+    * priorities, for a :class:`PrioritizedLaBERSampler`: ``rb.update_priority(batch["index"],
+      batch["td_error"])``, one priority per cell of a ``[B]`` or ``[B, 1 + C]`` batch (on an ``ndim=2``
+      storage pass them flat, ``batch["index"].reshape(-1, 2)`` and ``batch["td_error"].reshape(-1)``:
+      TorchRL transposes a 2-D priority there, its ``[envs, T]`` layout);
+    * the buffer's ``generator=``: the large batch and LaBER's draw both come from it, so a seed gives the
+      same rows, and restoring the generator's state repeats the next sample (without prefetching: its
+      threads race for the generator, with TorchRL's own samplers too);
+    * ``state_dict``/``load_state_dict``, ``dumps``/``loads``, iteration (``for batch in rb``, with an inner
+      sampler without replacement too), ``prefetch`` (scored with the networks as they are when prefetched,
+      up to ``prefetch`` updates before use; scoring runs on LaBER's private copy of the loss, so training
+      in the main thread is not disturbed).
 
     **Pickling** (``pickle``, ``copy.deepcopy`` of the buffer) leaves the loss module behind: a copy of
     it would score rows with frozen networks while training updates the live ones. The unpickled
-    sampler keeps its inner sampler's state and refuses to draw until :meth:`attach` gives it a
-    :class:`torchsample.LaBER` again. **Prefetching** (``prefetch=k``) draws batches in TorchRL's
-    background threads ahead of use: each is scored with the networks as they were when it was
-    drawn, up to ``k`` updates before it is used (TorchRL's own PER has the same staleness of
-    priorities); use ``prefetch=0`` (the default) for the paper's LaBER, where each batch is scored
-    just before its update.
+    sampler refuses to draw until :meth:`attach` gives it a :class:`torchsample.LaBER` again.
 
-    **Not supported**, refused with a ``ValueError`` that says so: storages with more than one
-    dimension (``ndim=2``) and rows that are trajectories (each stored row ``[T]`` steps): LaBER draws
-    transitions, so store them flat. TorchRL's ``consume_after_n_samples`` takes only its default
-    ``RandomSampler`` (its own check), as it does for ``PrioritizedSampler``.
-
-    The rows are scored as the storage holds them: ``transform`` (a callable on the large batch,
-    e.g. the buffer's own decoding transform, or :class:`torchsample.lfiw.LFIW`) runs before scoring;
-    a weight it writes into the large batch (``"priority_weight"``) multiplies LaBER's.
+    **Not supported**, refused with an error that says so: rows that are trajectories (each stored row
+    ``[T]`` steps) and ``SliceSampler`` (it draws sub-trajectories, LaBER draws transitions);
+    a ``PrioritizedSampler`` as ``inner`` (use :class:`PrioritizedLaBERSampler`). TorchRL's
+    ``consume_after_n_samples`` takes only its default ``RandomSampler`` (its own check).
 
     Args:
         laber: the :class:`torchsample.LaBER` module that keeps the rows (its loss, weighting, eps,
             surrogate rung, critics); its ``generator`` is used unless the buffer has one.
         m: the large batch is ``m * B`` rows (the paper uses 4).
-        inner: the sampler that draws the large batch: ``RandomSampler()`` (default, LaBER), a
-            ``PrioritizedSampler`` (PER-LaBER) or a :class:`GERSampler` (GER-LaBER).
-        transform: optional callable applied to the large batch before scoring.
+        inner: the sampler that draws the large batch: ``RandomSampler()`` (default) or another sampler of
+            transitions without priorities (e.g. ``SamplerWithoutReplacement()``).
+        transform: optional callable applied to the large batch before scoring (e.g. the buffer's own
+            decoding transform, or :class:`torchsample.lfiw.LFIW`); a weight it writes into the large batch
+            (``"priority_weight"``) multiplies LaBER's.
         compile: score and draw in one ``torch.compile``d graph (compiled at the first sample, the shapes
             fixed at ``m * B`` rows). The rows then come from LaBER's own random state, not the buffer's
             ``generator`` (a compiled graph takes none): seed with ``torch.manual_seed``.
@@ -91,7 +236,7 @@ class LaBERSampler(Sampler):
     Examples:
         >>> import torch
         >>> from tensordict import TensorDict
-        >>> from torchrl.data import LazyTensorStorage, PrioritizedSampler, TensorDictReplayBuffer
+        >>> from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
         >>> from torchrl.modules import QValueActor
         >>> from torchrl.objectives import DQNLoss
         >>> from torchsample import LaBER, LaBERSampler
@@ -107,24 +252,7 @@ class LaBERSampler(Sampler):
         >>> batch = rb.sample()
         >>> batch.batch_size, batch["priority_weight"].shape, batch["index"].shape
         (torch.Size([32]), torch.Size([32]), torch.Size([32]))
-        >>> per_laber = LaBERSampler(LaBER(loss, batch_size=32), inner=PrioritizedSampler(1000, alpha=0.6, beta=0.4))
-        >>> isinstance(per_laber, PrioritizedSampler), per_laber.beta
-        (True, 0.4)
     """
-
-    def __new__(
-        cls,
-        laber: Optional[LaBER] = None,
-        *,
-        m: int = 4,
-        inner: Optional[Sampler] = None,
-        transform: Optional[Callable] = None,
-        compile: bool = False,
-    ):
-        # A prioritized inner sampler makes the wrapper a PrioritizedSampler to TorchRL.
-        if cls is LaBERSampler and isinstance(inner, PrioritizedSampler):
-            cls = PrioritizedLaBERSampler
-        return super().__new__(cls)
 
     def __init__(
         self,
@@ -135,112 +263,41 @@ class LaBERSampler(Sampler):
         transform: Optional[Callable[[TensorDictBase], TensorDictBase]] = None,
         compile: bool = False,
     ) -> None:
-        if not isinstance(laber, LaBER):
-            raise TypeError(f"laber must be a torchsample.LaBER, got {type(laber).__name__}")
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ValueError(f"m must be an int >= 1, got {m!r}")
         if inner is not None and not isinstance(inner, Sampler):
             raise TypeError(f"inner must be a TorchRL Sampler, got {type(inner).__name__}")
-        if isinstance(inner, LaBERSampler):
-            raise TypeError("inner is a LaBERSampler already: LaBER of LaBER is not a sampler this library offers")
-        if transform is not None and not callable(transform):
-            raise TypeError(f"transform must be callable, got {type(transform).__name__}")
-        self.__dict__.update(
-            laber=laber,
-            m=m,
-            inner=RandomSampler() if inner is None else inner,
-            transform=transform,
-            compile=bool(compile),
-            _generator=None,
-            _lock=threading.Lock(),
-            _compiled=None,
-        )
+        if isinstance(inner, LaBERDraw):
+            raise TypeError("inner is a LaBER sampler already: LaBER of LaBER is not a sampler this library offers")
+        if isinstance(inner, PrioritizedSampler):
+            raise TypeError(
+                "PER-LaBER is a sampler of its own, which TorchRL's buffers treat as PER: "
+                "PrioritizedLaBERSampler(laber, max_capacity, alpha, beta, m=4) (GERLaBERSampler for GER-LaBER)"
+            )
+        if isinstance(inner, SliceSampler):
+            raise TypeError(
+                f"{type(inner).__name__} draws sub-trajectories; LaBER draws transitions and scores each one: use "
+                "RandomSampler (or PrioritizedLaBERSampler) over a storage of transitions (ndim=1, or ndim=2 for "
+                "[T, num_envs] batches)"
+            )
+        self._init_laber(laber, m, transform, compile)
+        self.inner = RandomSampler() if inner is None else inner
 
-    # The buffer sets its generator here (ReplayBuffer.set_rng): the inner sampler draws the large
-    # batch from it, LaBER the kept rows.
+    def _draw_large(self, storage, n: int) -> tuple[Any, dict]:
+        return self.inner.sample(storage, n)
+
+    # The state and bookkeeping belong to the inner sampler, each member handed on by name.
     @property
     def _rng(self) -> Optional[torch.Generator]:
-        return self.__dict__.get("_generator")
+        # The buffer sets its generator here (ReplayBuffer.set_rng): the inner sampler draws the large batch
+        # from it, LaBER the kept rows.
+        return self.inner._rng
 
     @_rng.setter
     def _rng(self, generator: Optional[torch.Generator]) -> None:
-        self.__dict__["_generator"] = generator
         self.inner._rng = generator
 
-    def attach(self, laber: LaBER) -> LaBERSampler:
-        """Give an unpickled sampler (which left its loss module behind) the LaBER module to draw with."""
-        if not isinstance(laber, LaBER):
-            raise TypeError(f"laber must be a torchsample.LaBER, got {type(laber).__name__}")
-        self.__dict__["laber"] = laber
-        return self
-
-    def sample(self, storage, batch_size: int) -> tuple[Tensor, dict]:
-        laber = self.__dict__.get("laber")
-        if laber is None:
-            raise RuntimeError(
-                "this LaBERSampler was unpickled (or deep-copied) without its LaBER module, whose networks must be the "
-                "ones being trained: give it one with sampler.attach(LaBER(loss_module, batch_size))"
-            )
-        with self._lock:  # prefetch threads: the large batch and the kept rows from one stretch of the generator
-            large_index, large, inner_info, kept = self._draw(laber, storage, batch_size)
-        position = kept.index.to(large_index.device)
-        keys = laber.keys
-        weight = kept.weight.to(large_index.device)
-        inner_weight = inner_info.get(keys.weight, None)
-        if inner_weight is not None:
-            weight = weight * torch.as_tensor(inner_weight, device=weight.device)[position].to(weight.dtype)
-        if self.transform is not None and keys.weight in large.keys():  # e.g. LFIW's, over the large batch
-            weight = weight * large.get(keys.weight).to(weight.device)[position].to(weight.dtype)
-        info = {keys.weight: weight}
-        if kept.target is not None:
-            info[keys.target] = kept.target
-        if kept.td_error is not None:
-            info[keys.priority] = kept.td_error
-        return large_index[position], info
-
-    def _draw(self, laber: LaBER, storage, batch_size: int):
-        large_index, inner_info = self.inner.sample(storage, self.m * batch_size)
-        if isinstance(large_index, tuple):
-            raise ValueError("LaBERSampler needs a one-dimensional storage (its inner sampler returned a tuple index)")
-        large = _collate(storage.get(large_index))
-        if large.batch_dims != 1:
-            raise ValueError(
-                "LaBERSampler scores one transition per storage row; this storage's rows have a shape of their "
-                f"own, {tuple(large.batch_size[1:])} (trajectories?): store single transitions, e.g. with "
-                "rb.extend(trajectories.reshape(-1))"
-            )
-        if "index" not in large.keys():  # rows written outside a TensorDictReplayBuffer
-            large.set("index", large_index.to(large.device) if large.device is not None else large_index)
-        if self.transform is not None:
-            large = self.transform(large)
-        if self.compile:
-            return large_index, large, inner_info, self._compiled_selection(laber)(large, batch_size)
-        return large_index, large, inner_info, laber.selection(large, batch_size, generator=self._rng)
-
-    def _compiled_selection(self, laber: LaBER) -> Callable:
-        """``laber.selection`` compiled once per LaBER module: the scoring forward, the surrogate and the draw
-        in one graph (fixed shapes, ``m * B`` rows). Its draws come from LaBER's own random state (torch's
-        default generator on CPU, the kernel's state on CUDA): a compiled graph takes no ``torch.Generator``."""
-        compiled = self.__dict__["_compiled"]
-        if compiled is None or compiled[0] is not laber:
-
-            def selection(large: TensorDictBase, batch_size: int):
-                return laber.selection(large, batch_size)
-
-            compiled = (laber, torch.compile(selection, dynamic=False))
-            self.__dict__["_compiled"] = compiled
-        return compiled[1]
-
     def update_priority(self, index: Any, priority: Any, *, storage=None) -> None:
-        rows = _batch_being_prioritized()
-        if rows is not None:
-            index, priority = rows
-        index, priority = torch.as_tensor(index), torch.as_tensor(priority)
-        if index.shape == priority.shape:  # [B, 1 + C] batches: one storage index per priority
-            index, priority = index.reshape(-1), priority.reshape(-1)
         self.inner.update_priority(index, priority, storage=storage)
 
-    # Everything that is state or bookkeeping belongs to the inner sampler.
     def extend(self, index: Tensor) -> None:
         self.inner.extend(index)
 
@@ -284,68 +341,63 @@ class LaBERSampler(Sampler):
     def loads(self, path) -> None:
         self.inner.loads(path)
 
-    def __getattr__(self, name: str):
-        # Anything else the inner sampler has (its own attributes, e.g. PrioritizedSampler's
-        # max_capacity) is read through the wrapper.
-        inner = self.__dict__.get("inner")
-        if inner is None or name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(inner, name)
-
     def __getstate__(self) -> dict:
-        # The loss module stays behind (see the class doc), the generator too (as TorchRL's samplers do).
-        return {**self.__dict__, "laber": None, "_generator": None, "_lock": None, "_compiled": None}
+        return {**self.__dict__, "laber": None, "_lock": None, "_compiled": None, "_actor_rows": None}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _lock=threading.Lock())
+        self.__dict__.update(state, _lock=threading.Lock(), _actor_rows=deque(maxlen=_RECENT))
+        self.inner._rng = None  # as TorchRL's samplers: the generator is the buffer's, set again by it
 
     def __repr__(self) -> str:
-        laber = self.__dict__.get("laber")
-        return (
-            f"{type(self).__name__}({'detached' if laber is None else repr(laber)}, m={self.m}, inner={self.inner!r})"
-        )
+        return f"{type(self).__name__}({self._laber_repr()}, m={self.m}, inner={self.inner!r})"
 
 
-class PrioritizedLaBERSampler(LaBERSampler, PrioritizedSampler):
-    """PER-LaBER (or GER-LaBER): a :class:`LaBERSampler` over a ``PrioritizedSampler``, which TorchRL's
-    buffers take for a ``PrioritizedSampler`` (``isinstance``) and whose prioritized state is the inner
-    sampler's. ``LaBERSampler(laber, inner=PrioritizedSampler(...))`` returns one; ``alpha``, ``beta``
-    and every other member of ``PrioritizedSampler`` reach the inner sampler."""
+class PrioritizedLaBERSampler(LaBERDraw, PrioritizedSampler):
+    """PER-LaBER: TorchRL's ``PrioritizedSampler`` draws ``m * B`` rows (PER's weights), LaBER keeps ``B``.
+
+    A ``PrioritizedSampler`` by inheritance: its priority tree, ``update_priority`` (``[B, 1 + C]``
+    batches flattened, one priority per cell), ``rb.add``/``extend`` of rows that carry a priority,
+    default priorities of rows already in a storage, ``alpha``/``beta`` and TorchRL's schedulers,
+    ``state_dict``, ``dumps``/``loads`` and pickling are PER's; TorchRL's buffers treat it as PER. The
+    kept rows' ``"priority_weight"`` is LaBER's weight times PER's importance weight. Everything
+    else as :class:`LaBERSampler` (``m``, ``transform``, ``compile``, :meth:`attach` after pickling).
+
+    Args:
+        laber: the :class:`torchsample.LaBER` module that keeps the rows.
+        max_capacity, alpha, beta, eps, *args, **kwargs: ``PrioritizedSampler``'s.
+        m, transform, compile: as :class:`LaBERSampler`'s (keywords).
+
+    Examples:
+        >>> import torch
+        >>> from torchrl.data import PrioritizedSampler
+        >>> from torchrl.modules import QValueActor
+        >>> from torchrl.objectives import DQNLoss
+        >>> from torchsample import LaBER, PrioritizedLaBERSampler
+        >>> loss = DQNLoss(QValueActor(torch.nn.Linear(4, 2), in_keys=["observation"], action_space="categorical"),
+        ...                delay_value=True, action_space="categorical")
+        >>> per_laber = PrioritizedLaBERSampler(LaBER(loss, batch_size=32), 1000, alpha=0.6, beta=0.4, m=4)
+        >>> isinstance(per_laber, PrioritizedSampler), per_laber.beta
+        (True, 0.4)
+    """
 
     def __init__(
         self,
         laber: LaBER,
-        *,
+        max_capacity: int,
+        alpha: float = 0.6,
+        beta: float = 0.4,
+        eps: float = 1e-8,
+        *args,
         m: int = 4,
-        inner: Optional[PrioritizedSampler] = None,
         transform: Optional[Callable[[TensorDictBase], TensorDictBase]] = None,
+        compile: bool = False,
+        **kwargs,
     ) -> None:
-        if not isinstance(inner, PrioritizedSampler):
-            raise TypeError(f"PrioritizedLaBERSampler needs a PrioritizedSampler inner, got {type(inner).__name__}")
-        super().__init__(laber, m=m, inner=inner, transform=transform)  # PrioritizedSampler.__init__ never runs
+        super().__init__(max_capacity, alpha, beta, eps, *args, **kwargs)
+        self._init_laber(laber, m, transform, compile)
 
-
-def _forwarded(name: str, member):
-    """A member of ``PrioritizedSampler`` that :class:`PrioritizedLaBERSampler` hands to its inner sampler."""
-    if isinstance(member, property):
-        return property(
-            lambda self: getattr(self.inner, name),
-            (lambda self, value: setattr(self.inner, name, value)) if member.fset else None,
-            doc=member.__doc__,
-        )
-
-    def method(self, *args, **kwargs):
-        return getattr(self.inner, name)(*args, **kwargs)
-
-    method.__name__, method.__doc__ = name, getattr(member, "__doc__", None)
-    return method
-
-
-for _name, _member in vars(PrioritizedSampler).items():
-    if _name.startswith("__") or hasattr(LaBERSampler, _name) and _name in vars(LaBERSampler):
-        continue
-    if isinstance(_member, property) or callable(_member):
-        setattr(PrioritizedLaBERSampler, _name, _forwarded(_name, _member))
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._laber_repr()}, m={self.m}, alpha={self.alpha}, beta={self.beta})"
 
 
 class GERSampler(PrioritizedSampler):
@@ -356,8 +408,7 @@ class GERSampler(PrioritizedSampler):
     :meth:`update_from` scores the rows an update used, after the update, with
     ``||grad_theta l_i||`` over every parameter of the critic (:func:`torchsample.grad_norm_scores`,
     ``"exact"``; over twin critics the norm over both critics' parameters, ``sqrt(sum_c n_c^2)``), and
-    writes those as their priorities. GER-LaBER: ``LaBERSampler(laber, inner=GERSampler(...))``,
-    whose :meth:`update_from` reaches this one.
+    writes those as their priorities. GER-LaBER: :class:`GERLaBERSampler`.
 
     Pickling leaves the loss module behind, as :class:`LaBERSampler` does (:meth:`attach`).
 
@@ -396,7 +447,7 @@ class GERSampler(PrioritizedSampler):
         eps: float = 1e-8,
         **kwargs,
     ) -> None:
-        super().__init__(max_capacity, alpha, beta, eps, **kwargs)
+        PrioritizedSampler.__init__(self, max_capacity, alpha, beta, eps, **kwargs)
         self.__dict__["_critic"] = PrivateCritic(loss_module)  # scores with its own modules: no hook on the user's
 
     def attach(self, loss_module: nn.Module) -> GERSampler:
@@ -420,7 +471,55 @@ class GERSampler(PrioritizedSampler):
         return priority
 
     def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "_critic": None}
+        return {**PrioritizedSampler.__getstate__(self), "_critic": None}
+
+
+class GERLaBERSampler(LaBERDraw, GERSampler):
+    """GER-LaBER: :class:`GERSampler` (PER with exact gradient-norm priorities) draws ``m * B`` rows, LaBER
+    keeps ``B``. A :class:`GERSampler` by inheritance (:meth:`update_from` after each update), otherwise as
+    :class:`PrioritizedLaBERSampler`; GER scores with the loss of ``laber``.
+
+    Examples:
+        >>> import torch
+        >>> from torchrl.modules import QValueActor
+        >>> from torchrl.objectives import DQNLoss
+        >>> from torchsample import GERLaBERSampler, LaBER
+        >>> loss = DQNLoss(QValueActor(torch.nn.Linear(4, 2), in_keys=["observation"], action_space="categorical"),
+        ...                delay_value=True, action_space="categorical")
+        >>> loss.make_value_estimator(gamma=0.99)
+        >>> GERLaBERSampler(LaBER(loss, batch_size=32), 1000, alpha=0.6, beta=0.4, m=4).m
+        4
+    """
+
+    def __init__(
+        self,
+        laber: LaBER,
+        max_capacity: int,
+        alpha: float = 0.6,
+        beta: float = 0.4,
+        eps: float = 1e-8,
+        *,
+        m: int = 4,
+        transform: Optional[Callable[[TensorDictBase], TensorDictBase]] = None,
+        compile: bool = False,
+        **kwargs,
+    ) -> None:
+        if not isinstance(laber, LaBER):
+            raise TypeError(f"laber must be a torchsample.LaBER, got {type(laber).__name__}")
+        super().__init__(laber.loss_module, max_capacity, alpha, beta, eps, **kwargs)
+        self._init_laber(laber, m, transform, compile)
+
+    def attach(self, laber: LaBER) -> GERLaBERSampler:
+        """Give an unpickled sampler its LaBER module (GER scores with the same loss)."""
+        LaBERDraw.attach(self, laber)
+        GERSampler.attach(self, laber.loss_module)
+        return self
+
+    def __getstate__(self) -> dict:
+        return {**LaBERDraw.__getstate__(self), "_critic": None}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._laber_repr()}, m={self.m}, alpha={self.alpha}, beta={self.beta})"
 
 
 def _collate(rows) -> TensorDictBase:
@@ -439,27 +538,3 @@ def _collate(rows) -> TensorDictBase:
             "Store transitions as TensorDicts (TensorDictReplayBuffer, or ReplayBuffer(...).extend(TensorDict(...)))"
         )
     return rows
-
-
-def _batch_being_prioritized(depth: int = 6) -> Optional[tuple[Tensor, Tensor]]:
-    """``(index, priority)`` of a ``[B, 1 + C]`` batch handed to ``rb.update_tensordict_priority``, read
-    from that call's frame, else ``None``.
-
-    TorchRL reduces a two-dimensional batch to its first column before it reaches the sampler (a
-    trajectory's rule: the first step's index, the largest priority of the row), which for LaBER's
-    independent twin critics would give the actor's uniform rows (column 0) the critics' rows'
-    priorities, silently. Each row keeps its own here.
-    """
-    frame = sys._getframe(2)
-    for _ in range(depth):
-        if frame is None:
-            return None
-        if frame.f_code.co_name == "update_tensordict_priority":
-            data, buffer = frame.f_locals.get("data"), frame.f_locals.get("self")
-            if isinstance(data, TensorDictBase) and data.batch_dims == 2 and "index" in data.keys():
-                priority = data.get(getattr(buffer, "priority_key", "td_error"), None)
-                if priority is not None and priority.shape[:2] == data.shape:
-                    return data.get("index"), priority.reshape(data.shape)
-            return None
-        frame = frame.f_back
-    return None

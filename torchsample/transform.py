@@ -11,7 +11,6 @@ that a replay buffer samples with it.
 from __future__ import annotations
 
 import contextlib
-import sys
 import threading
 from collections.abc import Callable
 from typing import NamedTuple, Optional
@@ -25,11 +24,11 @@ from torchrl.envs.transforms import Transform
 from .codes import LOSS_KINDS, SURROGATES, WEIGHTINGS
 from .critics import TARGET, Critic, PrivateCritic
 from .gradnorms import capture_last_layer_input
-from .ops import laber_downsample, laber_select
+from .ops import LaBERSample, laber_downsample, laber_select
 from .scoring import score_rows
 from .surrogates import critic_priorities, joint_norm, td_error
 
-__all__ = ["LaBER", "Selection", "Keys", "CRITICS"]
+__all__ = ["LaBER", "Keys", "CRITICS"]
 
 CRITICS = ("independent", "joint")
 
@@ -40,24 +39,6 @@ class Keys(NamedTuple):
     weight: NestedKey = "priority_weight"  # LaBER's importance weight (times the row's own)
     priority: NestedKey = "td_error"  # PER's priority of the kept rows (twin critics, [B, 1 + C])
     target: NestedKey = TARGET  # the TD target LaBER computed, reused by LaBERLoss
-
-
-class Selection(NamedTuple):
-    """What LaBER keeps of a large batch of ``N`` rows.
-
-    Attributes:
-        index: int64 positions into the large batch: ``[B]``, or ``[B, 1 + C]`` for independent twin
-            critics (column 0 the actor's uniform rows, column ``1 + c`` critic ``c``'s draws).
-        weight: LaBER's importance weights, same shape (1 in the actor's column).
-        target: the TD target of each kept row, same shape; ``None`` with a custom ``prediction``.
-        td_error: ``[B, 1 + C]`` only: each kept row's largest ``|TD|`` over the critics, PER's
-            priority (the update trains each critic on other rows, so LaBER computes it here).
-    """
-
-    index: Tensor
-    weight: Tensor
-    target: Optional[Tensor]
-    td_error: Optional[Tensor]
 
 
 class LaBER(Transform):
@@ -88,9 +69,10 @@ class LaBER(Transform):
     * ``TensorDictReplayBuffer(..., sampler=LaBERSampler(laber, m=4), batch_size=B)``: the buffer
       samples through LaBER (:class:`torchsample.LaBERSampler`).
 
-    As a transform in a buffer (``rb.append_transform(laber)``), LaBER would shrink the batch that
-    TorchRL's ``TensorDictReplayBuffer.sample`` then writes the large batch's ``"index"`` (and PER's
-    weights) into, which TorchRL refuses; so on a buffer LaBER goes in as the sampler, above.
+    LaBER is not a transform of a buffer or an environment (``rb.append_transform(laber)``,
+    ``Compose(laber)``, ``TransformedEnv(env, laber)`` raise a ``TypeError``): it keeps fewer rows than it
+    is given, which breaks what TorchRL does with the sample after its transforms; on a buffer LaBER goes
+    in as the sampler, above.
 
     Twin critics (``critics=``): ``"independent"`` (the paper's) draws ``B`` rows per critic from
     its own priorities and returns a ``[B, 1 + C]`` batch: column 0 holds ``B`` uniform rows of
@@ -221,26 +203,21 @@ class LaBER(Transform):
         capture.recording = False
         self.__dict__["_capture"] = capture
 
-    # A TensorDictReplayBuffer writes the large batch's "index" (and PER's weights) into the sample after
-    # its transforms ran: a transform that shrinks the batch fails there with TorchRL's "Failed to set the
-    # metadata". Refuse it where it is made, with the way that works.
-    def eval(self) -> LaBER:
-        _refuse_tensordict_buffer()  # ReplayBuffer.append_transform puts a transform in eval mode first
-        return super().eval()
-
+    # LaBER keeps fewer rows than it is given: in a container's transforms (a replay buffer's, where
+    # TorchRL's TensorDictReplayBuffer writes the large batch's "index" and weights into the sample after
+    # its transforms ran and fails with "Failed to set the metadata"; an environment's, where it means
+    # nothing) it would break what comes after it. Every container sets itself here (Transform's public
+    # contract: Compose, TransformedEnv, a buffer's append_transform), so this is where it is refused.
     def set_container(self, container) -> None:
-        _refuse_tensordict_buffer()  # TensorDictReplayBuffer(transform=...) puts it in a Compose
-        super().set_container(container)
+        raise TypeError(
+            "LaBER is not a transform of a replay buffer or an environment: it keeps fewer rows than it is given, "
+            "and TorchRL writes the large batch's index and weights into the sample after its transforms ran. "
+            "Sample through LaBER instead: TensorDictReplayBuffer(..., sampler=torchsample.LaBERSampler(laber, m=4), "
+            "batch_size=B), or call laber(large) on a large batch you drew"
+        )
 
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         return self.select(tensordict)
-
-    # A Compose calls forward; an env would call _call: both select.
-    def _call(self, tensordict: TensorDictBase) -> TensorDictBase:
-        return self.select(tensordict)
-
-    def _inv_call(self, tensordict: TensorDictBase) -> TensorDictBase:
-        return tensordict  # writing to the buffer is untouched
 
     def select(self, large: TensorDictBase) -> TensorDictBase:
         """The rows LaBER keeps from the large batch ``large``, with their weights (see the class doc).
@@ -261,7 +238,7 @@ class LaBER(Transform):
 
     def selection(
         self, large: TensorDictBase, batch_size: Optional[int] = None, generator: Optional[torch.Generator] = None
-    ) -> Selection:
+    ) -> LaBERSample:
         """Which rows of ``large`` LaBER keeps (positions into it), their weights and targets.
 
         ``batch_size`` overrides ``B`` and ``generator`` this module's random state
@@ -295,7 +272,7 @@ class LaBER(Transform):
         several = (exact is not None or self.loss_kind != "categorical") and scores.dim() == 2 and scores.shape[0] > 1
         if not several:
             drawn = self._draw(pred, target, features, exact, B, options)
-            return Selection(drawn.index, drawn.weight, None if custom else target[drawn.index], None)
+            return LaBERSample(drawn.index, drawn.weight, drawn.priority, None if custom else target[drawn.index])
         shared_target = target.expand(scores.shape) if target.dim() == 1 else target
         if self.critics == "joint":
             # The norm over every critic's parameters: sqrt(sum_c p_c^2).
@@ -307,7 +284,7 @@ class LaBER(Transform):
                 )
             )
             drawn = laber_downsample(joint, B, **options)
-            return Selection(drawn.index, drawn.weight, target[drawn.index] if keep_target else None, None)
+            return LaBERSample(drawn.index, drawn.weight, drawn.priority, target[drawn.index] if keep_target else None)
         drawn = self._draw(pred, shared_target, features, exact, B, options)  # [C, B]
         # Column 0: the actor's rows, uniform over the large batch; column 1 + c: critic c's rows.
         on = scores.device if generator is None else generator.device
@@ -318,7 +295,9 @@ class LaBER(Transform):
             with torch.no_grad(), _scoring():
                 pred = self._critic.prediction(large)
         # PER's priority of every kept row: its largest |TD| over the critics, before this update.
-        return Selection(index, weight, target[index] if keep_target else None, td_error(pred, shared_target)[index])
+        return LaBERSample(
+            index, weight, drawn.priority, target[index] if keep_target else None, td_error(pred, shared_target)[index]
+        )
 
     def _score(self, large: TensorDictBase) -> tuple:
         """``(pred, target, features, exact)`` of the large batch for this rung: ``features`` for
@@ -379,21 +358,3 @@ def _scoring():
     """One eager scoring at a time: the private copy's modules are swapped into while it scores (two prefetch
     threads, or a prefetch thread and a functional call). A compiled call traces no lock, and runs alone."""
     return contextlib.nullcontext() if torch.compiler.is_compiling() else _SCORING
-
-
-def _refuse_tensordict_buffer(depth: int = 8) -> None:
-    """A ``TypeError`` when a ``TensorDictReplayBuffer`` method is among the callers."""
-    from torchrl.data import TensorDictReplayBuffer
-
-    frame = sys._getframe(2)
-    for _ in range(depth):
-        if frame is None:
-            return
-        if isinstance(frame.f_locals.get("self"), TensorDictReplayBuffer):
-            raise TypeError(
-                "LaBER cannot be a transform of a TensorDictReplayBuffer: TorchRL writes the large batch's index and "
-                "weights into the sample after its transforms run, so a transform cannot keep fewer rows. Sample "
-                "through LaBER instead: TensorDictReplayBuffer(..., sampler=torchsample.LaBERSampler(laber, m=4), "
-                "batch_size=B), or call laber(large) on a large batch you drew"
-            )
-        frame = frame.f_back

@@ -1,8 +1,9 @@
 """TorchRL's own replay-buffer tests with LaBERSampler in place of its samplers (docs/results/torchrl-rb.md).
 
-With ``RBCHECK_LABER=1``, every ``RandomSampler`` and ``PrioritizedSampler`` constructed during the tests
-(by a test, as ``ReplayBuffer``'s default, or inside TorchRL's prioritized buffers) becomes
-``LaBERSampler(LaBER(nn.Module(), 1, prediction=...), m=M, inner=<the original>)``. The constructor of
+With ``RBCHECK_LABER=1``, every ``RandomSampler`` constructed during the tests (by a test, or as
+``ReplayBuffer``'s default) becomes ``LaBERSampler(LaBER(nn.Module(), 1, prediction=...), m=M,
+inner=<the original>)``, and every ``PrioritizedSampler`` (by a test, or inside TorchRL's prioritized
+buffers) a ``PrioritizedLaBERSampler`` with the same arguments. The constructor of
 TorchRL's sampler metaclass is wrapped, so only construction changes: ``isinstance`` checks, unpickling
 and every other sampler class (slice samplers, ``SamplerWithoutReplacement``, ensembles) are untouched.
 The prediction scores every row alike (``|pred - target| = 1``), so every row can be drawn and LaBER's
@@ -21,7 +22,7 @@ if os.environ.get("RBCHECK_LABER") == "1":
     from torchrl.data.replay_buffers.samplers import PrioritizedSampler, RandomSampler
     from torchrl.data.replay_buffers.samplers import base as samplers_base
 
-    from torchsample import LaBER, LaBERSampler
+    from torchsample import LaBER, LaBERSampler, PrioritizedLaBERSampler
 
     M = int(os.environ.get("RBCHECK_M", "2"))
     # With prediction=, LaBER reads only its module's parameters (for the device) and tensor keys.
@@ -43,8 +44,11 @@ if os.environ.get("RBCHECK_LABER") == "1":
     construct = samplers_base._SamplerMeta.__call__
 
     def construct_through_laber(cls, *args, **kwargs):
+        if cls is PrioritizedSampler:
+            mark("wrapped")
+            return construct(PrioritizedLaBERSampler, LaBER(LOSS, 1, prediction=prediction), *args, m=M, **kwargs)
         sampler = construct(cls, *args, **kwargs)
-        if type(sampler) in (RandomSampler, PrioritizedSampler):
+        if type(sampler) is RandomSampler:
             mark("wrapped")
             return LaBERSampler(LaBER(LOSS, 1, prediction=prediction), m=M, inner=sampler)
         return sampler
