@@ -1,7 +1,8 @@
 """``python -m experiments.export RUNS_DIR OUT_CSV``: one compact CSV of a study's evaluation curves, to commit
 beside its results page, and the reader that recomputes the page's statistics from that file alone.
 
-    python -m experiments.export runs/replication/breakout-b8 docs/results/replication/breakout-b8.csv
+    python -m experiments.export runs/replication/breakout-b8 docs/results/replication/breakout-b8.csv \
+        --keep docs/results/replication/runs/breakout-b8     # and what --reuse needs of each finished run
 
 The CSV has one row per evaluation of every run: ``sampler, seed, step, return`` (``batch_size`` first when
 the study is a batch-size sweep, ``<RUNS_DIR>/bs<k>/<sampler>/seed<j>/``), sorted by batch size, sampler,
@@ -199,6 +200,54 @@ def score_matrices(scores: dict[str, dict[int, float]]) -> dict[str, np.ndarray]
     return {s: np.array([[by_seed[k]] for k in sorted(by_seed)]) for s, by_seed in scores.items()}
 
 
+KEPT_FILES = ("args.json", "config.txt", "eval.csv")
+
+
+def keep_runs(runs_dir: Path, kept_dir: Path) -> list[Path]:
+    """Copy what ``--reuse`` needs of every finished run under ``runs_dir`` (``args.json``, ``config.txt``,
+    ``eval.csv``: a few kB a run) to the same place under ``kept_dir``, to commit: a study that a session
+    leaves unfinished resumes on a fresh machine after :func:`restore_runs`. Returns the folders kept.
+
+    Examples:
+        >>> import tempfile
+        >>> runs, kept = Path(tempfile.mkdtemp()), Path(tempfile.mkdtemp())
+        >>> run = runs / "uniform" / "seed3"
+        >>> run.mkdir(parents=True)
+        >>> _ = (run / "config.txt").write_text("total_steps=600\\n")
+        >>> _ = (run / "eval.csv").write_text("step,eval_return,wall_time,steps_per_s\\n600,9.0,12.5,48.0\\n")
+        >>> _ = (run / "args.json").write_text("[]")
+        >>> [str(p.relative_to(kept)) for p in keep_runs(runs, kept)]
+        ['uniform/seed3']
+        >>> _ = restore_runs(kept, runs / "copy")
+        >>> sorted(p.name for p in (runs / "copy" / "uniform" / "seed3").iterdir())
+        ['args.json', 'config.txt', 'eval.csv']
+    """
+    done = []
+    for _, _, _, folder in run_folders(runs_dir):
+        if unfinished(folder) is None:
+            target = Path(kept_dir) / folder.relative_to(runs_dir)
+            target.mkdir(parents=True, exist_ok=True)
+            for name in KEPT_FILES:
+                if (folder / name).exists():
+                    (target / name).write_bytes((folder / name).read_bytes())
+            done.append(target)
+    return done
+
+
+def restore_runs(kept_dir: Path, runs_dir: Path) -> list[Path]:
+    """The inverse of :func:`keep_runs`: the kept runs' files back into ``runs_dir``, where ``python -m
+    experiments.compare ... --reuse`` keeps them and launches only the runs still missing."""
+    restored = []
+    for path in sorted(Path(kept_dir).glob("**/seed*/eval.csv")):
+        target = Path(runs_dir) / path.parent.relative_to(kept_dir)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in KEPT_FILES:
+            if (path.parent / name).exists():
+                (target / name).write_bytes((path.parent / name).read_bytes())
+        restored.append(target)
+    return restored
+
+
 @dataclass
 class Args:
     runs_dir: tyro.conf.Positional[Path]
@@ -207,10 +256,14 @@ class Args:
     """the compact CSV to write (its .json sidecar beside it)"""
     include_unfinished: bool = False
     """export runs that have not reached their last step too (a preview of a study under way)"""
+    keep: Optional[Path] = None
+    """also copy the finished runs' args.json, config.txt and eval.csv there (to commit: --reuse resumes from them)"""
 
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
+    if args.keep is not None:
+        print(f"{args.keep}: {len(keep_runs(args.runs_dir, args.keep))} finished runs kept")
     meta = export(args.runs_dir, args.out_csv, args.include_unfinished)
     print(f"{args.out_csv}: {meta['runs']} runs; left out: {len(meta['left_out'])}")
     for line in meta["left_out"]:

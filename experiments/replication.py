@@ -205,7 +205,13 @@ def page(curves_csv: Path, meta: dict, reps: int = 5000) -> str:
             if "uniform" in others:
                 verdict[m] = separation(contrasts[m])
     lines += ["## Result", ""]
-    if "window" in verdict:
+    if not complete:
+        # The test was fixed for all the runs: a subset, chosen by which runs finished first, decides nothing.
+        lines.append(
+            f"No verdict until all {expected} runs have finished: the intervals below are those of "
+            f"{n_runs} runs, a preview."
+        )
+    elif "window" in verdict:
         lines.append(f"**On the primary metric, {FOCUS} {verdict['window']}.**")
     else:
         lines.append(f"No verdict: the runs lack {FOCUS} or uniform.")
@@ -219,7 +225,7 @@ def page(curves_csv: Path, meta: dict, reps: int = 5000) -> str:
         if m in contrasts:
             lines += [f"**{title}**: {FOCUS} against each arm, Holm-corrected over the {len(contrasts[m])}:", ""]
             lines += [*contrast_table(contrasts[m], FOCUS), ""]
-    if "final" in verdict:
+    if "final" in verdict and complete:
         lines += [f"On the secondary metric (not the pre-registered test), {FOCUS} {verdict['final']}.", ""]
     lines += [
         f"![curves](replication/{curves_csv.with_suffix('.png').name})",
