@@ -8,7 +8,8 @@ from torchrl.objectives import DistributionalDQNLoss
 from tests.conftest import DEVICES
 from tests.setups import ACTIONS, ATOMS, LOSSES, OBS, batch, c51_loss, dqn_loss
 from torchsample import LaBER, LaBERLoss, categorical_projection, laber_select, pred_and_target
-from torchsample.critics import Critic, critic_of
+from torchsample.critics import Critic
+from torchsample.views import critic_of
 
 
 def last_layer_bias(module: torch.nn.Module) -> torch.Tensor:

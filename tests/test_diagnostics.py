@@ -210,8 +210,8 @@ def per_row_gradients(critic, large, target):
 @pytest.mark.parametrize("family", ["dqn", "sac"])
 def test_critic_diagnostics_against_per_row_gradients(family):
     from tests import setups
-    from torchsample.critics import critic_of
     from torchsample.diagnostics import critic_diagnostics
+    from torchsample.views import critic_of
 
     loss = setups.dqn_loss("smooth_l1", double_dqn=True) if family == "dqn" else setups.sac_loss()
     large, B = setups.batch(48, continuous=family == "sac"), 8

@@ -16,11 +16,12 @@ from torchrl.objectives import SoftUpdate
 from tests.conftest import AGENT_DEPS, require  # noqa: E402
 
 require(*AGENT_DEPS)
-from agents import common, dqn, sac  # noqa: E402
+from agents import dqn, loop, sac  # noqa: E402
+from agents.envs import make_env  # noqa: E402
 from tests import setups
 from tests.test_diagnostics import per_row_gradients
 from torchsample import LaBERLoss
-from torchsample.critics import critic_of
+from torchsample.views import critic_of
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -33,7 +34,7 @@ def filled_replay(family: str, sampler: str):
     SoftUpdate(loss, tau=0.005)  # the agents' target updater (without one TorchRL warns)
     agent = AGENTS[family]
     cfg = agent.Config(sampler=sampler, batch_size=B, m=M, buffer_size=1_000)
-    env = common.make_env("Pendulum-v1" if family == "sac" else "CartPole-v1", 0)
+    env = make_env("Pendulum-v1" if family == "sac" else "CartPole-v1", 0)
     rb, *_ = agent.make_replay(cfg, loss, env, CPU)
     rb.extend(setups.batch(ROWS, continuous=setups.CONTINUOUS[family]))
     return rb, loss
@@ -76,9 +77,9 @@ def test_ger_priorities_are_the_exact_gradient_norms_of_the_rows_used(family, sa
 def test_diagnostics_draw_a_fixed_row_count_whatever_the_batch_size(monkeypatch, batch_size, rows, drawn):
     # The small-batch study compares srank and TVs across B: they must not be measured on m * B rows there.
     seen = []
-    monkeypatch.setattr(common, "critic_diagnostics", lambda loss, large, b: seen.append((large.numel(), b)) or {})
+    monkeypatch.setattr(loop, "critic_diagnostics", lambda loss, large, b: seen.append((large.numel(), b)) or {})
     rb, loss = filled_replay("dqn", "laber-mean")
-    common.diagnostics(loss, rb, rows, batch_size)
+    loop.diagnostics(loss, rb, rows, batch_size)
     assert seen == [(drawn, batch_size)]  # the gradient variance is still that of a batch of B
 
 
@@ -86,7 +87,7 @@ def test_diagnostics_draw_a_fixed_row_count_whatever_the_batch_size(monkeypatch,
 def test_diagnostics_rows_must_be_a_count(rows):
     rb, loss = filled_replay("dqn", "uniform")
     with pytest.raises(ValueError, match="diagnostics rows must be an int >= 1"):
-        common.diagnostics(loss, rb, rows, 2)
+        loop.diagnostics(loss, rb, rows, 2)
 
 
 def run_dqn(out: Path, *args: str) -> None:

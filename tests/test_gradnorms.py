@@ -9,9 +9,10 @@ from torchrl.objectives.utils import distance_loss
 
 from tests.setups import ACTIONS, batch, c51_loss, dqn_loss, sac_loss, td3_loss
 from torchsample.c51 import _atoms_of_action, _log_probs
-from torchsample.critics import critic_of, gather_action, swap_params
+from torchsample.critics import gather_action, swap_params
 from torchsample.gradnorms import capture_last_layer_input, exact_grad_norms, last_linear, per_sample_grads
 from torchsample.surrogates import critic_priorities, last_layer_norm, output_gradient
+from torchsample.views import critic_of
 
 N = 12
 

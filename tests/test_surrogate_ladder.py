@@ -28,8 +28,8 @@ from tests.test_gradnorms import (
 )
 from tests.test_ops import ALPHA, chi_square_pvalue
 from torchsample import SURROGATES, LaBER, LaBERSampler, grad_norm_scores
-from torchsample.critics import critic_of
 from torchsample.gradnorms import per_sample_grads
+from torchsample.views import critic_of
 
 N = 24
 DRAWS = 20_000

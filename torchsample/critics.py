@@ -3,7 +3,7 @@
 LaBER reads a loss twice: :class:`torchsample.LaBER` scores the large batch with the loss's own
 networks, target parameters and value estimator (no gradient), and :class:`torchsample.LaBERLoss`
 trains on the kept rows, reusing the targets LaBER computed. Both go through the view that
-:func:`critic_of` returns, so the two passes cannot disagree:
+:func:`torchsample.critic_of` returns, so the two passes cannot disagree:
 
 =============================  ==============================  ===================================
 loss                           ``prediction(td)``              ``target(td)``
@@ -13,7 +13,7 @@ loss                           ``prediction(td)``              ``target(td)``
 ``SACLoss`` / ``TD3Loss``      ``q_c(s, a)``, ``[C, N]``       soft / clipped twin-min, ``[N]``
 =============================  ==============================  ===================================
 
-The built-in views are registered in one place, :data:`critic_of`'s table at the end of this module
+The built-in views are registered in one place, :data:`torchsample.views.critic_of`'s table, above this module
 (C51's view lives in :mod:`torchsample.c51` with its projection and loss); a user's loss gets LaBER
 with ``critic_of.register(MyLoss, MyCritic)``, or through ``LaBER(loss, B, prediction=fn)``. Views
 read the loss and never change it.
@@ -28,9 +28,7 @@ This module and :mod:`torchsample.c51` alone read TorchRL's private members: ``S
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
-from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -38,22 +36,13 @@ from tensordict import TensorDictBase
 from tensordict.nn import CompositeDistribution, TensorDictParams
 from torch import Tensor, nn
 from torchrl.envs.utils import step_mdp
-from torchrl.objectives import DistributionalDQNLoss, DQNLoss, SACLoss, TD3Loss
+from torchrl.objectives import DQNLoss, SACLoss, TD3Loss
 from torchrl.objectives.utils import _vmap_func, distance_loss
 
 from .gradnorms import LayerInputCapture, capture_last_layer_input, exact_grad_norms, last_linear
 from .surrogates import td_error
 
-__all__ = [
-    "Critic",
-    "critic_of",
-    "private_copy",
-    "PrivateCritic",
-    "pred_and_target",
-    "swap_params",
-    "TORCHRL_CHECKED",
-    "TARGET",
-]
+__all__ = ["Critic", "private_copy", "swap_params", "TORCHRL_CHECKED", "TARGET"]
 
 TORCHRL_CHECKED = ("0.11.1", "0.14.1")
 TARGET = "target_value"  # the TD target LaBER computed for its surrogate, reused by the update
@@ -215,78 +204,6 @@ class Critic:
         """The wrapped loss's outputs beside its losses (SAC's ``"loss_alpha"``, ``"alpha"``, ``"entropy"``;
         TD3's ``"state_action_value_actor"``), from the actor loss's metadata."""
         return {}
-
-
-class _Registry:
-    """:func:`critic_of`: the view of a loss, by the nearest class in its MRO that has one."""
-
-    def __init__(self, built_in: Callable[[], dict]) -> None:
-        self._views: dict[type, type[Critic]] = {}
-        self._built_in = built_in  # called at lookup: C51's view lives in c51.py, which imports this module
-
-    def register(self, loss_class: type, view: type[Critic] | None = None):
-        """``critic_of.register(MyLoss, MyCritic)``, or ``@critic_of.register(MyLoss)`` on the view."""
-        if not isinstance(loss_class, type):
-            raise TypeError(f"register a loss class, got {loss_class!r}")
-
-        def add(view: type[Critic]) -> type[Critic]:
-            if not (isinstance(view, type) and issubclass(view, Critic)):
-                raise TypeError(f"a view must be a torchsample.critics.Critic subclass, got {view!r}")
-            self._views[loss_class] = view
-            return view
-
-        return add if view is None else add(view)
-
-    def view_class(self, loss_class: type) -> type[Critic] | None:
-        table = {**self._built_in(), **self._views}
-        return next((table[cls] for cls in loss_class.__mro__ if cls in table), None)
-
-    def __call__(self, loss: nn.Module) -> Critic:
-        """The :class:`Critic` view of a TorchRL loss, by its class (the nearest registered base class).
-
-        Examples:
-            >>> import torch
-            >>> from torchrl.modules import QValueActor
-            >>> from torchrl.objectives import DQNLoss
-            >>> actor = QValueActor(torch.nn.Linear(4, 2), in_keys=["observation"], action_space="categorical")
-            >>> critic = critic_of(DQNLoss(actor, loss_function="smooth_l1", action_space="categorical"))
-            >>> type(critic).__name__, critic.loss_kind, critic.num_critics
-            ('DQNCritic', 'huber', 1)
-        """
-        view = self.view_class(type(loss))
-        if view is None:
-            raise TypeError(
-                f"no built-in LaBER support for {type(loss).__name__}: pass prediction=callable(td) -> (pred, target) "
-                "to LaBER, or register a view: torchsample.critic_of.register(YourLoss, YourCritic), YourCritic a "
-                "torchsample.critics.Critic"
-            )
-        return view(loss)
-
-
-def pred_and_target(loss: nn.Module, td: TensorDictBase) -> tuple[Tensor, Tensor]:
-    """``(prediction, target)`` of ``loss`` on the rows of ``td`` (see the module's table).
-
-    The prediction keeps its graph, the target has none. Wrap in ``torch.no_grad()`` for the
-    surrogate alone.
-
-    Examples:
-        >>> import torch
-        >>> from tensordict import TensorDict
-        >>> from torchrl.modules import QValueActor
-        >>> from torchrl.objectives import DQNLoss
-        >>> loss = DQNLoss(QValueActor(torch.nn.Linear(4, 2), in_keys=["observation"],
-        ...                action_space="categorical"), delay_value=True, action_space="categorical")
-        >>> loss.make_value_estimator(gamma=0.99)
-        >>> td = TensorDict({"observation": torch.randn(8, 4), "action": torch.randint(2, (8,)),
-        ...     ("next", "observation"): torch.randn(8, 4), ("next", "reward"): torch.randn(8, 1),
-        ...     ("next", "done"): torch.zeros(8, 1, dtype=torch.bool),
-        ...     ("next", "terminated"): torch.zeros(8, 1, dtype=torch.bool)}, [8])
-        >>> q, y = pred_and_target(loss, td)
-        >>> q.shape, y.shape
-        (torch.Size([8]), torch.Size([8]))
-    """
-    critic = critic_of(loss)
-    return critic.prediction(td), critic.target(td)
 
 
 def _check_features(features: Tensor, rows: torch.Size) -> Tensor:
@@ -531,54 +448,13 @@ class TD3Critics(TwinCritics):
 
     @torch.no_grad()
     def target(self, td: TensorDictBase) -> Tensor:
-        # TD3Loss.value_loss's target: the loss's value estimator on the next state's twin-min value.
+        # TD3Loss.value_loss's target: the loss's value estimator on the next state's twin-min value. Not by
+        # calling value_loss: TorchRL wraps every loss method in set_exploration_type and set_recurrent_mode,
+        # process-wide, which scoring in a prefetch thread must not enter (tests/test_prefetch_safety.py); the
+        # test on plain rows holds this to TorchRL's own update (tests/test_td3_update.py).
         td = td.clone(False)
         td.set(("next", self.loss.tensor_keys.state_action_value), self.next_value(td).unsqueeze(-1))
         return self.loss.value_estimator.value_estimate(td).squeeze(-1)
 
     def outputs(self, actor_metadata: dict[str, Tensor]) -> dict[str, Tensor]:
         return {"state_action_value_actor": actor_metadata["state_action_value_actor"]}
-
-
-# ---------------------------------------------------------------------------------------------
-# The registry: every built-in view, in one place
-
-
-@functools.cache
-def _built_in_views() -> dict:
-    from .c51 import C51Critic  # c51 builds on this module: resolved when a view is first asked for
-
-    return {DQNLoss: DQNCritic, DistributionalDQNLoss: C51Critic, SACLoss: SACCritics, TD3Loss: TD3Critics}
-
-
-critic_of = _Registry(_built_in_views)
-
-
-class PrivateCritic:
-    """The :class:`Critic` view of a :func:`private_copy` of ``loss``, made again when the loss gets a new
-    value estimator (``loss.make_value_estimator(...)`` after LaBER was built).
-
-    ``PrivateCritic(loss).view`` is what LaBER and GER score rows with, in whatever thread samples.
-    """
-
-    def __init__(self, loss: nn.Module) -> None:
-        self.loss = loss
-        self._estimator = None
-        self._view: Optional[Critic] = None
-        self._hooks: list[Callable[[Critic], None]] = []
-
-    @property
-    def view(self) -> Critic:
-        estimator = self.loss.__dict__.get("_value_estimator")
-        if self._view is None or estimator is not self._estimator:
-            self._estimator = estimator
-            self._view = critic_of(private_copy(self.loss))
-            for hook in self._hooks:
-                hook(self._view)
-        return self._view
-
-    def on_new_view(self, hook: Callable[[Critic], None]) -> None:
-        """Call ``hook(view)`` on the current view and on every one made later (LaBER's last-layer capture)."""
-        self._hooks.append(hook)
-        if self._view is not None:
-            hook(self._view)

@@ -330,8 +330,8 @@ def critic_diagnostics(loss: nn.Module, large, batch_size: int) -> dict[str, flo
         >>> out["tv/last-layer"] <= 1 and out["grad_variance"] >= 0
         True
     """
-    from .critics import critic_of  # torchrl loads with the losses, not with this module
     from .scoring import score_rows
+    from .views import critic_of  # torchrl loads with the losses, not with this module
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"critic_diagnostics: batch_size must be an int >= 1, got {batch_size!r}")

@@ -13,7 +13,8 @@ from tensordict import TensorDict, TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from torch import Tensor, nn
 
-from .critics import TARGET, critic_of
+from .critics import TARGET
+from .views import critic_of
 
 __all__ = ["LaBERLoss", "weighted_mean", "ESTIMATORS"]
 

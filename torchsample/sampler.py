@@ -34,10 +34,10 @@ from tensordict import TensorDictBase, is_tensorclass
 from torch import Tensor, nn
 from torchrl.data.replay_buffers.samplers import PrioritizedSampler, RandomSampler, Sampler, SliceSampler
 
-from .critics import PrivateCritic
 from .scoring import score_rows
 from .surrogates import joint_norm
 from .transform import LaBER
+from .views import PrivateCritic
 
 __all__ = ["LaBERSampler", "PrioritizedLaBERSampler", "GERSampler", "GERLaBERSampler", "LaBERDraw"]
 

@@ -30,9 +30,10 @@ from tensordict import TensorDictBase
 from torch import Tensor, nn
 
 from .codes import SURROGATES
-from .critics import Critic, critic_of
+from .critics import Critic
 from .gradnorms import GRAD_NORM_METHODS, LayerInputCapture
 from .surrogates import critic_priorities
+from .views import critic_of
 
 __all__ = ["Scores", "score_rows", "grad_norm_scores"]
 

@@ -22,11 +22,12 @@ from torch import Tensor, nn
 from torchrl.envs.transforms import Transform
 
 from .codes import LOSS_KINDS, SURROGATES, WEIGHTINGS
-from .critics import TARGET, Critic, PrivateCritic
+from .critics import TARGET, Critic
 from .gradnorms import capture_last_layer_input
 from .ops import LaBERSample, laber_downsample, laber_select
 from .scoring import score_rows
 from .surrogates import critic_priorities, joint_norm, td_error
+from .views import PrivateCritic
 
 __all__ = ["LaBER", "Keys", "CRITICS"]
 
