@@ -96,9 +96,9 @@ def test_dqn_swap_builds_the_loss_before_the_buffer_and_wraps_it():
     assert "from torchsample import LaBER, LaBERLoss, LaBERSampler" in out
     assert out.index("loss_module = DQNLoss(") < out.index("replay_buffer = TensorDictReplayBuffer(")
     assert out.count("replay_buffer = TensorDictReplayBuffer(") == 1
-    assert "sampler=LaBERSampler(LaBER(loss_module, cfg.buffer.batch_size), m=4)," in out
+    assert "LaBER(loss_module, cfg.buffer.batch_size), m=4, compile=cfg.compile.compile" in out
     assert "loss_td = laber_loss(sampled_tensordict)" in out and "loss_module(sampled_tensordict)" not in out
-    assert swap.changed_lines(DQN, out) == (11, 8)
+    assert swap.changed_lines(DQN, out) == (13, 8)
 
 
 def test_td3_swap_keeps_the_split_update_and_turns_per_into_per_laber():

@@ -90,7 +90,9 @@ SWAPS: dict[str, list[Edit]] = {
             "        loss_module, value_network_update_interval=cfg.loss.hard_update_freq\n    )\n",
             "\n    # Create the replay buffer\n"
             + DQN_BUFFER
-            + "        sampler=LaBERSampler(LaBER(loss_module, cfg.buffer.batch_size), m=4),\n"
+            + "        sampler=LaBERSampler(\n"
+            + "            LaBER(loss_module, cfg.buffer.batch_size), m=4, compile=cfg.compile.compile\n"
+            + "        ),\n"
             + "        batch_size=cfg.buffer.batch_size,\n    )\n    laber_loss = LaBERLoss(loss_module)\n",
         ),
         Edit(
