@@ -128,9 +128,3 @@ class FrameStackReplay(Transform):
         next_frame = tensordict["next", "frame"].unsqueeze(-3)
         tensordict["next", "observation"] = torch.cat([obs[..., 1:, :, :], next_frame], dim=-3)
         return tensordict
-
-
-def bytes_per_transition(buffer) -> int:
-    """Bytes one row of ``buffer``'s storage takes (every stored tensor, ``"index"`` included)."""
-    row = buffer.storage[0]
-    return sum(t.numel() * t.element_size() for t in row.values(include_nested=True, leaves_only=True))

@@ -1,11 +1,13 @@
 """Experiments with the agents: ``python -m experiments.compare`` runs samplers x seeds (x batch sizes)
 and reports them with rliable's statistics.
 
+* :mod:`experiments.config`: the command line's :class:`~experiments.config.Config` and the score it ranks
+  runs by; every module below reads it, none imports :mod:`experiments.compare`;
 * :mod:`experiments.runs`: command lines, launching, reuse and resume, what a run wrote;
 * :mod:`experiments.stats`: each run's score (final or a window's mean), aggregate metrics with
   stratified-bootstrap CIs, P(> uniform), normalisation;
 * :mod:`experiments.contrasts`: one sampler against the others, Holm-corrected (``--focus``);
-* :mod:`experiments.reports`: tables (markdown, CSV) and plots of one task;
+* :mod:`experiments.reports`: tables (markdown; CSV through pandas) and plots of one task;
 * :mod:`experiments.sweep`: the batch-size sweep;
 * :mod:`experiments.aggregate`: several tasks at once;
 * :mod:`experiments.compare`: the command line;

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 from rliable import library as rly
 
-from experiments.reports import _pyplot, ci, markdown_table, write_csv
+from experiments.config import Config
+from experiments.reports import ci, markdown_table, pyplot, write_csv
 from experiments.runs import read_config, read_eval
-from experiments.stats import SCORE_RANGES, _global_numpy_seed, improvement_over, interval_estimates, normalise
-
-if TYPE_CHECKING:
-    from experiments.compare import Config
+from experiments.stats import SCORE_RANGES, global_numpy_seed, improvement_over, interval_estimates, normalise
 
 
 def load_task(folder: Path) -> tuple[str, list[str], dict[str, dict[int, float]]]:
@@ -30,7 +27,8 @@ def load_task(folder: Path) -> tuple[str, list[str], dict[str, dict[int, float]]
     if len(env_ids) != 1:
         raise ValueError(f"{folder}: expected the runs of one env, found {sorted(env_ids) or 'no runs'}")
     listed = folder / "results.csv"
-    order = [r["sampler"] for r in csv.DictReader(listed.read_text().splitlines())] if listed.exists() else []
+    # Labels as text: a sampler labelled "nan" or "none" is no missing value.
+    order = pd.read_csv(listed, dtype=str, keep_default_na=False)["sampler"].tolist() if listed.exists() else []
     samplers = [s for s in order if s in finals] + sorted(set(finals) - set(order))
     return env_ids.pop(), samplers, finals
 
@@ -120,12 +118,12 @@ def aggregate(cfg: Config) -> list[dict]:
 
 def plot_aggregate(cfg: Config, normalised: dict[str, np.ndarray], estimates: dict) -> None:
     """rliable's performance profiles (``profiles.png``) and interval estimates (``aggregate.png``)."""
-    plt = _pyplot()
+    plt = pyplot()
     from rliable import plot_utils
 
     top = max(1.0, max(float(v.max()) for v in normalised.values()))
     taus = np.linspace(0.0, top, 101)
-    with _global_numpy_seed(0):
+    with global_numpy_seed(0):
         profiles, profile_cis = rly.create_performance_profile(normalised, taus, reps=max(cfg.bootstrap // 5, 100))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     plot_utils.plot_performance_profiles(

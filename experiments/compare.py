@@ -50,57 +50,16 @@ from __future__ import annotations
 import os
 import shlex
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal, Optional
 
 import tyro
 
 from experiments.aggregate import aggregate
+from experiments.config import Config
 from experiments.contrasts import contrast_table, holm_improvement, separation
 from experiments.reports import diagnostics_table, plot_curves, plot_diagnostics, write_tables
 from experiments.runs import Run, labels, launch
-from experiments.stats import DEFAULT_WINDOW, Metric, metric_label, scores_of, summarise
+from experiments.stats import metric_label, scores_of, summarise
 from experiments.sweep import plot_sweep, sweep_rows, write_sweep
-
-
-@dataclass
-class Config:
-    algo: Literal["dqn", "c51", "sac", "td3"] = "dqn"
-    """which agent: python -m agents.<algo>"""
-    env_id: str = "CartPole-v1"
-    """gymnasium id passed to every run"""
-    samplers: list[str] = field(default_factory=lambda: ["laber-mean", "uniform", "per"])
-    """samplers to compare (any of the agent's --sampler choices); an entry "LABEL=SAMPLER ARGS..." is a
-    variant with more arguments of its own, e.g. "last-layer=laber-mean --surrogate last-layer\""""
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    """one run per sampler and seed"""
-    batch_sizes: list[int] = field(default_factory=list)
-    """a batch-size sweep: runs with --batch-size k, all else equal, so equal gradient steps (empty: no sweep)"""
-    total_steps: Optional[int] = None
-    """environment steps per run (None: the agent's default for the env)"""
-    extra: str = ""
-    """more arguments for every run, as one string, e.g. "--m 8 --batch-size 32\""""
-    jobs: int = 0
-    """parallel runs (0: one per CPU core)"""
-    out: Path = Path("runs/compare")
-    """results folder; each run writes to <out>/<sampler>/seed<k>/ (a sweep: <out>/bs<k>/<sampler>/seed<j>/)"""
-    aggregate: list[Path] = field(default_factory=list)
-    """existing one-task <out> folders to aggregate across tasks into <out>; runs nothing"""
-    bootstrap: int = 5000
-    """bootstrap resamples for the confidence intervals"""
-    metric: Metric = "final"
-    """each run's score: "final" (its last evaluation) or "window" (the mean of its evaluations at steps
-    within --window, both ends included; issue 30's primary metric)"""
-    window: tuple[int, int] = DEFAULT_WINDOW
-    """the steps (low high) whose evaluations --metric window averages"""
-    focus: Optional[str] = None
-    """a sampler to compare with every other one: P(focus > other) with Holm-corrected intervals over the
-    comparisons, and whether it separates from uniform (experiments.contrasts)"""
-    reuse: bool = False
-    """keep each run whose folder already holds a finished run with the same arguments (see
-    :func:`experiments.runs.finished_run`), resume interrupted ones, and launch only the others: to add
-    seeds or samplers to a comparison, or to finish an interrupted one"""
 
 
 def contrasts(cfg: Config, runs: list[Run], names: list[str]) -> list[str]:

@@ -9,7 +9,7 @@ from rliable import library as rly
 from rliable import metrics
 
 from experiments.reports import markdown_table
-from experiments.stats import _global_numpy_seed
+from experiments.stats import global_numpy_seed
 
 
 def bootstrap_improvement(x: np.ndarray, y: np.ndarray, reps: int = 5000, seed: int = 0) -> np.ndarray:
@@ -25,7 +25,7 @@ def bootstrap_improvement(x: np.ndarray, y: np.ndarray, reps: int = 5000, seed: 
         >>> bootstrap_improvement(x + 10, x, reps=100).tolist() == [1.0] * 100
         True
     """
-    with _global_numpy_seed(seed):
+    with global_numpy_seed(seed):
         bootstrap = rly.StratifiedIndependentBootstrap(np.asarray(x, dtype=float), np.asarray(y, dtype=float))
         replicates = bootstrap.apply(lambda a, b: np.array([metrics.probability_of_improvement(a, b)]), reps)
     return replicates[:, 0]

@@ -15,7 +15,6 @@ string), the env and when the export was made.
 
 from __future__ import annotations
 
-import csv
 import datetime
 import json
 import shlex
@@ -24,10 +23,12 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import pandas as pd
 import tyro
 
+from experiments.config import DEFAULT_WINDOW, Metric
 from experiments.runs import read_config, read_eval, recorded_arguments
-from experiments.stats import DEFAULT_WINDOW, Metric, run_score
+from experiments.stats import run_score
 
 
 @dataclass
@@ -107,29 +108,34 @@ def export(runs_dir: Path, out_csv: Path, include_unfinished: bool = False) -> d
     found = run_folders(runs_dir)
     sweep = any(b is not None for _, _, b, _ in found)
     columns = ["batch_size"] * sweep + ["sampler", "seed", "step", "return"]
-    kept, left_out, arguments, env_ids = 0, [], {}, set()
+    curves, left_out, arguments, env_ids = [], [], {}, set()
+    for sampler, seed, batch_size, folder in found:
+        why = unfinished(folder)
+        name = str(folder.relative_to(runs_dir))
+        if why is not None and (not include_unfinished or why == "no evaluation"):
+            left_out.append(f"{name}: {why}")
+            continue
+        evals = read_eval(folder)
+        curve = {
+            "sampler": sampler,
+            "seed": seed,
+            "step": evals["step"].astype(np.int64),
+            "return": evals["eval_return"],
+        }
+        curves.append(pd.DataFrame({"batch_size": batch_size, **curve} if sweep else curve, columns=columns))
+        env_ids.add(read_config(folder).get("env_id", "?"))
+        args = _agent_arguments(folder)
+        if args is not None:
+            args = shlex.join(args)
+            key = sampler if batch_size is None else f"bs{batch_size}/{sampler}"
+            arguments.setdefault(key, [])
+            if args not in arguments[key]:
+                arguments[key].append(args)  # more than one list: the seeds of a sampler differ in more
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    with out_csv.open("w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(columns)
-        for sampler, seed, batch_size, folder in found:
-            why = unfinished(folder)
-            name = str(folder.relative_to(runs_dir))
-            if why is not None and (not include_unfinished or why == "no evaluation"):
-                left_out.append(f"{name}: {why}")
-                continue
-            evals = read_eval(folder)
-            for step, value in zip(evals["step"], evals["eval_return"]):
-                writer.writerow([batch_size] * sweep + [sampler, seed, int(step), repr(float(value))])
-            kept += 1
-            env_ids.add(read_config(folder).get("env_id", "?"))
-            args = _agent_arguments(folder)
-            if args is not None:
-                args = shlex.join(args)
-                key = sampler if batch_size is None else f"bs{batch_size}/{sampler}"
-                arguments.setdefault(key, [])
-                if args not in arguments[key]:
-                    arguments[key].append(args)  # more than one list: the seeds of a sampler differ in more
+    # Returns as float64, which pandas writes as repr(float) does: the shortest text that reads back exactly.
+    table = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame(columns=columns)
+    table.to_csv(out_csv, index=False, lineterminator="\n")
+    kept = len(curves)
     meta = {
         "source": str(runs_dir),
         "exported": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -153,17 +159,21 @@ def read_curves(path: Path) -> list[Curve]:
         >>> [(c.sampler, c.seed, c.steps.tolist(), c.returns.tolist()) for c in read_curves(path)]
         [('per', 1, [5, 10], [0.5, 1.5]), ('per', 2, [10], [3.0])]
     """
-    curves: dict[tuple, tuple[list, list]] = {}
-    with Path(path).open() as f:
-        for row in csv.DictReader(f):
-            batch_size = int(row["batch_size"]) if row.get("batch_size") not in (None, "") else None
-            steps, returns = curves.setdefault((row["sampler"], int(row["seed"]), batch_size), ([], []))
-            steps.append(int(row["step"]))
-            returns.append(float(row["return"]))
+    # Samplers as text ("nan" is a label, not a missing value); an empty batch_size is a study without a sweep.
+    table = pd.read_csv(
+        path,
+        dtype={"sampler": str},
+        keep_default_na=False,
+        na_values={"batch_size": [""]},
+        float_precision="round_trip",
+    )
+    if "batch_size" not in table:
+        table["batch_size"] = np.nan
     out = []
-    for (sampler, seed, batch_size), (steps, returns) in curves.items():
-        order = np.argsort(steps, kind="stable")
-        out.append(Curve(sampler, seed, np.array(steps)[order], np.array(returns)[order], batch_size))
+    for (sampler, seed, batch_size), rows in table.groupby(["sampler", "seed", "batch_size"], sort=False, dropna=False):
+        rows = rows.sort_values("step", kind="stable")
+        size = None if pd.isna(batch_size) else int(batch_size)
+        out.append(Curve(sampler, int(seed), rows["step"].to_numpy(), rows["return"].to_numpy(dtype=float), size))
     return out
 
 

@@ -34,8 +34,8 @@ from rliable import library as rly
 
 from experiments.contrasts import contrast_table, holm_improvement, separation
 from experiments.export import export, read_curves, score_matrices, scores_from_curves
-from experiments.reports import _pyplot, markdown_table
-from experiments.stats import _global_numpy_seed, interval_estimates, metric_label
+from experiments.reports import markdown_table, pyplot
+from experiments.stats import global_numpy_seed, interval_estimates, metric_label
 
 ARMS = ["uniform", "per", "laber-mean", "large-batch"]
 FOCUS = "laber-mean"
@@ -266,7 +266,7 @@ def plot(curves_csv: Path, reps: int = 1000) -> Path:
     """``<csv>.png`` beside the CSV: each arm's mean evaluation return over its finished runs against steps,
     with a pointwise 95% bootstrap CI (rliable, as ``curves.png`` of ``experiments.compare``), the primary
     metric's window shaded."""
-    plt = _pyplot()
+    plt = pyplot()
     curves = [c for c in read_curves(curves_csv) if c.steps[-1] >= TOTAL_STEPS and c.seed in SEEDS]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for arm in ARMS:
@@ -275,7 +275,7 @@ def plot(curves_csv: Path, reps: int = 1000) -> Path:
             continue
         length = min(len(c.steps) for c in mine)
         values = np.stack([c.returns[:length] for c in mine])[:, None, :]  # [runs, 1 task, evaluations]
-        with _global_numpy_seed(0):
+        with global_numpy_seed(0):
             mean, ci = rly.get_interval_estimates({arm: values}, lambda x: x.mean(axis=(0, 1)), reps=reps)
         (line,) = ax.plot(mine[0].steps[:length], mean[arm], marker="o", label=f"{arm} (n={len(mine)})")
         ax.fill_between(mine[0].steps[:length], ci[arm][0], ci[arm][1], color=line.get_color(), alpha=0.15)

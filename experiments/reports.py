@@ -1,16 +1,16 @@
-"""The reports of a comparison: markdown tables (one writer), CSV files and plots (rliable's CIs)."""
+"""The reports of a comparison: markdown tables (one writer), CSV files (pandas) and plots (rliable's CIs)."""
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import pandas as pd
 from rliable import library as rly
 
 from experiments.runs import Run, read_diagnostics, read_eval
-from experiments.stats import SCORE_RANGES, _global_numpy_seed
+from experiments.stats import SCORE_RANGES, global_numpy_seed
 
 KEYS = [
     "sampler",
@@ -53,11 +53,21 @@ def ci(row: dict, key: str, digits: int) -> str:
 
 
 def write_csv(path: Path, rows: list[dict], keys: list[str]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k, "") for k in keys})
+    """``rows`` as a CSV file with the columns ``keys`` in that order: a key a row lacks (or a NaN) is an empty
+    cell, a key not in ``keys`` is left out.
+
+    Examples:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "results.csv"
+        >>> rows = [{"sampler": "per", "runs": 3, "mean": 0.25, "note": "x"}, {"sampler": "uniform", "runs": 0}]
+        >>> write_csv(path, rows, ["sampler", "runs", "mean"])
+        >>> print(path.read_text(), end="")
+        sampler,runs,mean
+        per,3,0.25
+        uniform,0,
+    """
+    # object columns: each value written as itself (an int stays "3" beside an empty cell, not "3.0").
+    pd.DataFrame(rows, columns=keys, dtype=object).to_csv(path, index=False)
 
 
 def write_tables(
@@ -115,7 +125,14 @@ def write_tables(
     return table
 
 
-def _pyplot():
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend, imported when a plot is first drawn: a comparison
+    runs on machines without a display, and the tables need no matplotlib.
+
+    Examples:
+        >>> fig, ax = pyplot().subplots()
+        >>> pyplot().close(fig)
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,7 +143,7 @@ def _pyplot():
 
 def plot_curves(out: Path, title: str, runs: list[Run], samplers: list[str], reps: int) -> Path:
     """Mean evaluation return over seeds against steps, with its pointwise 95% bootstrap CI (rliable)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for sampler in samplers:
         curves = [read_eval(r.folder) for r in runs if r.sampler == sampler and r.returncode == 0]
@@ -136,7 +153,7 @@ def plot_curves(out: Path, title: str, runs: list[Run], samplers: list[str], rep
         length = min(len(c["step"]) for c in curves)
         steps = curves[0]["step"][:length]
         values = np.stack([c["eval_return"][:length] for c in curves])[:, None, :]  # [runs, 1 task, evals]
-        with _global_numpy_seed(0):
+        with global_numpy_seed(0):
             mean, ci = rly.get_interval_estimates({sampler: values}, lambda x: x.mean(axis=(0, 1)), reps=reps)
         (line,) = ax.plot(steps, mean[sampler], label=f"{sampler} (n={len(curves)})")
         ax.fill_between(steps, ci[sampler][0], ci[sampler][1], color=line.get_color(), alpha=0.2)
@@ -180,7 +197,7 @@ def plot_diagnostics(out: Path, title: str, runs: list[Run], samplers: list[str]
         length = min(len(c["step"]) for c in curves)
         return curves[0]["step"][:length], np.mean([c[key][:length] for c in curves], axis=0)
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 1 + len(NETWORK_COLUMNS), figsize=(4 * (1 + len(NETWORK_COLUMNS)), 3.6))
     everything = [c for curves in logs.values() for c in curves]
     for key, label in TV_COLUMNS.items():

@@ -8,7 +8,6 @@ whose ``args.json`` equals the arguments it would be launched with (its folder a
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shlex
@@ -17,14 +16,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import numpy as np
+import pandas as pd
 
-ALGOS = ("dqn", "c51", "sac", "td3")
-
-if TYPE_CHECKING:
-    from experiments.compare import Config
+from experiments.config import Config
 
 
 @dataclass
@@ -143,7 +140,7 @@ def finished_run(args: list[str], folder: Path) -> Optional[float]:
     return float(evals["wall_time"][-1])
 
 
-def launch(cfg, run: Run) -> Run:
+def launch(cfg: Config, run: Run) -> Run:
     """Run one agent process into ``run.folder`` (keeping a finished run with ``cfg.reuse``, resuming an
     interrupted one from its checkpoint); fills in its return code and wall time."""
     cmd = command(cfg, run)
@@ -169,14 +166,28 @@ def launch(cfg, run: Run) -> Run:
 
 
 def read_csv_columns(path: Path) -> Optional[dict[str, np.ndarray]]:
-    """A CSV file of numbers as ``{column: values}``; None if it is missing or has no rows."""
-    if not path.exists():
+    """A CSV file of numbers as ``{column: float64 values}``, an empty cell as NaN; None if the file is missing
+    or has no rows.
+
+    Examples:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "eval.csv"
+        >>> _ = path.write_text("step,eval_return,wall_time,steps_per_s\\n200,9.5,1.5,\\n400,21.0,3.0,130.0\\n")
+        >>> columns = read_csv_columns(path)
+        >>> list(columns), columns["eval_return"].tolist(), columns["steps_per_s"].tolist()
+        (['step', 'eval_return', 'wall_time', 'steps_per_s'], [9.5, 21.0], [nan, 130.0])
+        >>> _ = path.write_text("step,eval_return,wall_time,steps_per_s\\n")
+        >>> read_csv_columns(path) is None
+        True
+    """
+    if not path.exists() or path.stat().st_size == 0:
         return None
-    with path.open() as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
+    # round_trip: parse each number as Python's float() does (pandas' default parser may differ in the last
+    # bit, and experiments.export writes these values back out with repr).
+    frame = pd.read_csv(path, dtype=float, float_precision="round_trip")
+    if frame.empty:
         return None
-    return {key: np.array([float(r[key]) if r[key] != "" else np.nan for r in rows]) for key in rows[0]}
+    return {key: frame[key].to_numpy() for key in frame.columns}
 
 
 def read_eval(folder: Path) -> Optional[dict[str, np.ndarray]]:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Literal, Optional
+from typing import Optional
 
 import numpy as np
 from rliable import library as rly
 from rliable import metrics
 
+from experiments.config import DEFAULT_WINDOW, Metric
 from experiments.runs import Run, read_eval
 
 # Score normalisation for the optimality gap and the multi-task aggregates: x_hat = (x - low) / (high - low),
@@ -26,11 +27,6 @@ SCORE_RANGES = {
     "Pendulum-v1": (-200 * math.pi**2, 0.0),  # hanging still at the bottom all 200 steps; upright from the start
     "MinAtar/Breakout-v1": (0.0, 30.0),  # +1 per brick; 30 = one full wall (3 rows x 10), then a new wall appears
 }
-
-Metric = Literal["final", "window"]
-
-# Issue 30's primary metric: the evaluations at 25k-40k steps of a 40k-step MinAtar run (every 5k: four of them).
-DEFAULT_WINDOW = (25_000, 40_000)
 
 
 def run_score(steps, returns, metric: Metric = "final", window: tuple[int, int] = DEFAULT_WINDOW) -> float:
@@ -95,9 +91,21 @@ METRICS: dict[str, Callable[[np.ndarray], float]] = {
 
 
 @contextmanager
-def _global_numpy_seed(seed: int):
-    # rliable's StratifiedBootstrap draws its indices with np.random.choice, the global generator (its
-    # random_state argument does not reach them): seed that one for reproducible tables, then restore it.
+def global_numpy_seed(seed: int):
+    """numpy's global generator seeded with ``seed`` inside the block, as it was after it.
+
+    rliable's StratifiedBootstrap draws its indices with ``np.random.choice``, the global generator (its
+    ``random_state`` argument does not reach them): every bootstrap here runs inside this block, so that a
+    table is reproducible and the caller's own draws are left alone.
+
+    Examples:
+        >>> with global_numpy_seed(0):
+        ...     a = np.random.rand()
+        >>> with global_numpy_seed(0):
+        ...     b = np.random.rand()
+        >>> a == b
+        True
+    """
     state = np.random.get_state()
     np.random.seed(seed)
     try:
@@ -139,7 +147,7 @@ def interval_estimates(
     funcs = [METRICS[name] for name in names]
     estimates = {}
     for key, value in scores.items():
-        with _global_numpy_seed(seed):  # per sampler: its CI does not depend on the others in the table
+        with global_numpy_seed(seed):  # per sampler: its CI does not depend on the others in the table
             points, cis = rly.get_interval_estimates(
                 {key: np.asarray(value, dtype=float)},
                 lambda x: np.array([f(x) for f in funcs]),
@@ -177,7 +185,7 @@ def improvement_over(
         if key == baseline:
             continue
         pair = [np.asarray(value, dtype=float), np.asarray(scores[baseline], dtype=float)]
-        with _global_numpy_seed(seed):
+        with global_numpy_seed(seed):
             points, cis = rly.get_interval_estimates(
                 {key: pair},
                 lambda x, y: np.array([metrics.probability_of_improvement(x, y)]),

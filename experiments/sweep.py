@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from experiments.reports import KEYS, _pyplot, ci, markdown_table, write_csv
+from experiments.config import Config
+from experiments.reports import KEYS, ci, markdown_table, pyplot, write_csv
 from experiments.runs import Run, final_diagnostics, gradient_steps, labels, read_config
 from experiments.stats import metric_label
 
 SWEEP_KEYS = ["batch_size", *KEYS[:3], "gradient_steps", *KEYS[3:]]
-
-if TYPE_CHECKING:
-    from experiments.compare import Config
 
 
 def sweep_rows(cfg: Config, runs: list[Run], rows_by_batch: dict[int, list[dict]]) -> list[dict]:
@@ -80,7 +77,7 @@ def write_sweep(cfg: Config, rows: list[dict]) -> str:
 
 def plot_sweep(cfg: Config, rows: list[dict]) -> Path:
     """Final IQM with its CI, wall time and each diagnostic against the batch size, one line per sampler."""
-    plt = _pyplot()
+    plt = pyplot()
     diagnostics = diagnostic_columns(rows)
     panels = ["iqm", "wall_time_s", *diagnostics]
     ncols = min(3, len(panels))

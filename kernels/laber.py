@@ -710,12 +710,6 @@ def launch_shape(C: int, N: int, K: int, B: int, loss: int, D: int = 0, shape: s
     }
 
 
-def block_sizes(N: int, K: int, B: int, loss: int, D: int = 0, shape: str = "auto") -> dict:
-    """The fused kernel's constexprs and ``num_warps`` for a shape, as a fresh dict (:func:`launch_plan`)."""
-    plan = launch_plan(N, K, B, loss, D, shape)
-    return {**plan.constexprs, "num_warps": plan.num_warps}
-
-
 class Buffers(NamedTuple):
     """What one launch writes: the three outputs and the float64 scratch of step 1."""
 

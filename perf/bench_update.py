@@ -38,7 +38,8 @@ from torchrl.data import LazyTensorStorage, PrioritizedSampler, TensorDictReplay
 from torchrl.objectives import HardUpdate, SoftUpdate  # noqa: E402
 
 from agents import dqn, sac, td3  # noqa: E402
-from agents.common import PER_ALPHA, PER_BETA, make_env, to_tensordict  # noqa: E402
+from agents.envs import make_env, to_tensordict  # noqa: E402
+from agents.replay import PER_ALPHA, PER_BETA  # noqa: E402
 from perf.common import RESULTS, describe, environment, resolve_device, time_interleaved, write_csv
 from torchsample import LaBER, LaBERLoss, LaBERSampler, make_update  # noqa: E402
 

@@ -10,13 +10,12 @@
   cannot interleave peers.
 * :func:`repeat` and :func:`cuda_graph` turn a call into ``k`` calls per sample (eager, or captured
   in one ``torch.cuda.CUDAGraph`` and replayed); the timer divides by ``k``.
-* :func:`write_csv` writes rows with the device name, thread count, the versions of python, torch,
-  triton, tensordict, torchrl, CUDA and the git commit on every row (:func:`environment`).
+* :func:`write_csv` writes rows (pandas) with the device name, thread count, the versions of python,
+  torch, triton, tensordict, torchrl, CUDA and the git commit on every row (:func:`environment`).
 """
 
 from __future__ import annotations
 
-import csv
 import os
 import platform
 import statistics
@@ -28,6 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
+import pandas as pd
 import torch
 
 from agents.devices import resolve_device  # noqa: F401  (the benchmarks import it from here)
@@ -303,22 +303,33 @@ def write_csv(
 
     Rewrites the whole file, so a script may call it after each group of cases: a run stopped by
     a time limit leaves what it measured.
+
+    Examples:
+        >>> import tempfile
+        >>> env = dict.fromkeys(ENV_COLUMNS, "") | {"device": "cpu:x", "threads": 1}
+        >>> path = write_csv(Path(tempfile.mkdtemp()) / "x.csv", [{"op": "a", "median_us": 1.5}, {"op": "b"}],
+        ...                  ["op", "median_us"], env)
+        >>> path.read_text().splitlines()[:2]
+        ['op,median_us,device,threads,python,torch,triton,tensordict,torchrl,cuda,git_commit', 'a,1.5,cpu:x,1,,,,,,,']
+        >>> read_csv(path)[1]["median_us"], read_csv(path)[1]["device"]
+        ('', 'cpu:x')
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*columns, *ENV_COLUMNS], extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**{k: row.get(k, "") for k in columns}, **{k: row.get(k, env[k]) for k in ENV_COLUMNS}})
-    os.replace(tmp, path)
+    # object columns: each value written as itself (an int stays "3" beside an empty cell, not "3.0").
+    env = {k: env[k] for k in ENV_COLUMNS}
+    frame = pd.DataFrame([{**env, **row} for row in rows], columns=[*columns, *ENV_COLUMNS], dtype=object)
+    # "\r\n", the csv module's line ending, which the committed perf/results files have: a rerun diffs by value only.
+    frame.to_csv(tmp, index=False, lineterminator="\r\n")
+    os.replace(tmp, path)  # a reader never sees a half-written file
     return path
 
 
 def read_csv(path: Path) -> list[dict]:
-    with Path(path).open(newline="") as f:
-        return list(csv.DictReader(f))
+    """A CSV file's rows as ``{column: text}``, an empty cell as ``""`` (no NaN: the tables print cells as
+    they are). Example: :func:`write_csv`."""
+    return pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
 
 
 def fmt(value: Optional[float], digits: int = 1) -> str:

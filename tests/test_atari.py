@@ -15,7 +15,9 @@ from torchrl.objectives import HardUpdate
 from tests.conftest import AGENT_DEPS, require  # noqa: E402
 
 require(*AGENT_DEPS + ("ale_py", "cv2"))
-from agents import atari, c51, common, dqn, networks  # noqa: E402
+from agents import c51, dqn, networks  # noqa: E402
+from agents.config import cli  # noqa: E402
+from agents.envs import make_env, to_tensordict  # noqa: E402
 from tests.test_agents import read_csv, run_agent
 
 FRAME = 84 * 84  # bytes of one grey frame
@@ -23,7 +25,7 @@ NAIVE_FRAMES = 2 * 4 * FRAME  # "observation" and ("next", "observation"), 4 fra
 
 
 def test_preprocessing_on_a_real_rom():
-    env = common.make_env("ALE/Breakout-v5", seed=0)
+    env = make_env("ALE/Breakout-v5", seed=0)
     ale = env.unwrapped.ale
     assert ale.getFloat("repeat_action_probability") == pytest.approx(0.25)  # sticky actions, ALE v5
     assert env.unwrapped._frameskip == 1  # AtariPreprocessing skips, not the ALE env as well
@@ -64,7 +66,7 @@ def test_nature_network_has_the_papers_shape():
 
 def _breakout_replay(sampler: str, buffer_size: int, steps: int, restack: bool = True):
     """A replay buffer filled from ``steps`` random Breakout steps, and the transitions written in order."""
-    env = common.make_env("ALE/Breakout-v5", seed=0)
+    env = make_env("ALE/Breakout-v5", seed=0)
     loss_module, _ = dqn.build_dqn(dqn.env_defaults("ALE/Breakout-v5"), env, torch.device("cpu"))
     HardUpdate(loss_module, value_network_update_interval=2_000)
     if restack:  # the agent's buffer, which re-stacks Atari frames
@@ -79,7 +81,7 @@ def _breakout_replay(sampler: str, buffer_size: int, steps: int, restack: bool =
     for _ in range(steps):
         action = env.action_space.sample()
         next_obs, reward, terminated, truncated, _ = env.step(action)
-        replay.add(common.to_tensordict(obs, action, reward, next_obs, terminated, truncated, torch.device("cpu")))
+        replay.add(to_tensordict(obs, action, reward, next_obs, terminated, truncated, torch.device("cpu")))
         written.append((obs, next_obs))
         obs = env.reset()[0] if terminated or truncated else next_obs
     env.close()
@@ -151,6 +153,12 @@ def test_frame_stack_replay_state_is_saved_with_the_buffer(tmp_path):
     _assert_restacked_exactly(restored, written, batch)
 
 
+def bytes_per_transition(buffer) -> int:
+    """Bytes one row of ``buffer``'s storage takes (every stored tensor, ``"index"`` included)."""
+    row = buffer.storage[0]
+    return sum(t.numel() * t.element_size() for t in row.values(include_nested=True, leaves_only=True))
+
+
 def test_memory_per_transition():
     """The naive layout stores both 4-frame stacks (56 448 bytes of frames); ours the two newest
     frames (14 112) and two int64 counters. The figures docs/agents.md quotes."""
@@ -158,11 +166,11 @@ def test_memory_per_transition():
     ours, _, _ = _breakout_replay("uniform", buffer_size=100, steps=10)
     # The rest of a row, the same in both: action (int64), reward (float32), terminated/truncated/done, index.
     rest = 8 + 4 + 3 + 8
-    assert atari.bytes_per_transition(naive) == NAIVE_FRAMES + rest == 56_471
-    assert atari.bytes_per_transition(ours) == 2 * FRAME + 2 * 8 + rest == 14_151
+    assert bytes_per_transition(naive) == NAIVE_FRAMES + rest == 56_471
+    assert bytes_per_transition(ours) == 2 * FRAME + 2 * 8 + rest == 14_151
     row = ours.storage[0]
     assert row["frame"].dtype == torch.uint8 and "observation" not in row.keys()
-    assert atari.bytes_per_transition(naive) / atari.bytes_per_transition(ours) > 3.99
+    assert bytes_per_transition(naive) / bytes_per_transition(ours) > 3.99
 
 
 # Dopamine's dqn.gin / c51.gin and the LaBER paper's Table 2 (docs/agents.md says which is which).
@@ -198,7 +206,7 @@ DOPAMINE = dict(
 )
 def test_atari_defaults_are_dopamines(algo, expected):
     agent = {"dqn": dqn, "c51": c51}[algo]
-    cfg = common.cli(agent.env_defaults, agent.Config.env_id, ["--env-id", "ALE/Pong-v5"])
+    cfg = cli(agent.env_defaults, agent.Config.env_id, ["--env-id", "ALE/Pong-v5"])
     assert {name: getattr(cfg, name) for name in expected} == expected
     # Other families keep theirs.
     assert agent.env_defaults("MinAtar/Breakout-v1").optimizer_eps == 0.01

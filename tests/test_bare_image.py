@@ -1,4 +1,4 @@
-"""The GPU check on a bare image: only torch, triton, numpy, scipy, pytest and the library's own
+"""The GPU check on a bare image: only torch, triton, numpy, scipy, pandas, pytest and the library's own
 dependencies (torchrl, tensordict). The first H200 run collected 0 GPU tests there, because the
 doctest collection imported the agents' extras. Here those extras are hidden from a subprocess
 (``find_spec`` says they are not installed, importing them fails), as on such an image."""
@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# What `make install` adds beyond the library's dependencies and the GPU image's own packages.
+# What `make install` adds beyond the library's dependencies and the GPU image's own packages (torch, triton,
+# numpy, scipy, pytest, pandas: ../shared/gpu/README.md; perf/common.py writes its CSVs with pandas). matplotlib
+# and tqdm are on the image too, but nothing the check imports at start may need them.
 OPTIONAL = (
     "tyro",
     "gymnasium",
@@ -26,7 +28,6 @@ OPTIONAL = (
     "mujoco",
     "cpprb",
     "matplotlib",
-    "pandas",
     "seaborn",
 )
 

@@ -17,6 +17,7 @@ from tests.conftest import AGENT_DEPS, require  # noqa: E402
 require(*AGENT_DEPS + ("rliable", "matplotlib", "pandas"))
 from experiments import compare, reports, stats, sweep  # noqa: E402
 from experiments import runs as run_module  # noqa: E402
+from experiments.config import Config  # noqa: E402
 from experiments.runs import Run, command, finished_run, gradient_steps  # noqa: E402
 from tests.test_agents import DISCRETE, assert_returns_possible
 
@@ -129,8 +130,8 @@ def test_gradient_steps_counts_the_dqn_loop(total, start, freq, steps):
 # The sweep's table and plot, from run folders written by hand
 
 
-def sweep_of(tmp_path: Path, with_diagnostics: bool) -> tuple[compare.Config, list[dict]]:
-    cfg = compare.Config(
+def sweep_of(tmp_path: Path, with_diagnostics: bool) -> tuple[Config, list[dict]]:
+    cfg = Config(
         algo="dqn",
         env_id="CartPole-v1",
         samplers=["uniform", "laber-mean"],
@@ -213,7 +214,7 @@ def test_aggregate_over_tasks_writes_table_profiles_and_skips_an_unknown_task(tm
                 fake_run(tmp_path / task / sampler / f"seed{seed}", env_id, [0.0, value])
     fake_run(tmp_path / "cartpole" / "per" / "seed0", "CartPole-v1", [0.0, 500.0])  # not in every task: left out
     out = tmp_path / "all"
-    rows = compare.main(compare.Config(aggregate=[tmp_path / t for t in finals], out=out, bootstrap=300))
+    rows = compare.main(Config(aggregate=[tmp_path / t for t in finals], out=out, bootstrap=300))
 
     normalised = {
         s: np.array([[finals["cartpole"][1][s][k] / 500, (finals["acrobot"][1][s][k] + 500) / 500] for k in range(3)])
@@ -315,7 +316,7 @@ def test_batch_size_sweep_runs_each_size_at_the_same_gradient_steps(tmp_path):
 
 def test_batch_sizes_refuse_a_batch_size_in_extra(tmp_path):
     with pytest.raises(ValueError, match="--batch-sizes"):
-        compare.main(compare.Config(batch_sizes=[8], extra="--batch-size 32", out=tmp_path))
+        compare.main(Config(batch_sizes=[8], extra="--batch-size 32", out=tmp_path))
 
 
 def test_diagnostics_plot_from_the_runs_diagnostics_and_none_without(tmp_path):
@@ -421,7 +422,7 @@ def test_finished_run_matches_the_launched_arguments_and_needs_the_last_evaluati
 
 
 def test_reuse_launches_only_the_runs_not_finished(tmp_path, monkeypatch):
-    cfg = compare.Config(samplers=["uniform"], seeds=[0, 1], total_steps=600, out=tmp_path, reuse=True, bootstrap=200)
+    cfg = Config(samplers=["uniform"], seeds=[0, 1], total_steps=600, out=tmp_path, reuse=True, bootstrap=200)
     done = Run("uniform", 0, tmp_path / "uniform" / "seed0")
     fake_run(done.folder, "CartPole-v1", [100.0, 200.0])
     launched_with(done.folder, command(cfg, done)[3:])
@@ -443,7 +444,7 @@ def test_reuse_launches_only_the_runs_not_finished(tmp_path, monkeypatch):
 def test_reuse_resumes_an_interrupted_run_from_its_checkpoint(tmp_path, monkeypatch):
     """A run with the same arguments, stopped before its last step with a checkpoint that holds its
     buffer, goes on with --resume; one with other arguments starts again."""
-    cfg = compare.Config(samplers=["uniform"], seeds=[0, 1], total_steps=600, out=tmp_path, reuse=True, bootstrap=200)
+    cfg = Config(samplers=["uniform"], seeds=[0, 1], total_steps=600, out=tmp_path, reuse=True, bootstrap=200)
     for seed, other in [(0, False), (1, True)]:
         run = Run("uniform", seed, tmp_path / "uniform" / f"seed{seed}")
         args = command(cfg, run)[3:]
@@ -464,7 +465,7 @@ def test_reuse_resumes_an_interrupted_run_from_its_checkpoint(tmp_path, monkeypa
 
 
 def test_a_variant_entry_runs_its_sampler_with_its_arguments_under_its_label(tmp_path, monkeypatch):
-    cfg = compare.Config(
+    cfg = Config(
         samplers=["uniform", "last-layer=laber-mean --surrogate last-layer"],
         seeds=[0],
         total_steps=600,
@@ -490,4 +491,4 @@ def test_a_variant_entry_runs_its_sampler_with_its_arguments_under_its_label(tmp
 @pytest.mark.parametrize("entries", [["a/b=per"], ["x=--m 4"], ["=per"], ["per", "per=uniform"]])
 def test_bad_sampler_entries_are_refused(entries, tmp_path):
     with pytest.raises(ValueError, match="--samplers"):
-        compare.main(compare.Config(samplers=entries, out=tmp_path))
+        compare.main(Config(samplers=entries, out=tmp_path))

@@ -1,4 +1,4 @@
-"""LFIW in the agents (``--sampler lfiw``, ``lfiw-laber-mean``, built by each agent's ``make_replay``): the
+"""LFIW in the agents (``--sampler lfiw``, ``lfiw-laber-mean``, built by ``agents.actor_critic.make_replay``): the
 critics' loss sees the self-normalised LFIW weights of the rows it trains on (times LaBER's with
 LaBER), the ratio network learns only past the threshold, and DQN and C51 refuse LFIW."""
 
@@ -17,7 +17,9 @@ import torchsample.losses
 from tests.conftest import AGENT_DEPS, require  # noqa: E402
 
 require(*AGENT_DEPS)
-from agents import common, sac, td3  # noqa: E402
+from agents import actor_critic, sac, td3  # noqa: E402
+from agents.config import cli  # noqa: E402
+from agents.envs import make_env, to_tensordict  # noqa: E402
 from torchsample import LaBERLoss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,10 +29,10 @@ B, M, FAST = 16, 4, 50
 
 
 def pendulum_replay(algo: str, sampler: str, rows: int, temperature: float = 1.0):
-    """``(rb, lfiw, fast_slow, loss)`` of the agent's ``make_replay`` on a small SAC or TD3 loss, filled with
+    """``(rb, lfiw, fast_slow, loss)`` of ``actor_critic.make_replay`` on a small SAC or TD3 loss, filled with
     ``rows`` random Pendulum transitions."""
     agent, build = ACTOR_CRITIC[algo]
-    env = common.make_env("Pendulum-v1", 0)
+    env = make_env("Pendulum-v1", 0)
     cfg = agent.Config(
         hidden=(32, 32),
         sampler=sampler,
@@ -42,13 +44,13 @@ def pendulum_replay(algo: str, sampler: str, rows: int, temperature: float = 1.0
     )
     loss_module, _ = build(cfg, env, CPU)
     SoftUpdate(loss_module, tau=0.005)  # the agent's target updater (without one TorchRL warns)
-    rb, laber, lfiw, fast_slow = agent.make_replay(cfg, loss_module, env, CPU)
+    rb, laber, lfiw, fast_slow = actor_critic.make_replay(cfg, loss_module, env, CPU)
     assert laber is None  # not compiled: LaBER samples through the buffer
     obs, _ = env.reset(seed=0)
     for _ in range(rows):
         action = env.action_space.sample()
         next_obs, reward, terminated, truncated, _ = env.step(action)
-        fast_slow.add(common.to_tensordict(obs, action, reward, next_obs, terminated, truncated, CPU))
+        fast_slow.add(to_tensordict(obs, action, reward, next_obs, terminated, truncated, CPU))
         obs = env.reset()[0] if terminated or truncated else next_obs
     return rb, lfiw, fast_slow, loss_module
 
@@ -112,17 +114,17 @@ def test_the_ratio_network_learns_and_weighs_only_past_the_threshold():
     rb, lfiw, fast_slow, _ = pendulum_replay("sac", "lfiw", rows=FAST)
     assert not lfiw.active
     assert torch.equal(lfiw(rb.sample())["priority_weight"], torch.ones(B))
-    env = common.make_env("Pendulum-v1", 1)
+    env = make_env("Pendulum-v1", 1)
     obs, _ = env.reset(seed=1)
     action = env.action_space.sample()
     next_obs, reward, terminated, truncated, _ = env.step(action)
-    fast_slow.add(common.to_tensordict(obs, action, reward, next_obs, terminated, truncated, CPU))
+    fast_slow.add(to_tensordict(obs, action, reward, next_obs, terminated, truncated, CPU))
     assert lfiw.active
     params = [p.detach().clone() for p in lfiw.ratio_net.parameters()]
     ratio_loss = lfiw.update(fast_slow.sample_slow(B), fast_slow.sample_fast(B))
     assert not all(torch.equal(a, b) for a, b in zip(params, lfiw.ratio_net.parameters()))
     assert not torch.equal(lfiw(rb.sample())["priority_weight"], torch.ones(B))
-    stats = sac.lfiw_log(lfiw, fast_slow, ratio_loss, rows=B)
+    stats = actor_critic.lfiw_log(lfiw, fast_slow, ratio_loss, rows=B)
     assert (
         set(stats) == {"ratio_mean", "ratio_std", "ess", "ratio_loss", "slow_size"} and stats["slow_size"] == FAST + 1
     )
@@ -143,18 +145,18 @@ def test_dqn_command_line_refuses_lfiw_naming_the_choices(tmp_path):
 
 
 def test_lfiw_needs_a_fast_buffer_smaller_than_the_slow_one():
-    env = common.make_env("Pendulum-v1", 0)
+    env = make_env("Pendulum-v1", 0)
     cfg = sac.Config(hidden=(32, 32), sampler="lfiw", buffer_size=100, lfiw_fast_size=100)
     loss_module, _ = sac.build_sac(cfg, env, CPU)
     with pytest.raises(ValueError, match="fast_size must be smaller than slow_size"):
-        sac.make_replay(cfg, loss_module, env, CPU)  # --lfiw-fast-size must stay below --buffer-size
+        actor_critic.make_replay(cfg, loss_module, env, CPU)  # --lfiw-fast-size must stay below --buffer-size
 
 
 @pytest.mark.parametrize("algo", list(ACTOR_CRITIC))
 def test_help_shows_the_lfiw_options(algo, capsys):
     agent = ACTOR_CRITIC[algo][0]
     with pytest.raises(SystemExit):
-        common.cli(agent.env_defaults, agent.Config.env_id, ["--help"])
+        cli(agent.env_defaults, agent.Config.env_id, ["--help"])
     text = " ".join(re.sub("[│╭╮╰╯─]", " ", capsys.readouterr().out).split())
     for option, default in [
         ("--lfiw-fast-size", "10000"),

@@ -9,12 +9,16 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
 
 from tests.conftest import AGENT_DEPS, has, require  # noqa: E402
 
 require(*AGENT_DEPS)
-from agents import common  # noqa: E402
+from agents.config import RunOptions, cli  # noqa: E402
+from agents.envs import make_env, to_tensordict  # noqa: E402
+from agents.logs import Logger, make_torchrl_logger  # noqa: E402
+from agents.loop import TrainingLoop  # noqa: E402
 from tests.test_agents import AGENT_ARGS, AGENTS, DISCRETE, read_csv, run_agent
 
 needs_tensorboard = pytest.mark.skipif(not has("tensorboard"), reason="needs tensorboard (the [loggers] extra)")
@@ -23,7 +27,7 @@ SINKS = ["csv", pytest.param("tensorboard", marks=needs_tensorboard), pytest.par
 
 
 def _log_three_rows(run_dir: Path, logger: str, start_step: int = 0) -> None:
-    log = common.Logger(run_dir, common.RunOptions(logger=logger), exp_name="demo", start_step=start_step)
+    log = Logger(run_dir, RunOptions(logger=logger), exp_name="demo", start_step=start_step)
     log.log("train", 10, episode_return=1.0, epsilon=0.5)
     log.log("eval", 20, eval_return=2.5, steps_per_s=float("nan"))
     log.log("train", 15, episode_return=3.0, epsilon=0.4)  # an earlier step than the eval row before it
@@ -88,7 +92,7 @@ def test_a_closed_wandb_logger_has_written_every_scalar(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "")
     for attempt in range(10):
         run_dir = tmp_path / str(attempt)
-        log = common.Logger(run_dir, common.RunOptions(logger="wandb"), exp_name="demo")
+        log = Logger(run_dir, RunOptions(logger="wandb"), exp_name="demo")
         log.log("train", 10, episode_return=1.0)
         log.close()
         (records,) = (run_dir / "wandb").rglob("run-*.wandb")
@@ -97,7 +101,7 @@ def test_a_closed_wandb_logger_has_written_every_scalar(tmp_path, monkeypatch):
 
 def test_unknown_logger_is_a_value_error(tmp_path):
     with pytest.raises(ValueError, match="logger must be one of csv, tensorboard, wandb"):
-        common.make_torchrl_logger("mlflow", tmp_path, "demo")
+        make_torchrl_logger("mlflow", tmp_path, "demo")
 
 
 @pytest.mark.slow
@@ -121,10 +125,10 @@ def test_agent_logs_through_the_chosen_logger(logger, tmp_path):
 @pytest.mark.parametrize("algo", list(AGENT_ARGS))
 def test_every_agent_parses_the_logger_flag(algo, capsys):
     agent = AGENTS[algo]
-    assert common.cli(agent.env_defaults, agent.Config.env_id, []).logger == "csv"  # the default
-    assert common.cli(agent.env_defaults, agent.Config.env_id, ["--logger", "wandb"]).logger == "wandb"
+    assert cli(agent.env_defaults, agent.Config.env_id, []).logger == "csv"  # the default
+    assert cli(agent.env_defaults, agent.Config.env_id, ["--logger", "wandb"]).logger == "wandb"
     with pytest.raises(SystemExit):
-        common.cli(agent.env_defaults, agent.Config.env_id, ["--logger", "mlflow"])
+        cli(agent.env_defaults, agent.Config.env_id, ["--logger", "mlflow"])
 
 
 @needs_wandb
@@ -169,7 +173,7 @@ def test_a_fresh_run_replaces_an_earlier_runs_files_and_a_resumed_one_keeps_them
 
 
 def test_logger_refuses_a_file_it_does_not_own(tmp_path):
-    log = common.Logger(tmp_path, common.RunOptions(logger="csv"), exp_name="demo")
+    log = Logger(tmp_path, RunOptions(logger="csv"), exp_name="demo")
     with pytest.raises(ValueError, match="got 'results'"):
         log.log("results", 1, x=1.0)
     log.close()
@@ -179,20 +183,18 @@ def test_a_resumed_runs_wall_time_counts_the_time_before_its_checkpoint(tmp_path
     # Each step sleeps 10 ms: the wall time at step 40 is at least the 40 steps' sleeps, the 30 before
     # the checkpoint included, whatever else the machine does (a lower bound, so the test cannot flake).
     def run(**options) -> None:
-        cfg = common.RunOptions(progress=False, **options)
+        cfg = RunOptions(progress=False, **options)
         cfg.out, cfg.total_steps, cfg.eval_every, cfg.eval_episodes = tmp_path, 50, 20, 1
         cfg.env_id, cfg.sampler = "CartPole-v1", "uniform"
         buffer = TensorDictReplayBuffer(storage=LazyTensorStorage(100), batch_size=2)
-        loop = common.TrainingLoop(
-            cfg, "demo", common.make_env(cfg.env_id, 0), buffer, {}, lambda obs: 0, burn_in=10, bar_every=10, recent=5
+        loop = TrainingLoop(
+            cfg, "demo", make_env(cfg.env_id, 0), buffer, {}, lambda obs: 0, burn_in=10, bar_every=10, recent=5
         )
         obs = loop.obs
         for step in loop.steps():
             time.sleep(0.01)
             next_obs, reward, terminated, truncated, _ = loop.env.step(1)
-            buffer.add(
-                common.to_tensordict(obs, 1, reward, next_obs, terminated, truncated, common.torch.device("cpu"))
-            )
+            buffer.add(to_tensordict(obs, 1, reward, next_obs, terminated, truncated, torch.device("cpu")))
             obs = loop.record(step, next_obs, reward, terminated or truncated)
             if loop.end_step(step, obs):
                 break

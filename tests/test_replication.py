@@ -17,6 +17,7 @@ from tests.conftest import AGENT_DEPS, require  # noqa: E402
 require(*AGENT_DEPS + ("rliable", "matplotlib", "pandas"))
 from experiments import compare, contrasts, export, replication, stats  # noqa: E402
 from experiments import runs as run_module  # noqa: E402
+from experiments.config import Config  # noqa: E402
 from experiments.runs import Run, command  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,7 +177,7 @@ def test_holm_95_interval_is_improvement_over_s_and_the_corrected_one_is_wider()
 # A whole study: run folders -> compare --reuse, and run folders -> CSV -> page, give the same numbers
 
 
-def fake_study(root: Path, cfg: compare.Config, arms: list[str], seeds: list[int], unfinished=()) -> None:
+def fake_study(root: Path, cfg: Config, arms: list[str], seeds: list[int], unfinished=()) -> None:
     """Run folders as the study's agents leave them (eval.csv, config.txt, args.json), returns made up."""
     rng = np.random.default_rng(7)
     for arm, seed in product(arms, seeds):
@@ -191,8 +192,8 @@ def fake_study(root: Path, cfg: compare.Config, arms: list[str], seeds: list[int
         (run.folder / "args.json").write_text(json.dumps(command(cfg, run)[3:]))
 
 
-def study_config(out: Path, seeds: list[int]) -> compare.Config:
-    return compare.Config(
+def study_config(out: Path, seeds: list[int]) -> Config:
+    return Config(
         algo="dqn",
         env_id="MinAtar/Breakout-v1",
         samplers=replication.ARMS,

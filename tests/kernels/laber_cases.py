@@ -17,7 +17,7 @@ from scipy import stats
 from torchsample.codes import LossKind as L
 from torchsample.codes import Weighting as W
 from torchsample.kernels import laber
-from torchsample.kernels.laber import allocate_buffers, block_sizes, launch_laber, new_rng_state
+from torchsample.kernels.laber import allocate_buffers, launch_laber, new_rng_state
 from torchsample.kernels.laber_naive import laber_naive
 from torchsample.weights import importance_weights
 
@@ -280,7 +280,7 @@ def test_effective_probabilities_at_4m_are_within_2_to_the_minus_47():
     p[0, N // 2 : N // 2 + 4096] *= 2.0**-10  # light items behind half the mass
     p[0, 3 * N // 4 : 3 * N // 4 + 64] = 0.0  # zero-mass chunks
     p = p.to(DEVICE)
-    blocks = block_sizes(N, 1, 1, L.PRIORITY)
+    blocks = laber.launch_plan(N, 1, 1, L.PRIORITY).constexprs
     buffers = poisoned_buffers(p, 1, L.PRIORITY)
     launch_laber(p, p, None, fresh_state(0), 1, L.PRIORITY, W.MEAN, 0.0, 1.0, buffers=buffers)
     priority = buffers.priority[0]
@@ -385,7 +385,8 @@ def test_rows_of_several_tiles_spread_over_programs(monkeypatch):
     grids = record_grids(monkeypatch)
     pred, target, _ = make_inputs(L.PRIORITY, 2, 65537, 1, torch.float32)
     run(pred, target, fresh_state(5), 8, L.PRIORITY, W.MEAN)
-    assert block_sizes(65537, 1, 8, L.PRIORITY)["BLOCK_N"] == 4096 and grids == [("laber_fused_kernel", (2 * 17,))]
+    assert laber.launch_plan(65537, 1, 8, L.PRIORITY).constexprs["BLOCK_N"] == 4096
+    assert grids == [("laber_fused_kernel", (2 * 17,))]
 
 
 def test_many_draws_spread_over_programs_of_a_second_launch(monkeypatch):
