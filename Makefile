@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo compare continuous small-batch ladder bench bench-full bench-kernel gpu-check compat clean
+.PHONY: install test demo compare continuous small-batch small-batch-nstep ladder bench bench-full bench-kernel gpu-check compat clean
 
 # pyproject.toml states the supported ranges; CI installs the one combination it tests.
 # --no-cache-dir: the venv is about 6.6 GB (torch's CUDA build); pip's cache would add each download
@@ -63,6 +63,12 @@ small-batch: $(STAMP)
 	$(SMALL_BATCH) --env-id MinAtar/Breakout-v1 --total-steps 40000 \
 		--extra="--exploration-steps 20000 --eval-every 5000 --diagnostics-every 5000 --diagnostics-rows 512" \
 		--out runs/small-batch/breakout
+
+# The CartPole sweep again with 3-step returns (docs/results/small-batch-nstep.md, issue 30): the small-batch thesis
+# predicts its effect only with multi-step returns. 30 runs, two at a time; the page is written from their CSV.
+small-batch-nstep: $(STAMP)
+	$(SMALL_BATCH) --env-id CartPole-v1 --total-steps 20000 --jobs 2 --extra="--n-step 3" --out runs/small-batch/cartpole-nstep3
+	$(PY) -m experiments.nstep_sweep --runs runs/small-batch/cartpole-nstep3
 
 # The surrogate ladder and the paper's samplers (docs/results/ladder.md): DQN, 3 seeds, in one table per task: laber-mean
 # at each rung (output, last-layer, exact), GER, PER-LaBER and GER-LaBER against uniform and PER.

@@ -50,7 +50,7 @@ STUDY = (
 )
 RECOMPUTE = f"{STUDY} --metric window --window {WINDOW[0]} {WINDOW[1]} --focus {FOCUS}"
 # The study's own timestamps, written by its script next to the runs' folder (runs/replication.<name>).
-STAMPS = ("commit", "started", "three-arms-done", "finished")
+STAMPS = ("commit", "started", "resumed", "three-arms-done", "finished")
 
 # The lead, from docs/results/small-batch.md (MinAtar Breakout, B = 8, 40k steps, seeds 0-2, final returns):
 # its runs are not on any machine the project has now, so only the page's printed figures exist.
@@ -92,6 +92,50 @@ def study_stamps(runs: Path) -> dict[str, str]:
         if path.exists():
             found[stamp] = path.read_text().strip()
     return found
+
+
+def _commits(stamps: dict[str, str]) -> str:
+    """The commit line: one commit, or two where the study was resumed (the ``resumed`` stamp: ``<when>
+    <commit>``) on a fresh machine from the committed run files of the finished runs.
+
+    Examples:
+        >>> _commits({"commit": "38e9b50"})
+        '38e9b50 (the study ran from a worktree frozen at it).'
+        >>> _commits({"commit": "38e9b50", "resumed": "2026-12-07T06:55:38Z eb86079"})[:60]
+        '38e9b50 for the runs finished before 2026-12-07T06:55:38Z (t'
+    """
+    if "commit" not in stamps:
+        return "not recorded."
+    if "resumed" not in stamps:
+        return f"{stamps['commit']} (the study ran from a worktree frozen at it)."
+    when, commit = stamps["resumed"].split()
+    return (
+        f"{stamps['commit']} for the runs finished before {when} (their files are kept under "
+        f"`replication/runs/` at {commit[:7]}); {commit} for the others, resumed then on a fresh machine from "
+        "those files (`--reuse`), each from a worktree frozen at its commit. The agent arguments are the same "
+        "at both (the sidecar's `arguments`: one line per arm); the rerun check below, if any, compares runs of the "
+        "two commits."
+    )
+
+
+def _rerun_check(curves_csv: Path, check_csv: Path) -> list[str]:
+    """Runs of the study rerun at the later commit (``<csv>-check.csv``) against the study's own: the same
+    seed should give the same evaluations, whichever commit ran it."""
+    study = {(c.sampler, c.seed): c for c in read_curves(curves_csv)}
+    lines = []
+    for c in read_curves(check_csv):
+        mine = study.get((c.sampler, c.seed))
+        if mine is None:
+            continue
+        same = len(mine.steps) == len(c.steps) and np.array_equal(mine.steps, c.steps)
+        gap = float(np.max(np.abs(mine.returns - c.returns))) if same else float("nan")
+        verdict = (
+            "the same evaluation returns at all " + str(len(c.steps)) + " evaluations"
+            if same and gap == 0.0
+            else (f"evaluations differ by up to {gap:.2f}" if same else "a different evaluation schedule")
+        )
+        lines.append(f"- {c.sampler} seed {c.seed}: {verdict}.")
+    return lines
 
 
 def _arm_rows(matrices: dict[str, dict[str, np.ndarray]], reps: int) -> list[list[str]]:
@@ -151,12 +195,7 @@ def page(curves_csv: Path, meta: dict, reps: int = 5000) -> str:
             lines.append(f"Under way when exported, not scored: {', '.join(under_way)}.")
     lines += [
         "",
-        "- **Commit of the runs**: "
-        + (
-            f"{stamps['commit']} (the study ran from a worktree frozen at it)."
-            if "commit" in stamps
-            else "not recorded."
-        ),
+        "- **Commit of the runs**: " + _commits(stamps),
         f"- **Date**: started {stamps.get('started', 'not recorded')}"
         + (f", uniform, PER and LaBER-mean done {stamps['three-arms-done']}" if "three-arms-done" in stamps else "")
         + (f", finished {stamps['finished']}" if "finished" in stamps else ", not finished when exported")
@@ -256,6 +295,17 @@ def page(curves_csv: Path, meta: dict, reps: int = 5000) -> str:
         "its runs, fresh seeds.",
         "",
     ]
+    check_csv = curves_csv.with_name(f"{curves_csv.stem}-check.csv")
+    if check_csv.exists():
+        lines += [
+            "## The rerun check",
+            "",
+            f"Runs the study finished at its first commit, rerun at the later one (`{check_csv.name}`, written "
+            "by `experiments.export` from the rerun's folders):",
+            "",
+            *_rerun_check(curves_csv, check_csv),
+            "",
+        ]
     if meta.get("left_out"):
         lines += ["Runs left out of the CSV when it was exported:", ""]
         lines += [f"- {line}" for line in meta["left_out"]] + [""]

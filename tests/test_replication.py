@@ -277,3 +277,23 @@ def test_export_command_line(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out.csv").read_text() == "sampler,seed,step,return\nper,1,10,1.5\n"
+
+
+def test_a_resumed_study_names_both_commits_and_checks_a_rerun(tmp_path):
+    """A study resumed at a later commit says which runs ran where, and a rerun of finished runs at that
+    commit is compared evaluation by evaluation with the study's own."""
+    study = tmp_path / "study.csv"
+    study.write_text(
+        "sampler,seed,step,return\n"
+        + "".join(f"{a},3,{s},{r}\n" for a, r in (("laber-mean", 1.5), ("uniform", 0.5)) for s in (20000, 40000))
+    )
+    check = tmp_path / "study-check.csv"
+    check.write_text("sampler,seed,step,return\nlaber-mean,3,20000,1.5\nlaber-mean,3,40000,1.5\n")
+    meta = {"stamps": {"commit": "38e9b50", "resumed": "2026-12-07T06:55:38Z eb86079abc"}}
+    text = replication.page(study, meta, reps=50)
+    assert "38e9b50 for the runs finished before 2026-12-07T06:55:38Z" in text and "eb86079abc for the others" in text
+    assert "- laber-mean seed 3: the same evaluation returns at all 2 evaluations." in text
+    check.write_text("sampler,seed,step,return\nlaber-mean,3,20000,1.5\nlaber-mean,3,40000,0.25\n")
+    assert "- laber-mean seed 3: evaluations differ by up to 1.25." in replication.page(study, meta, reps=50)
+    check.unlink()
+    assert "## The rerun check" not in replication.page(study, meta, reps=50)
