@@ -119,22 +119,26 @@ def _commits(stamps: dict[str, str]) -> str:
 
 
 def _rerun_check(curves_csv: Path, check_csv: Path) -> list[str]:
-    """Runs of the study rerun at the later commit (``<csv>-check.csv``) against the study's own: the same
-    seed should give the same evaluations, whichever commit ran it."""
+    """Runs of the study rerun at the later commit (``<csv>-check.csv``, perhaps shorter: the agents' only use
+    of ``--total-steps`` in DQN without PER is where to stop) against the study's own, at the evaluations
+    both have: the same seed should give the same evaluations, whichever commit ran it."""
     study = {(c.sampler, c.seed): c for c in read_curves(curves_csv)}
     lines = []
     for c in read_curves(check_csv):
         mine = study.get((c.sampler, c.seed))
         if mine is None:
             continue
-        same = len(mine.steps) == len(c.steps) and np.array_equal(mine.steps, c.steps)
-        gap = float(np.max(np.abs(mine.returns - c.returns))) if same else float("nan")
-        verdict = (
-            "the same evaluation returns at all " + str(len(c.steps)) + " evaluations"
-            if same and gap == 0.0
-            else (f"evaluations differ by up to {gap:.2f}" if same else "a different evaluation schedule")
-        )
-        lines.append(f"- {c.sampler} seed {c.seed}: {verdict}.")
+        steps = np.intersect1d(mine.steps, c.steps)
+        if not len(steps):
+            lines.append(f"- {c.sampler} seed {c.seed}: no evaluation at a step the study's run has.")
+            continue
+        ours = mine.returns[np.isin(mine.steps, steps)]
+        theirs = c.returns[np.isin(c.steps, steps)]
+        gap = float(np.max(np.abs(ours - theirs)))
+        at = f"{len(steps)} evaluation{'s' * (len(steps) > 1)} (steps {', '.join(map(str, steps))}: "
+        at += f"{', '.join(f'{r:g}' for r in theirs)})"
+        verdict = f"the same returns at its {at}" if gap == 0.0 else f"returns differ by up to {gap:.2f} at {at}"
+        lines.append(f"- {c.sampler} seed {c.seed}, {c.steps[-1]} steps: {verdict}.")
     return lines
 
 
@@ -306,6 +310,13 @@ def page(curves_csv: Path, meta: dict, reps: int = 5000) -> str:
             *_rerun_check(curves_csv, check_csv),
             "",
         ]
+        note = (
+            json.loads(check_csv.with_suffix(".json").read_text()).get("note")
+            if check_csv.with_suffix(".json").exists()
+            else None
+        )
+        if note:
+            lines += [f"The rerun's sidecar: {note}.", ""]
     if meta.get("left_out"):
         lines += ["Runs left out of the CSV when it was exported:", ""]
         lines += [f"- {line}" for line in meta["left_out"]] + [""]
