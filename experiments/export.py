@@ -210,13 +210,16 @@ def score_matrices(scores: dict[str, dict[int, float]]) -> dict[str, np.ndarray]
     return {s: np.array([[by_seed[k]] for k in sorted(by_seed)]) for s, by_seed in scores.items()}
 
 
-KEPT_FILES = ("args.json", "config.txt", "eval.csv")
+# What a page quotes beyond the returns comes along where a run wrote it: the LFIW ratio (lfiw.csv) and the
+# App. C / H diagnostics (diagnostics.csv), a few kB each.
+KEPT_FILES = ("args.json", "config.txt", "eval.csv", "lfiw.csv", "diagnostics.csv")
 
 
 def keep_runs(runs_dir: Path, kept_dir: Path) -> list[Path]:
     """Copy what ``--reuse`` needs of every finished run under ``runs_dir`` (``args.json``, ``config.txt``,
-    ``eval.csv``: a few kB a run) to the same place under ``kept_dir``, to commit: a study that a session
-    leaves unfinished resumes on a fresh machine after :func:`restore_runs`. Returns the folders kept.
+    ``eval.csv``: a few kB a run; and ``lfiw.csv`` and ``diagnostics.csv`` where the run wrote them, which pages
+    quote) to the same place under ``kept_dir``, to commit: a study that a session leaves unfinished resumes on
+    a fresh machine after :func:`restore_runs`. Returns the folders kept.
 
     Examples:
         >>> import tempfile

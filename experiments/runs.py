@@ -142,7 +142,8 @@ def finished_run(args: list[str], folder: Path) -> Optional[float]:
 
 def launch(cfg: Config, run: Run) -> Run:
     """Run one agent process into ``run.folder`` (keeping a finished run with ``cfg.reuse``, resuming an
-    interrupted one from its checkpoint); fills in its return code and wall time."""
+    interrupted one from its checkpoint); fills in its return code and wall time (a finished run's: its
+    ``eval.csv``'s last, launched or kept alike; a failed run's: the process's)."""
     cmd = command(cfg, run)
     args = cmd[3:]
     if cfg.reuse:
@@ -160,6 +161,11 @@ def launch(cfg: Config, run: Run) -> Run:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     run.wall_time = time.time() - start
     run.returncode = proc.returncode
+    # One wall time for every finished run, launched or kept: its own eval.csv's, which a resumed run sums
+    # over its segments (agents/loop.py); the process's time would count the last segment and the start-up.
+    recorded = finished_run(args, run.folder) if proc.returncode == 0 else None
+    if recorded is not None:
+        run.wall_time = recorded
     if proc.returncode != 0:
         run.log_tail = "\n".join((run.folder / "stdout.log").read_text().splitlines()[-15:])
     return run

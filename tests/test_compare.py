@@ -438,6 +438,8 @@ def test_reuse_launches_only_the_runs_not_finished(tmp_path, monkeypatch):
     rows = compare.main(cfg)
     assert [c[c.index("--seed") + 1] for c in launched] == ["1"]
     assert rows[0]["runs"] == 2 and rows[0]["mean"] == pytest.approx((200.0 + 60.0) / 2)
+    # Kept and launched alike, a finished run's wall time is its eval.csv's (6 s each), not the process's.
+    assert rows[0]["wall_time_s"] == pytest.approx(6.0)
     assert json.loads((tmp_path / "uniform" / "seed1" / "args.json").read_text()) == launched[0][3:]
 
 

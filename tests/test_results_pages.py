@@ -1,0 +1,161 @@
+"""Every results table that names its per-run data recomputes from it (issue 30, item 2).
+
+A page marks a table with a line ``Per-run data: [name.csv](path/name.csv)`` just above it: the compact CSV
+of the runs' evaluation curves (:mod:`experiments.export`), whose ``.json`` sidecar names the env and whose
+``runs/name/`` folder beside it keeps each run's ``args.json``, ``config.txt`` and ``eval.csv``. Two checks:
+
+- **By hand, from the CSV**: every row's run count, mean, IQM, optimality gap and P(> uniform) of the final
+  evaluations are numpy's on the CSV, not through ``experiments``' statistics (which go through rliable).
+  The wall time and steps/s of each row are the means of the kept runs' last ``eval.csv`` rows.
+- **Through the command's own code**, for the demo's table (README's main job): the table
+  ``experiments.compare --reuse`` writes from the kept runs (the runs reused, 5000 bootstrap resamples as on
+  the pages) is the page's, CIs included, digit for digit. Only one table: rliable's bootstrap takes about 10
+  s a table here, and the CIs of the others come from the same code on the same kind of files.
+"""
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import require
+
+require("rliable", "pandas", "tyro")
+from experiments import export, reports, stats  # noqa: E402
+from experiments.runs import Run, read_eval  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = sorted([*(ROOT / "docs" / "results").glob("*.md"), ROOT / "docs" / "lfiw.md"])
+MARK = re.compile(r"^Per-run data: \[[^\]]+\]\(([^)]+\.csv)\)")
+
+
+def marked_tables(page: Path) -> list[tuple[Path, list[str], list[list[str]]]]:
+    """``(csv, header, rows)`` of every table marked with its per-run data on ``page``: the first table after
+    the mark, its cells stripped."""
+    lines, found = page.read_text().splitlines(), []
+    for i, line in enumerate(lines):
+        m = MARK.match(line)
+        if not m:
+            continue
+        start = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("| "))
+        table = []
+        for row in lines[start:]:
+            if not row.startswith("|"):
+                break
+            table.append([c.strip() for c in row.strip("|").split("|")])
+        found.append(((page.parent / m.group(1)).resolve(), table[0], table[2:]))
+    return found
+
+
+CASES = [(page, *t) for page in PAGES for t in marked_tables(page)]
+
+
+def case_id(case) -> str:
+    return f"{case[0].name}:{case[1].stem}"
+
+
+def iqm_by_hand(values) -> float:
+    """The mean of the middle half: floor(n / 4) cut at each end of the sorted values."""
+    x = np.sort(np.asarray(values, dtype=float))
+    cut = len(x) // 4
+    return float(x[cut : len(x) - cut].mean())
+
+
+def p_by_hand(xs, ys) -> float:
+    """P(X > Y) by its definition: over all pairs, 1 if x > y, 1/2 if equal."""
+    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x in xs for y in ys) / (len(xs) * len(ys))
+
+
+def point(cell: str) -> str:
+    """The point estimate of a ``point [low, high]`` cell."""
+    return cell.split(" [")[0]
+
+
+def last_eval_rows(kept: Path) -> dict[str, list[dict[str, str]]]:
+    """``{sampler: [the last row of each kept run's eval.csv]}``, read with the csv module."""
+    out: dict[str, list[dict[str, str]]] = {}
+    for path in sorted(kept.glob("*/seed*/eval.csv"), key=lambda p: (p.parent.parent.name, int(p.parent.name[4:]))):
+        with path.open() as f:
+            out.setdefault(path.parent.parent.name, []).append(list(csv.DictReader(f))[-1])
+    return out
+
+
+def finals(path: Path) -> dict[str, list[float]]:
+    """``{sampler: [final return of each run]}`` straight from the CSV: each run's row with the largest step."""
+    by_run: dict[tuple[str, int], tuple[int, float]] = {}
+    header, *rows = path.read_text().splitlines()
+    assert header == "sampler,seed,step,return", f"{path.name}: a one-task study's CSV, not {header}"
+    for line in rows:
+        sampler, seed, step, value = line.split(",")
+        key = (sampler, int(seed))
+        if key not in by_run or int(step) > by_run[key][0]:
+            by_run[key] = (int(step), float(value))
+    out: dict[str, list[float]] = {}
+    for (sampler, _), (_, value) in sorted(by_run.items()):
+        out.setdefault(sampler, []).append(value)
+    return out
+
+
+def test_the_pages_mark_their_tables():
+    """The pages whose runs are committed say so; a mark that points at nothing fails here, not silently."""
+    marked = {page.name for page, *_ in CASES}
+    assert {"compare.md"} <= marked, marked
+    for page, path, header, rows in CASES:
+        assert path.exists(), f"{page.name} marks a table with {path}, which is not in the repository"
+        assert header[:2] == ["sampler", "runs"] and rows, f"{page.name}: the mark of {path.name} is not above a table"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_a_marked_table_is_its_csv_by_hand(case):
+    page, path, header, rows = case
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert not meta["left_out"], f"{path.name}: unfinished runs were left out of the study: {meta['left_out']}"
+    (env_id,) = meta["env_ids"]
+    scores = finals(path)
+    assert {r[0] for r in rows} == set(scores), f"{page.name}: the table's samplers are not the CSV's"
+    column = {name: i for i, name in enumerate(header)}
+    for row in rows:
+        mine = scores[row[0]]
+        assert row[column["runs"]] == str(len(mine))
+        assert point(row[column["mean [95% CI]"]]) == f"{np.mean(mine):.1f}"
+        assert point(row[column["IQM [95% CI]"]]) == f"{iqm_by_hand(mine):.1f}"
+        if "optimality gap [95% CI]" in column:
+            low, high = stats.SCORE_RANGES[env_id]
+            gap = 1 - np.mean(np.minimum((np.asarray(mine) - low) / (high - low), 1.0))
+            assert point(row[column["optimality gap [95% CI]"]]) == f"{gap:.2f}"
+        if "P(> uniform) [95% CI]" in column and row[0] != "uniform":
+            assert point(row[column["P(> uniform) [95% CI]"]]) == f"{p_by_hand(mine, scores['uniform']):.2f}"
+        last = last_eval_rows(path.parent / "runs" / path.stem)[row[0]]
+        assert [float(r["eval_return"]) for r in last] == mine, "the kept runs are not the CSV's"
+        assert row[column["wall time (s)"]] == f"{np.mean([float(r['wall_time']) for r in last]):.0f}"
+        assert row[column["steps/s"]] == f"{np.mean([float(r['steps_per_s']) for r in last]):.0f}"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[1].stem == "demo"], ids=case_id)
+def test_the_demo_table_is_what_its_command_writes_from_the_kept_runs(case, tmp_path):
+    page, path, header, rows = case
+    kept = path.parent / "runs" / path.stem
+    assert kept.is_dir(), f"{path.name}: its runs' files are not kept in {kept}"
+    (env_id,) = json.loads(path.with_suffix(".json").read_text())["env_ids"]
+    # As experiments.runs.launch keeps a finished run under --reuse: exit code 0, its eval.csv's wall time.
+    runs = [
+        Run(sampler, seed, folder, returncode=0, wall_time=float(read_eval(folder)["wall_time"][-1]), reused=True)
+        for sampler, seed, _, folder in export.run_folders(kept)
+    ]
+    samplers = [r[0] for r in rows]
+    table = reports.write_tables(tmp_path, "t", env_id, stats.summarise(runs, samplers, env_id, 5000), runs)
+    written = [line for line in table.splitlines() if line.startswith("| ")]
+    assert written[0] == "| " + " | ".join(header) + " |"
+    assert sorted(written[2:]) == sorted("| " + " | ".join(r) + " |" for r in rows)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_a_marked_csv_is_the_export_of_its_kept_runs(case, tmp_path):
+    """The CSV and the kept run files are one study: exporting the kept runs writes the committed CSV."""
+    _, path, _, _ = case
+    meta = export.export(path.parent / "runs" / path.stem, tmp_path / path.name)
+    assert (tmp_path / path.name).read_text() == path.read_text()
+    assert meta["arguments"] == json.loads(path.with_suffix(".json").read_text())["arguments"]
