@@ -2,7 +2,7 @@
 
 A page marks a table with a line ``Per-run data: [name.csv](path/name.csv)`` just above it: the compact CSV
 of the runs' evaluation curves (:mod:`experiments.export`), whose ``.json`` sidecar names the env and whose
-``runs/name/`` folder beside it keeps each run's ``args.json``, ``config.txt`` and ``eval.csv``. Two checks:
+``runs/name/`` folder beside it keeps each run's ``args.json``, ``config.txt`` and ``eval.csv``. Three checks:
 
 - **By hand, from the CSV**: every row's run count, mean, IQM, optimality gap and P(> uniform) of the final
   evaluations are numpy's on the CSV, not through ``experiments``' statistics (which go through rliable).
@@ -11,6 +11,7 @@ of the runs' evaluation curves (:mod:`experiments.export`), whose ``.json`` side
   ``experiments.compare --reuse`` writes from the kept runs (the runs reused, 5000 bootstrap resamples as on
   the pages) is the page's, CIs included, digit for digit. Only one table: rliable's bootstrap takes about 10
   s a table here, and the CIs of the others come from the same code on the same kind of files.
+- **One study**: the CSV is what ``experiments.export`` writes from the kept runs, sidecar arguments included.
 """
 
 import csv
