@@ -27,6 +27,7 @@ from tests.conftest import require
 require("rliable", "pandas", "tyro")
 from experiments import export, reports, stats  # noqa: E402
 from experiments.runs import Run, read_eval  # noqa: E402
+from tests.test_replication import iqm_by_hand, p_by_hand  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted([*(ROOT / "docs" / "results").glob("*.md"), ROOT / "docs" / "lfiw.md"])
@@ -56,18 +57,6 @@ CASES = [(page, *t) for page in PAGES for t in marked_tables(page)]
 
 def case_id(case) -> str:
     return f"{case[0].name}:{case[1].stem}"
-
-
-def iqm_by_hand(values) -> float:
-    """The mean of the middle half: floor(n / 4) cut at each end of the sorted values."""
-    x = np.sort(np.asarray(values, dtype=float))
-    cut = len(x) // 4
-    return float(x[cut : len(x) - cut].mean())
-
-
-def p_by_hand(xs, ys) -> float:
-    """P(X > Y) by its definition: over all pairs, 1 if x > y, 1/2 if equal."""
-    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x in xs for y in ys) / (len(xs) * len(ys))
 
 
 def point(cell: str) -> str:
