@@ -1,5 +1,6 @@
-"""The batch-size sweep (the small-batch study): per batch size and sampler, the final IQM with its CI, the
-wall time and the runs' last diagnostics, at an equal number of gradient steps."""
+"""The batch-size sweep (the small-batch study): per batch size and sampler, the final IQM with its CI,
+P(> uniform) at that batch size, the wall time and the runs' last diagnostics, at an equal number of gradient
+steps."""
 
 from __future__ import annotations
 
@@ -38,7 +39,9 @@ def diagnostic_columns(rows: list[dict]) -> list[str]:
 def write_sweep(cfg: Config, rows: list[dict]) -> str:
     diagnostics = diagnostic_columns(rows)
     write_csv(cfg.out / "sweep.csv", rows, SWEEP_KEYS + diagnostics)
-    header = ["batch size", "sampler", "runs", "gradient steps", "IQM [95% CI]", "wall time (s)", *diagnostics]
+    has_p = any("p_improve" in r for r in rows)
+    header = ["batch size", "sampler", "runs", "gradient steps", "IQM [95% CI]"]
+    header += ["P(> uniform) [95% CI]"] * has_p + ["wall time (s)", *diagnostics]
     cells = []
     for r in rows:
         failed = f" ({r['failed']} failed)" if r["failed"] else ""
@@ -50,6 +53,7 @@ def write_sweep(cfg: Config, rows: list[dict]) -> str:
                 f"{r['runs']}{failed}",
                 str(r["gradient_steps"] or "-"),
                 ci(r, "iqm", 1),
+                *[ci(r, "p_improve", 2)] * has_p,
                 wall,
                 *(f"{r[k]:.4g}" if k in r else "-" for k in diagnostics),
             ]

@@ -180,10 +180,13 @@ def test_sweep_table_reports_iqm_time_and_final_diagnostics(tmp_path):
     ]
     table = (tmp_path / "sweep.md").read_text()
     assert (
-        "| batch size | sampler | runs | gradient steps | IQM [95% CI] | wall time (s) | grad_norm | srank |" in table
+        "| batch size | sampler | runs | gradient steps | IQM [95% CI] | P(> uniform) [95% CI] | wall time (s) "
+        "| grad_norm | srank |" in table
     )
-    # bs 16, laber-mean: finals 26, 27 (IQM of two keeps both), wall time 17, grad_norm (17 + 18) / 2, srank 160.
-    assert "| 16 | laber-mean | 2 | 80 | 26.5 [26.0, 27.0] | 17 | 17.5 | 160 |" in table
+    # bs 16, laber-mean: finals 26, 27 (IQM of two keeps both), above both of uniform's (16, 17) at that batch
+    # size, wall time 17, grad_norm (17 + 18) / 2, srank 160; uniform has no P of its own.
+    assert "| 16 | laber-mean | 2 | 80 | 26.5 [26.0, 27.0] | 1.00 [1.00, 1.00] | 17 | 17.5 | 160 |" in table
+    assert "| 16 | uniform | 2 | 80 | 16.5 [16.0, 17.0] | - | 16 | 16.5 | 160 |" in table
     csv_rows = read_csv(tmp_path / "sweep.csv")
     assert [float(r["grad_norm"]) for r in csv_rows] == [8.5, 9.5, 16.5, 17.5]
     assert {r["gradient_steps"] for r in csv_rows} == {"80"}

@@ -2,11 +2,17 @@
 
 A page marks a table with a line ``Per-run data: [name.csv](path/name.csv)`` just above it: the compact CSV
 of the runs' evaluation curves (:mod:`experiments.export`), whose ``.json`` sidecar names the env and whose
-``runs/name/`` folder beside it keeps each run's ``args.json``, ``config.txt`` and ``eval.csv``. Three checks:
+``runs/name/`` folder beside it keeps each run's ``args.json``, ``config.txt`` and ``eval.csv`` (and
+``diagnostics.csv`` where it wrote one). Two layouts are read, both ``experiments.compare``'s: a one-task
+table (``sampler | runs | ...``, the CSV ``sampler,seed,step,return``) and a batch-size sweep's (``batch size |
+sampler | runs | ...``, the CSV with ``batch_size`` first, the runs kept as ``bs<k>/<sampler>/seed<j>/``); a
+page may leave columns out. Three checks:
 
-- **By hand, from the CSV**: every row's run count, mean, IQM, optimality gap and P(> uniform) of the final
-  evaluations are numpy's on the CSV, not through ``experiments``' statistics (which go through rliable).
-  The wall time and steps/s of each row are the means of the kept runs' last ``eval.csv`` rows.
+- **By hand, from the CSV**: every row's run count, mean, IQM, optimality gap and P(> uniform) (against
+  uniform at the same batch size) of the final evaluations are numpy's on the CSV, not through
+  ``experiments``' statistics (which go through rliable). The wall time and steps/s of each row are the
+  means of the kept runs' last ``eval.csv`` rows, a sweep's gradient steps their ``config.txt``'s, and any
+  other column of a sweep is the mean of the kept runs' last ``diagnostics.csv`` value of that name.
 - **Through the command's own code**, for the demo's table (README's main job): the table
   ``experiments.compare --reuse`` writes from the kept runs (the runs reused, 5000 bootstrap resamples as on
   the pages) is the page's, CIs included, digit for digit. Only one table: rliable's bootstrap takes about 10
@@ -18,6 +24,7 @@ import csv
 import json
 import re
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -26,7 +33,7 @@ from tests.conftest import require
 
 require("rliable", "pandas", "tyro")
 from experiments import export, reports, stats  # noqa: E402
-from experiments.runs import Run, read_eval  # noqa: E402
+from experiments.runs import Run, read_config, read_eval  # noqa: E402
 from tests.test_replication import iqm_by_hand, p_by_hand  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,28 +71,47 @@ def point(cell: str) -> str:
     return cell.split(" [")[0]
 
 
-def last_eval_rows(kept: Path) -> dict[str, list[dict[str, str]]]:
-    """``{sampler: [the last row of each kept run's eval.csv]}``, read with the csv module."""
-    out: dict[str, list[dict[str, str]]] = {}
-    for path in sorted(kept.glob("*/seed*/eval.csv"), key=lambda p: (p.parent.parent.name, int(p.parent.name[4:]))):
-        with path.open() as f:
-            out.setdefault(path.parent.parent.name, []).append(list(csv.DictReader(f))[-1])
+Key = tuple[Optional[int], str]  # (batch size, None outside a sweep; sampler)
+
+
+def kept_runs(kept: Path) -> dict[Key, list[Path]]:
+    """``{(batch size, sampler): [each kept run's folder, by seed]}``."""
+    out: dict[Key, list[Path]] = {}
+    for sampler, _, batch_size, folder in export.run_folders(kept):
+        out.setdefault((batch_size, sampler), []).append(folder)
     return out
 
 
-def finals(path: Path) -> dict[str, list[float]]:
-    """``{sampler: [final return of each run]}`` straight from the CSV: each run's row with the largest step."""
-    by_run: dict[tuple[str, int], tuple[int, float]] = {}
+def last_row(path: Path) -> dict[str, str]:
+    """The last row of a CSV file, read with the csv module."""
+    with path.open() as f:
+        return list(csv.DictReader(f))[-1]
+
+
+def gradient_steps_by_hand(config: dict[str, str]) -> int:
+    """A run's updates from its ``config.txt``: DQN's ``gradient_steps`` at every ``train_freq``-th step from
+    ``learning_starts`` on (its config has ``train_freq``), SAC's and TD3's one a step from there."""
+    total, starts = int(config["total_steps"]), int(config["learning_starts"])
+    if "train_freq" not in config:
+        return total - starts
+    freq = int(config["train_freq"])
+    return (total // freq - starts // freq) * int(config["gradient_steps"])
+
+
+def finals(path: Path) -> dict[Key, list[float]]:
+    """``{(batch size, sampler): [final return of each run]}`` straight from the CSV: each run's row with the
+    largest step."""
+    by_run: dict[tuple[Optional[int], str, int], tuple[int, float]] = {}
     header, *rows = path.read_text().splitlines()
-    assert header == "sampler,seed,step,return", f"{path.name}: a one-task study's CSV, not {header}"
+    assert header in ("sampler,seed,step,return", "batch_size,sampler,seed,step,return"), f"{path.name}: {header}"
     for line in rows:
-        sampler, seed, step, value = line.split(",")
-        key = (sampler, int(seed))
+        *batch_size, sampler, seed, step, value = line.split(",")
+        key = (int(batch_size[0]) if batch_size else None, sampler, int(seed))
         if key not in by_run or int(step) > by_run[key][0]:
             by_run[key] = (int(step), float(value))
-    out: dict[str, list[float]] = {}
-    for (sampler, _), (_, value) in sorted(by_run.items()):
-        out.setdefault(sampler, []).append(value)
+    out: dict[Key, list[float]] = {}
+    for (batch_size, sampler, _), (_, value) in sorted(by_run.items(), key=lambda kv: (kv[0][0] or 0, *kv[0][1:])):
+        out.setdefault((batch_size, sampler), []).append(value)
     return out
 
 
@@ -95,7 +121,15 @@ def test_the_pages_mark_their_tables():
     assert {"compare.md", "lfiw.md"} <= marked, marked
     for page, path, header, rows in CASES:
         assert path.exists(), f"{page.name} marks a table with {path}, which is not in the repository"
-        assert header[:2] == ["sampler", "runs"] and rows, f"{page.name}: the mark of {path.name} is not above a table"
+        assert header[:2] == ["sampler", "runs"] or header[:3] == ["batch size", "sampler", "runs"], (
+            f"{page.name}: the mark of {path.name} is not above a table of experiments.compare's"
+        )
+        assert rows, f"{page.name}: the table marked with {path.name} has no rows"
+
+
+# The columns a table may have besides the key's; any other column of a sweep's is a diagnostic.
+KNOWN = {"runs", "mean [95% CI]", "IQM [95% CI]", "optimality gap [95% CI]", "P(> uniform) [95% CI]"}
+KNOWN |= {"wall time (s)", "steps/s", "gradient steps"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -104,24 +138,37 @@ def test_a_marked_table_is_its_csv_by_hand(case):
     meta = json.loads(path.with_suffix(".json").read_text())
     assert not meta["left_out"], f"{path.name}: unfinished runs were left out of the study: {meta['left_out']}"
     (env_id,) = meta["env_ids"]
-    scores = finals(path)
-    assert {r[0] for r in rows} == set(scores), f"{page.name}: the table's samplers are not the CSV's"
+    scores, kept = finals(path), kept_runs(path.parent / "runs" / path.stem)
+    sweep = header[0] == "batch size"
+    keys = [(int(r[0]), r[1]) if sweep else (None, r[0]) for r in rows]
+    assert set(keys) == set(scores), f"{page.name}: the table's rows are not the CSV's runs"
     column = {name: i for i, name in enumerate(header)}
-    for row in rows:
-        mine = scores[row[0]]
-        assert row[column["runs"]] == str(len(mine))
-        assert point(row[column["mean [95% CI]"]]) == f"{np.mean(mine):.1f}"
-        assert point(row[column["IQM [95% CI]"]]) == f"{iqm_by_hand(mine):.1f}"
-        if "optimality gap [95% CI]" in column:
+    for key, row in zip(keys, rows):
+        cell = {name: row[i] for name, i in column.items()}
+        mine, folders = scores[key], kept[key]
+        assert cell["runs"] == str(len(mine))
+        if "mean [95% CI]" in cell:
+            assert point(cell["mean [95% CI]"]) == f"{np.mean(mine):.1f}"
+        assert point(cell["IQM [95% CI]"]) == f"{iqm_by_hand(mine):.1f}"
+        if "optimality gap [95% CI]" in cell:
             low, high = stats.SCORE_RANGES[env_id]
             gap = 1 - np.mean(np.minimum((np.asarray(mine) - low) / (high - low), 1.0))
-            assert point(row[column["optimality gap [95% CI]"]]) == f"{gap:.2f}"
-        if "P(> uniform) [95% CI]" in column and row[0] != "uniform":
-            assert point(row[column["P(> uniform) [95% CI]"]]) == f"{p_by_hand(mine, scores['uniform']):.2f}"
-        last = last_eval_rows(path.parent / "runs" / path.stem)[row[0]]
+            assert point(cell["optimality gap [95% CI]"]) == f"{gap:.2f}"
+        if "P(> uniform) [95% CI]" in cell and key[1] != "uniform":
+            uniform = scores[(key[0], "uniform")]
+            assert point(cell["P(> uniform) [95% CI]"]) == f"{p_by_hand(mine, uniform):.2f}"
+        last = [last_row(f / "eval.csv") for f in folders]
         assert [float(r["eval_return"]) for r in last] == mine, "the kept runs are not the CSV's"
-        assert row[column["wall time (s)"]] == f"{np.mean([float(r['wall_time']) for r in last]):.0f}"
-        assert row[column["steps/s"]] == f"{np.mean([float(r['steps_per_s']) for r in last]):.0f}"
+        if "wall time (s)" in cell:
+            assert cell["wall time (s)"] == f"{np.mean([float(r['wall_time']) for r in last]):.0f}"
+        if "steps/s" in cell:
+            assert cell["steps/s"] == f"{np.mean([float(r['steps_per_s']) for r in last]):.0f}"
+        if "gradient steps" in cell:
+            steps = {gradient_steps_by_hand(read_config(f)) for f in folders}
+            assert [cell["gradient steps"]] == [str(s) for s in steps], steps
+        for name in set(cell) - KNOWN - {"batch size", "sampler"}:
+            values = [float(last_row(f / "diagnostics.csv")[name]) for f in folders]
+            assert cell[name] == f"{np.mean(values):.4g}", f"{name} of {key}"
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c[1].stem == "demo"], ids=case_id)
