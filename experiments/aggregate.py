@@ -9,7 +9,8 @@ import pandas as pd
 from rliable import library as rly
 
 from experiments.config import Config
-from experiments.reports import ci, markdown_table, pyplot, write_csv
+from experiments.markdown import markdown_table
+from experiments.reports import ci, pyplot, write_csv
 from experiments.runs import read_config, read_eval
 from experiments.stats import SCORE_RANGES, global_numpy_seed, improvement_over, interval_estimates, normalise
 

@@ -8,7 +8,7 @@ import numpy as np
 from rliable import library as rly
 from rliable import metrics
 
-from experiments.reports import markdown_table
+from experiments.markdown import markdown_table
 from experiments.stats import global_numpy_seed
 
 

@@ -65,6 +65,7 @@ import torch
 import tyro
 from torch import Tensor
 
+from experiments.markdown import markdown_table
 from torchsample import LaBER, grad_norm_scores
 from torchsample.diagnostics import second_moment, tv_distance
 from torchsample.scoring import score_rows
@@ -624,20 +625,13 @@ def _results(rows: list[dict]) -> list[str]:
                 for r in here
             ]
             header = ["scheme", "m", "M", "M* (own scope)", "ratio", "M / M* (buffer)", "TV to P* (own scope)"]
-            lines += [*_table(header, table), ""]
+            lines += [*markdown_table(header, table), ""]
     result = verdicts(rows)
     lines += ["## Verdicts (the design's rules, applied by the generator)", ""]
     lines += [f"- **Claim 1** (up-to-date priorities): **{result['claim 1']}**."]
     lines += [f"- **Claim 2** (the larger m the better): **{result['claim 2']}**."]
     lines += ["", *[f"  - {note}" for note in result["notes"]], ""]
     return lines
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    # experiments.reports.markdown_table's layout; that module imports rliable, which the GPU image lacks.
-    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] + [
-        "| " + " | ".join(r) + " |" for r in rows
-    ]
 
 
 def below(a: dict, b: dict) -> bool:

@@ -34,7 +34,8 @@ from rliable import library as rly
 
 from experiments.contrasts import contrast_table, holm_improvement, separation
 from experiments.export import export, read_curves, score_matrices, scores_from_curves
-from experiments.reports import markdown_table, pyplot
+from experiments.markdown import markdown_table
+from experiments.reports import pyplot
 from experiments.stats import global_numpy_seed, interval_estimates, metric_label
 
 ARMS = ["uniform", "per", "laber-mean", "large-batch"]

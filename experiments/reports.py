@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from rliable import library as rly
 
+from experiments.markdown import markdown_table
 from experiments.runs import Run, read_diagnostics, read_eval
 from experiments.stats import SCORE_RANGES, global_numpy_seed
 
@@ -31,18 +32,6 @@ KEYS = [
     "p_improve_lo",
     "p_improve_hi",
 ]
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    """The lines of a markdown table.
-
-    Examples:
-        >>> markdown_table(["a", "b"], [["1", "2"]])
-        ['| a | b |', '| --- | --- |', '| 1 | 2 |']
-    """
-    return ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)] + [
-        "| " + " | ".join(r) + " |" for r in rows
-    ]
 
 
 def ci(row: dict, key: str, digits: int) -> str:

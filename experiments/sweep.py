@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from experiments.config import Config
-from experiments.reports import KEYS, ci, markdown_table, pyplot, write_csv
+from experiments.markdown import markdown_table
+from experiments.reports import KEYS, ci, pyplot, write_csv
 from experiments.runs import Run, final_diagnostics, gradient_steps, labels, read_config
 from experiments.stats import metric_label
 
