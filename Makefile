@@ -40,7 +40,7 @@ compare: $(STAMP)
 
 # SAC and TD3 (docs/results/continuous.md, issue 23): uniform, per and laber-mean, 5 seeds, two runs at a
 # time. On 2 cores: Pendulum about 36 minutes an algorithm, Hopper 38-49, HalfCheetah 22 (TD3) and 32
-# (SAC); about 3.6 hours in all. --reuse keeps finished runs and resumes interrupted ones from
+# (SAC); about 3.6 hours in all (2.3 hours on the faster VM of the 2026-12-07 rerun). --reuse keeps finished runs and resumes interrupted ones from
 # their checkpoints, so an interrupted `make continuous` picks up where it stopped.
 CONTINUOUS := $(PY) -m experiments.compare --samplers uniform per laber-mean --seeds 0 1 2 3 4 --jobs 2 --reuse \
 	--extra="--eval-every 1000 --checkpoint-every 2000"
