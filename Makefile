@@ -72,13 +72,17 @@ small-batch-nstep: $(STAMP)
 
 # The surrogate ladder and the paper's samplers (docs/results/ladder.md): DQN, 3 seeds, in one table per task: laber-mean
 # at each rung (output, last-layer, exact), GER, PER-LaBER and GER-LaBER against uniform and PER.
-# CartPole-v1 30k steps with diagnostics every 2500 steps; MinAtar Breakout and SpaceInvaders 30k steps
-# (learning only, about 72 and 90 minutes on 2 cores). --reuse keeps the runs already finished.
+# CartPole-v1 30k steps with diagnostics every 2500 steps; one laber-mean run on each MinAtar game with diagnostics
+# every 3000 steps (the conv net's diagnostics table); MinAtar Breakout and SpaceInvaders 30k steps (learning
+# only, about 72 and 90 minutes on 2 cores). --reuse keeps the runs already finished.
 LADDER := $(PY) -m experiments.compare --algo dqn --seeds 0 1 2 --total-steps 30000 --reuse \
 	--samplers uniform per laber-mean "laber-mean-last-layer=laber-mean --surrogate last-layer" \
 	"laber-mean-exact=laber-mean --surrogate exact" ger per-laber-mean ger-laber-mean
 ladder: $(STAMP)
 	$(LADDER) --env-id CartPole-v1 --extra="--diagnostics-every 2500" --out runs/ladder/dqn-cartpole
+	for game in Breakout SpaceInvaders; do $(PY) -m experiments.compare --algo dqn --seeds 0 --total-steps 30000 --reuse \
+		--samplers laber-mean --env-id MinAtar/$$game-v1 --extra="--diagnostics-every 3000" \
+		--out runs/ladder/minatar-$$(echo $$game | tr A-Z a-z)-diagnostics || exit 1; done
 	$(LADDER) --env-id MinAtar/Breakout-v1 --out runs/ladder/minatar-breakout
 	$(LADDER) --env-id MinAtar/SpaceInvaders-v1 --out runs/ladder/minatar-spaceinvaders
 

@@ -18,6 +18,12 @@ page may leave columns out. Three checks:
   the pages) is the page's, CIs included, digit for digit. Only one table: rliable's bootstrap takes about 10
   s a table here, and the CIs of the others come from the same code on the same kind of files.
 - **One study**: the CSV is what ``experiments.export`` writes from the kept runs, sidecar arguments included.
+
+A diagnostics table (``diagnostic | median [min, max]``, the App. H and App. C measurements pooled over every
+run, as ``experiments.compare`` writes ``diagnostics.md``) is marked ``Per-run diagnostics: [name.csv](...)``:
+each of its rows is recomputed by hand from the kept runs' ``diagnostics.csv`` files, as is the count of
+measurements where last-layer sampling was closer to exact sampling than the output surrogate's, where the
+page states it (``N of M measurements``) in the line just below the table.
 """
 
 import csv
@@ -39,27 +45,30 @@ from tests.test_replication import iqm_by_hand, p_by_hand  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted([*(ROOT / "docs" / "results").glob("*.md"), ROOT / "docs" / "lfiw.md"])
 MARK = re.compile(r"^Per-run data: \[[^\]]+\]\(([^)]+\.csv)\)")
+DIAGNOSTICS_MARK = re.compile(r"^Per-run diagnostics: \[[^\]]+\]\(([^)]+\.csv)\)")
 
 
-def marked_tables(page: Path) -> list[tuple[Path, list[str], list[list[str]]]]:
-    """``(csv, header, rows)`` of every table marked with its per-run data on ``page``: the first table after
-    the mark, its cells stripped."""
+def marked_tables(page: Path, mark: re.Pattern = MARK) -> list[tuple[Path, list[str], list[list[str]], str]]:
+    """``(csv, header, rows, next line)`` of every table marked with ``mark`` on ``page``: the first table after
+    the mark, its cells stripped, and the first non-blank line after it ("" at the end of the page)."""
     lines, found = page.read_text().splitlines(), []
     for i, line in enumerate(lines):
-        m = MARK.match(line)
+        m = mark.match(line)
         if not m:
             continue
         start = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("| "))
-        table = []
-        for row in lines[start:]:
+        table, end = [], start
+        for end, row in enumerate(lines[start:], start):
             if not row.startswith("|"):
                 break
             table.append([c.strip() for c in row.strip("|").split("|")])
-        found.append(((page.parent / m.group(1)).resolve(), table[0], table[2:]))
+        after = next((line for line in lines[end:] if line.strip() and not line.startswith("|")), "")
+        found.append(((page.parent / m.group(1)).resolve(), table[0], table[2:], after))
     return found
 
 
-CASES = [(page, *t) for page in PAGES for t in marked_tables(page)]
+CASES = [(page, *t[:3]) for page in PAGES for t in marked_tables(page)]
+DIAGNOSTICS = [(page, *t) for page in PAGES for t in marked_tables(page, DIAGNOSTICS_MARK)]
 
 
 def case_id(case) -> str:
@@ -118,7 +127,10 @@ def finals(path: Path) -> dict[Key, list[float]]:
 def test_the_pages_mark_their_tables():
     """The pages whose runs are committed say so; a mark that points at nothing fails here, not silently."""
     marked = {page.name for page, *_ in CASES}
-    assert {"compare.md", "lfiw.md", "continuous.md", "small-batch.md"} <= marked, marked
+    assert {"compare.md", "lfiw.md", "continuous.md", "small-batch.md", "ladder.md"} <= marked, marked
+    assert "ladder.md" in {page.name for page, *_ in DIAGNOSTICS}
+    for page, path, *_ in DIAGNOSTICS:
+        assert (path.parent / "runs" / path.stem).is_dir(), f"{page.name}: {path.stem}'s runs are not kept"
     for page, path, header, rows in CASES:
         assert path.exists(), f"{page.name} marks a table with {path}, which is not in the repository"
         assert header[:2] == ["sampler", "runs"] or header[:3] == ["batch size", "sampler", "runs"], (
@@ -196,3 +208,31 @@ def test_a_marked_csv_is_the_export_of_its_kept_runs(case, tmp_path):
     meta = export.export(path.parent / "runs" / path.stem, tmp_path / path.name)
     assert (tmp_path / path.name).read_text() == path.read_text()
     assert meta["arguments"] == json.loads(path.with_suffix(".json").read_text())["arguments"]
+
+
+def pooled_diagnostics(kept: Path) -> dict[str, np.ndarray]:
+    """Every kept run's ``diagnostics.csv`` columns, concatenated over runs (empty cells as NaN)."""
+    pooled: dict[str, list[float]] = {}
+    for *_, folder in export.run_folders(kept):
+        with (folder / "diagnostics.csv").open() as f:
+            for row in csv.DictReader(f):
+                for name, value in row.items():
+                    pooled.setdefault(name, []).append(float(value) if value else float("nan"))
+    return {name: np.asarray(values) for name, values in pooled.items()}
+
+
+@pytest.mark.parametrize("case", DIAGNOSTICS, ids=case_id)
+def test_a_marked_diagnostics_table_is_its_kept_runs_by_hand(case):
+    page, path, header, rows, after = case
+    assert header == ["diagnostic", "median [min, max]"], f"{page.name}: {header}"
+    pooled = pooled_diagnostics(path.parent / "runs" / path.stem)
+    assert rows, f"{page.name}: the diagnostics table of {path.name} has no rows"
+    for name, cell in rows:
+        key, _, ratio = name.partition(" / ")
+        values = pooled[key] / pooled["second_moment/ideal"] if ratio == "ideal" else pooled[key]
+        values = values[np.isfinite(values)]
+        assert cell == f"{np.median(values):.3g} [{values.min():.3g}, {values.max():.3g}]", f"{page.name}: {name}"
+    closer = re.search(r"(\d+) of (\d+) measurements", after)
+    if closer:
+        n = len(pooled["step"])
+        assert closer.groups() == (str(int(np.sum(pooled["tv/last-layer"] < pooled["tv/output"]))), str(n))
