@@ -57,12 +57,9 @@ def marked_tables(page: Path, mark: re.Pattern = MARK) -> list[tuple[Path, list[
         if not m:
             continue
         start = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("| "))
-        table, end = [], start
-        for end, row in enumerate(lines[start:], start):
-            if not row.startswith("|"):
-                break
-            table.append([c.strip() for c in row.strip("|").split("|")])
-        after = next((line for line in lines[end:] if line.strip() and not line.startswith("|")), "")
+        end = next((j for j in range(start, len(lines)) if not lines[j].startswith("|")), len(lines))
+        table = [[c.strip() for c in row.strip("|").split("|")] for row in lines[start:end]]
+        after = next((line for line in lines[end:] if line.strip()), "")
         found.append(((page.parent / m.group(1)).resolve(), table[0], table[2:], after))
     return found
 
