@@ -226,6 +226,7 @@ def test_a_marked_diagnostics_table_is_its_kept_runs_by_hand(case):
     assert rows, f"{page.name}: the diagnostics table of {path.name} has no rows"
     for name, cell in rows:
         key, _, ratio = name.partition(" / ")
+        assert ratio in ("", "ideal"), f"{page.name}: {name} is not a diagnostic or a ratio to exact sampling's"
         values = pooled[key] / pooled["second_moment/ideal"] if ratio == "ideal" else pooled[key]
         values = values[np.isfinite(values)]
         assert cell == f"{np.median(values):.3g} [{values.min():.3g}, {values.max():.3g}]", f"{page.name}: {name}"
